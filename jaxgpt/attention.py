@@ -1,0 +1,102 @@
+"""Causal multi-head attention (chapter 3) as small pure functions, plus a fused fast path.
+
+Shape legend: B batch, T query time, S key time, H heads, K head width, D model width.
+
+`reference_attention` composes the chapter's steps one by one (scores, mask, softmax, dropout,
+weighted sum) so each can be read and tested; `fast_attention` hands the same computation to
+`jax.nn.dot_product_attention`, which picks a fused kernel where the platform has one (cuDNN on
+GPU). Both take masks with True meaning "may attend".
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+
+def split_heads(x: jax.Array, n_heads: int) -> jax.Array:
+    """[B, T, D] -> [B, T, H, K]."""
+    b, t, d = x.shape
+    return x.reshape(b, t, n_heads, d // n_heads)
+
+
+def merge_heads(x: jax.Array) -> jax.Array:
+    """[B, T, H, K] -> [B, T, D]."""
+    b, t, h, k = x.shape
+    return x.reshape(b, t, h * k)
+
+
+def attention_scores(q: jax.Array, k: jax.Array) -> jax.Array:
+    """Scaled dot products q.k / sqrt(K), in float32: [B, T, H, K] x [B, S, H, K] -> [B, H, T, S]."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    return jnp.einsum("bthk,bshk->bhts", q, k, preferred_element_type=jnp.float32) * scale
+
+
+def causal_mask(t: int, s: int | None = None, offset: int | jax.Array = 0) -> jax.Array:
+    """[T, S] booleans: query i (at absolute slot offset + i) may see keys 0..offset + i."""
+    s = t if s is None else s
+    q_pos = jnp.arange(t)[:, None] + offset
+    k_pos = jnp.arange(s)[None, :]
+    return k_pos <= q_pos
+
+
+def masked_softmax(scores: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """Softmax over keys after setting disallowed scores to -inf (fully masked rows give 0)."""
+    if mask is not None:
+        scores = jnp.where(mask, scores, -jnp.inf)
+    weights = jax.nn.softmax(scores, axis=-1)
+    # A row with no visible key (a padding query) would be NaN; make it zero instead.
+    return jnp.where(jnp.isnan(weights), 0.0, weights)
+
+
+def attention_dropout(
+    weights: jax.Array, rate: float, rng: jax.Array | None, deterministic: bool
+) -> jax.Array:
+    """Inverted dropout on the attention weights (the book drops weights, not outputs)."""
+    if deterministic or rate == 0.0:
+        return weights
+    keep = jax.random.bernoulli(rng, 1.0 - rate, weights.shape)
+    return jnp.where(keep, weights / (1.0 - rate), 0.0)
+
+
+def weighted_values(weights: jax.Array, v: jax.Array) -> jax.Array:
+    """[B, H, T, S] x [B, S, H, K] -> [B, T, H, K]."""
+    return jnp.einsum("bhts,bshk->bthk", weights.astype(v.dtype), v)
+
+
+def reference_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array | None = None,
+    *,
+    dropout_rate: float = 0.0,
+    dropout_rng: jax.Array | None = None,
+    deterministic: bool = True,
+) -> jax.Array:
+    """Chapter 3's attention composed step by step; mask broadcasts to [B, H, T, S]."""
+    if mask is None:
+        mask = causal_mask(q.shape[1], k.shape[1])
+    scores = attention_scores(q, k)  # [B, H, T, S]
+    weights = masked_softmax(scores, mask)
+    weights = attention_dropout(weights, dropout_rate, dropout_rng, deterministic)
+    return weighted_values(weights, v)  # [B, T, H, K]
+
+
+def fast_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None
+) -> jax.Array:
+    """Fused attention; without a mask it is causal, with one the mask alone decides."""
+    if mask is None:
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True)  # [B, T, H, K]
+    out = jax.nn.dot_product_attention(q, k, v, mask=jnp.broadcast_to(mask, _mask_shape(q, k)))
+    # Fully masked query rows (left padding) come out as a mean of values; zero them to match
+    # the reference, so padded rows are inert either way.
+    any_visible = jnp.any(jnp.broadcast_to(mask, _mask_shape(q, k)), axis=-1)  # [B, H, T]
+    return jnp.where(jnp.moveaxis(any_visible, 1, 2)[..., None], out, 0.0)
+
+
+def _mask_shape(q: jax.Array, k: jax.Array) -> tuple[int, int, int, int]:
+    return (q.shape[0], q.shape[2], q.shape[1], k.shape[1])  # [B, H, T, S]

@@ -1,0 +1,98 @@
+"""Model configuration: a frozen dataclass with the book's fields and GPT-2 presets."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import jax.numpy as jnp
+
+_DTYPES = ("float32", "bfloat16", "float16")
+_REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+
+# The released GPT-2 shapes (124M, 355M, 774M, 1558M parameters with the tied head).
+PRESETS: dict[str, dict] = {
+    "gpt2-small": dict(emb_dim=768, n_layers=12, n_heads=12),
+    "gpt2-medium": dict(emb_dim=1024, n_layers=24, n_heads=16),
+    "gpt2-large": dict(emb_dim=1280, n_layers=36, n_heads=20),
+    "gpt2-xl": dict(emb_dim=1600, n_layers=48, n_heads=25),
+}
+# Hugging Face hub names of the same models.
+PRESET_ALIASES = {"gpt2": "gpt2-small"}
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    """Shape and behaviour of a GPT model (the book's GPT_CONFIG_124M, plus a few switches)."""
+
+    vocab_size: int = 50257
+    context_length: int = 1024
+    emb_dim: int = 768
+    n_heads: int = 12
+    n_layers: int = 12
+    drop_rate: float = 0.1
+    qkv_bias: bool = False
+    # GPT-2's released weights share the token embedding with the output head; the book's
+    # GPTModel trains a separate head.
+    tie_embeddings: bool = False
+    # Compute dtype of matmuls; parameters stay float32 and softmax/logits/loss stay float32.
+    dtype: str = "float32"
+    # Attention kernel: "fast" (jax.nn.dot_product_attention) or "reference" (chapter 3's steps).
+    attention: str = "fast"
+    # Rematerialise each block's activations in the backward pass ("none" keeps them all).
+    remat_policy: str = "none"
+    # Scan over one compiled block instead of unrolling n_layers copies (faster compile).
+    scan_layers: bool = False
+    ln_eps: float = 1e-5
+
+    def __post_init__(self):
+        for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
+        if self.emb_dim % self.n_heads:
+            raise ValueError(
+                f"GPTConfig.emb_dim={self.emb_dim} is not divisible by n_heads={self.n_heads}"
+            )
+        if not 0.0 <= self.drop_rate < 1.0:
+            raise ValueError(f"GPTConfig.drop_rate must be in [0, 1), got {self.drop_rate!r}")
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"GPTConfig.dtype must be one of {_DTYPES}, got {self.dtype!r}")
+        if self.attention not in ("fast", "reference"):
+            raise ValueError(
+                f"GPTConfig.attention must be 'fast' or 'reference', got {self.attention!r}"
+            )
+        if self.remat_policy not in _REMAT_POLICIES:
+            raise ValueError(
+                f"GPTConfig.remat_policy must be one of {_REMAT_POLICIES}, got {self.remat_policy!r}"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.emb_dim // self.n_heads
+
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    def replace(self, **changes) -> "GPTConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "GPTConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown GPTConfig field(s): {', '.join(unknown)}")
+        return cls(**values)
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "GPTConfig":
+        """A GPT-2 shape by name (gpt2-small/-medium/-large/-xl), with field overrides."""
+        key = PRESET_ALIASES.get(name, name)
+        if key not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls.from_dict({**PRESETS[key], **overrides})

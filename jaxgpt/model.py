@@ -1,0 +1,285 @@
+"""The GPT architecture (chapter 4) in flax.linen.
+
+Shape legend (used in every shape comment and einsum):
+  B batch, T time (queries), S key slots (cache length), L layers, D model width (emb_dim),
+  H heads, K head width (D / H), F MLP width (4 D), V vocabulary.
+
+Parameter names mirror Hugging Face's GPT-2 (wte, wpe, h_<i>, ln_1, attn, c_proj, ln_2, mlp,
+c_fc, ln_f) so weight import/export is a rename table; the fused `c_attn` of GPT-2 is kept as
+separate `query`, `key`, `value` kernels of shape [D, H, K], which tensor parallelism can split by
+head. Every parameter carries logical axis names (see `jaxgpt.sharding` for the rules table).
+
+With `scan_layers` the blocks live under one `h` entry whose leaves have a leading L axis.
+A KV cache, when given, is a dict {"k", "v"} of [L, B, S, H, K] arrays; the call writes the new
+keys and values at `cache_index` and returns the updated cache beside the logits.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxgpt.attention import causal_mask, fast_attention, reference_attention
+from jaxgpt.config import GPTConfig
+
+Cache = dict[str, jax.Array]
+
+_init = nn.initializers.normal(stddev=0.02)
+
+
+def _param(init, names):
+    return nn.with_logical_partitioning(init, names)
+
+
+def _remat_policy(name: str):
+    return {
+        "full": None,
+        "dots": jax.checkpoint_policies.checkpoint_dots,
+        "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    }[name]
+
+
+class MLP(nn.Module):
+    config: GPTConfig
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        dense = lambda feats, names, init, name: nn.Dense(  # noqa: E731
+            feats,
+            dtype=cfg.compute_dtype,
+            kernel_init=_param(init, names),
+            bias_init=_param(nn.initializers.zeros, names[1:]),
+            name=name,
+        )
+        h = dense(4 * cfg.emb_dim, ("embed", "mlp"), _init, "c_fc")(x)  # [B, T, F]
+        h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
+        h = nn.gelu(h, approximate=True)
+        # GPT-2 scales residual projections by 1/sqrt(2 L) at init.
+        proj_init = nn.initializers.normal(0.02 / np.sqrt(2 * cfg.n_layers))
+        return dense(cfg.emb_dim, ("mlp", "embed"), proj_init, "c_proj")(h)  # [B, T, D]
+
+
+class CausalSelfAttention(nn.Module):
+    config: GPTConfig
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x, mask, layer_cache: Cache | None, cache_index):
+        cfg = self.config
+        H, K = cfg.n_heads, cfg.head_dim
+
+        def proj(name):
+            return nn.DenseGeneral(
+                (H, K),
+                use_bias=cfg.qkv_bias,
+                dtype=cfg.compute_dtype,
+                kernel_init=_param(_init, ("embed", "heads", "kv")),
+                bias_init=_param(nn.initializers.zeros, ("heads", "kv")),
+                name=name,
+            )(x)  # [B, T, H, K]
+
+        q, k, v = proj("query"), proj("key"), proj("value")
+        new_cache = None
+        if layer_cache is not None:
+            # Write this call's keys/values at slot cache_index; attend over the whole cache.
+            start = (0, cache_index, 0, 0)
+            k = jax.lax.dynamic_update_slice(layer_cache["k"], k.astype(layer_cache["k"].dtype), start)
+            v = jax.lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype), start)
+            new_cache = {"k": k, "v": v}  # [B, S, H, K]
+            k, v = k.astype(q.dtype), v.astype(q.dtype)
+
+        use_dropout = not self.deterministic and cfg.drop_rate > 0.0
+        # The fused kernel has no dropout on the weights, so training with dropout takes the
+        # reference path; evaluation and generation take the fast one.
+        if cfg.attention == "reference" or use_dropout:
+            rng = self.make_rng("dropout") if use_dropout else None
+            out = reference_attention(
+                q, k, v, mask, dropout_rate=cfg.drop_rate, dropout_rng=rng,
+                deterministic=not use_dropout,
+            )
+        else:
+            out = fast_attention(q, k, v, mask)  # [B, T, H, K]
+        y = nn.DenseGeneral(
+            cfg.emb_dim,
+            axis=(-2, -1),
+            dtype=cfg.compute_dtype,
+            kernel_init=_param(nn.initializers.normal(0.02 / np.sqrt(2 * cfg.n_layers)),
+                               ("heads", "kv", "embed")),
+            bias_init=_param(nn.initializers.zeros, ("embed",)),
+            name="c_proj",
+        )(out)  # [B, T, D]
+        return y, new_cache
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block; its call signature is scan-friendly (carry, xs)."""
+
+    config: GPTConfig
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x, layer_cache, mask, cache_index):
+        cfg = self.config
+        ln = lambda name: nn.LayerNorm(  # noqa: E731
+            epsilon=cfg.ln_eps,
+            dtype=cfg.compute_dtype,
+            scale_init=_param(nn.initializers.ones, ("embed",)),
+            bias_init=_param(nn.initializers.zeros, ("embed",)),
+            name=name,
+        )
+        drop = nn.Dropout(cfg.drop_rate, deterministic=self.deterministic)
+        a, new_cache = CausalSelfAttention(cfg, self.deterministic, name="attn")(
+            ln("ln_1")(x), mask, layer_cache, cache_index
+        )
+        x = x + drop(a)  # residual around attention, dropout on the shortcut as in the book
+        x = x + drop(MLP(cfg, self.deterministic, name="mlp")(ln("ln_2")(x)))
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        return x, new_cache
+
+
+class GPT(nn.Module):
+    """GPT-2 style decoder: `apply({"params": p}, ids) -> logits [B, T, V]` in float32."""
+
+    config: GPTConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        ids: jax.Array,
+        deterministic: bool = True,
+        *,
+        positions: jax.Array | None = None,
+        attention_mask: jax.Array | None = None,
+        cache: Cache | None = None,
+        cache_index: Any = 0,
+        return_hidden: bool = False,
+    ):
+        """ids [B, T]; positions [B, T] (default cache_index + arange(T)); attention_mask
+        [B, S] marks real key slots (S = T without a cache, the cache length with one)."""
+        cfg = self.config
+        validate_ids(ids, cfg)
+        B, T = ids.shape
+        if positions is None:
+            positions = cache_index + jnp.arange(T)[None, :]  # [1, T]
+
+        wte = nn.Embed(
+            cfg.vocab_size, cfg.emb_dim,
+            embedding_init=_param(_init, ("vocab", "embed")), name="wte",
+        )
+        wpe = nn.Embed(
+            cfg.context_length, cfg.emb_dim,
+            embedding_init=_param(nn.initializers.normal(0.01), (None, "embed")), name="wpe",
+        )
+        x = wte(ids) + wpe(positions)  # [B, T, D]
+        x = nn.Dropout(cfg.drop_rate, deterministic=deterministic)(x)
+        x = nn.with_logical_constraint(x.astype(cfg.compute_dtype), ("batch", "length", "embed"))
+
+        mask = _build_mask(T, cache, cache_index, attention_mask)  # None or [B|1, 1, T, S]
+        block = Block
+        if cfg.remat_policy != "none":
+            block = nn.remat(block, policy=_remat_policy(cfg.remat_policy),
+                             prevent_cse=not cfg.scan_layers)
+        if cfg.scan_layers:
+            stack = nn.scan(
+                block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=(0, nn.broadcast, nn.broadcast),
+                length=cfg.n_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )(cfg, deterministic, name="h")
+            x, new_cache = stack(x, cache, mask, cache_index)  # caches [L, B, S, H, K]
+        else:
+            layer_caches = []
+            for i in range(cfg.n_layers):
+                layer = None if cache is None else {n: c[i] for n, c in cache.items()}
+                x, lc = block(cfg, deterministic, name=f"h_{i}")(x, layer, mask, cache_index)
+                layer_caches.append(lc)
+            new_cache = None if cache is None else jax.tree.map(
+                lambda *cs: jnp.stack(cs), *layer_caches
+            )
+
+        x = nn.LayerNorm(
+            epsilon=cfg.ln_eps, dtype=cfg.compute_dtype,
+            scale_init=_param(nn.initializers.ones, ("embed",)),
+            bias_init=_param(nn.initializers.zeros, ("embed",)), name="ln_f",
+        )(x)  # [B, T, D]
+        if return_hidden:
+            out = x.astype(jnp.float32)
+        elif cfg.tie_embeddings:
+            # Logits in float32 whatever the compute dtype.
+            table = wte.embedding.astype(cfg.compute_dtype)
+            out = jnp.einsum("btd,vd->btv", x, table, preferred_element_type=jnp.float32)
+        else:
+            kernel = self.param("lm_head", _param(_init, ("embed", "vocab")),
+                                (cfg.emb_dim, cfg.vocab_size), jnp.float32)
+            out = jnp.einsum("btd,dv->btv", x, kernel.astype(cfg.compute_dtype),
+                             preferred_element_type=jnp.float32)  # [B, T, V]
+        return out if cache is None else (out, new_cache)
+
+
+def _build_mask(t, cache, cache_index, attention_mask):
+    """Boolean mask [B|1, 1, T, S], or None for the plain causal case (fused kernels)."""
+    if cache is None:
+        if attention_mask is None:
+            return None
+        mask = causal_mask(t)[None, None]  # [1, 1, T, T]
+    else:
+        s = cache["k"].shape[2]
+        mask = causal_mask(t, s, cache_index)[None, None]  # [1, 1, T, S]
+    if attention_mask is not None:
+        mask = mask & attention_mask.astype(bool)[:, None, None, :]  # [B, 1, T, S]
+    return mask
+
+
+def validate_ids(ids, config: GPTConfig) -> None:
+    """Raise a one-line ValueError for ids a GPT cannot take (checked on the host)."""
+    if ids.ndim != 2:
+        raise ValueError(f"token ids must have shape [batch, time], got shape {tuple(ids.shape)}")
+    if ids.shape[1] > config.context_length:
+        raise ValueError(
+            f"sequence length {ids.shape[1]} exceeds context_length={config.context_length}"
+        )
+    if not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise ValueError(f"token ids must be integers, got dtype {ids.dtype}")
+    if isinstance(ids, jax.core.Tracer):
+        return  # values are unknown inside jit; callers validate on the host first
+    host = np.asarray(ids)
+    if host.size and (host.min() < 0 or host.max() >= config.vocab_size):
+        bad = host[(host < 0) | (host >= config.vocab_size)][0]
+        raise ValueError(f"token id {int(bad)} is outside the vocabulary [0, {config.vocab_size})")
+
+
+def init_cache(config: GPTConfig, batch: int, length: int, dtype=None) -> Cache:
+    """An empty KV cache of `length` slots: {"k", "v"} each [L, B, S, H, K]."""
+    shape = (config.n_layers, batch, length, config.n_heads, config.head_dim)
+    dtype = config.compute_dtype if dtype is None else dtype
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+def _boxed_init(config: GPTConfig, key: jax.Array):
+    ids = jnp.zeros((1, 1), jnp.int32)
+    return GPT(config).init({"params": key}, ids)["params"]
+
+
+def init_params(config: GPTConfig, key: jax.Array):
+    """Fresh float32 parameters (a plain dict tree; logical axes via `logical_axes`)."""
+    return nn.meta.unbox(jax.jit(_boxed_init, static_argnums=0)(config, key))
+
+
+def logical_axes(config: GPTConfig):
+    """The tree of PartitionSpecs of logical axis names, matching `init_params`'s tree."""
+    boxed = jax.eval_shape(functools.partial(_boxed_init, config), jax.random.key(0))
+    return nn.get_partition_spec(boxed)
+
+
+def count_params(params) -> int:
+    """Total number of scalars in a parameter tree."""
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))

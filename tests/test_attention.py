@@ -1,0 +1,66 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxgpt import attention as A
+
+
+def _qkv(key, b=2, t=7, s=7, h=3, k=5):
+    kq, kk, kv = jax.random.split(key, 3)
+    return (
+        jax.random.normal(kq, (b, t, h, k)),
+        jax.random.normal(kk, (b, s, h, k)),
+        jax.random.normal(kv, (b, s, h, k)),
+    )
+
+
+def _naive(q, k, v, mask):
+    """Loop-free numpy attention written independently of the module."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    scores = np.einsum("bthk,bshk->bhts", q, k) / np.sqrt(q.shape[-1])
+    scores = np.where(mask, scores, -np.inf)
+    w = np.exp(scores - scores.max(-1, keepdims=True))
+    w = w / w.sum(-1, keepdims=True)
+    return np.einsum("bhts,bshk->bthk", w, v)
+
+
+def test_split_merge_round_trip():
+    x = jnp.arange(2 * 5 * 12.0).reshape(2, 5, 12)
+    s = A.split_heads(x, 3)
+    assert s.shape == (2, 5, 3, 4)
+    np.testing.assert_array_equal(A.merge_heads(s), x)
+    # Head h holds columns h*K .. (h+1)*K - 1, as the book's view/transpose does.
+    np.testing.assert_array_equal(s[:, :, 1], x[:, :, 4:8])
+
+
+def test_causal_mask_with_offset():
+    m = np.asarray(A.causal_mask(2, 5, offset=2))
+    np.testing.assert_array_equal(m, [[1, 1, 1, 0, 0], [1, 1, 1, 1, 0]])
+
+
+@pytest.mark.parametrize("fn", ["reference", "fast"])
+def test_causal_attention_matches_naive(fn):
+    q, k, v = _qkv(jax.random.key(0))
+    mask = np.tril(np.ones((7, 7), bool))[None, None]
+    out = A.reference_attention(q, k, v) if fn == "reference" else A.fast_attention(q, k, v)
+    np.testing.assert_allclose(out, _naive(q, k, v, mask), atol=1e-5)
+
+
+def test_fast_equals_reference_with_padding_mask():
+    q, k, v = _qkv(jax.random.key(1))
+    pad = np.array([[0, 0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1]], bool)
+    mask = A.causal_mask(7)[None, None] & pad[:, None, None, :]
+    ref = A.reference_attention(q, k, v, mask)
+    fast = A.fast_attention(q, k, v, mask)
+    np.testing.assert_allclose(fast, ref, atol=1e-5)
+    # Fully masked query rows (the left padding of row 0) are zero, not NaN.
+    assert np.all(np.asarray(ref)[0, :2] == 0.0)
+
+
+def test_dropout_only_when_not_deterministic():
+    w = jnp.full((2, 3, 4, 4), 0.25)
+    np.testing.assert_array_equal(A.attention_dropout(w, 0.5, None, True), w)
+    out = np.asarray(A.attention_dropout(w, 0.5, jax.random.key(0), False))
+    assert set(np.unique(out)) <= {0.0, 0.5}  # inverted dropout keeps the expectation
+    assert 0 < (out == 0).mean() < 1

@@ -1,0 +1,78 @@
+"""Run metrics: `metrics.jsonl` (one JSON record a line), TensorBoard events, and the loss plot."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import jax
+
+
+class MetricsLog:
+    """Appends records to run_dir/metrics.jsonl and TensorBoard; silent off process 0."""
+
+    def __init__(self, run_dir: str | Path, enabled: bool | None = None, tensorboard: bool = True):
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / "metrics.jsonl"
+        self.enabled = jax.process_index() == 0 if enabled is None else enabled
+        self._tb = None
+        if self.enabled and tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records past `step` (left by a run that died after its last checkpoint)."""
+        if not self.enabled or not self.path.exists():
+            return
+        keep = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        os.replace(tmp, self.path)
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            prefix = record.get("kind", "train")
+            for k, v in record.items():
+                if k not in ("kind", "step") and isinstance(v, (int, float)):
+                    self._tb.add_scalar(f"{prefix}/{k}", v, record["step"])
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def plot_losses(metrics_path: str | Path, out_png: str | Path) -> Path | None:
+    """The book's loss plot: train and validation loss against steps, tokens seen on top."""
+    evals = [r for r in read_metrics(metrics_path) if r.get("kind") == "eval"]
+    if not evals:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in evals]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, [r["train_loss"] for r in evals], label="Training loss")
+    ax.plot(steps, [r["val_loss"] for r in evals], linestyle="-.", label="Validation loss")
+    ax.set_xlabel("Steps")
+    ax.set_ylabel("Loss")
+    ax.legend(loc="upper right")
+    top = ax.twiny()  # a second x axis for tokens seen, aligned with the steps
+    top.plot([r["tokens_seen"] for r in evals], [r["train_loss"] for r in evals], alpha=0)
+    top.set_xlabel("Tokens seen")
+    fig.tight_layout()
+    out_png = Path(out_png)
+    fig.savefig(out_png)
+    plt.close(fig)
+    return out_png

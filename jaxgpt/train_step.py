@@ -1,0 +1,187 @@
+"""Train state and the pure train/eval steps, compiled once with explicit shardings.
+
+A batch is a dict of arrays shaped [A, B, T]: A micro-batches (gradient accumulation) of B rows.
+`targets` uses IGNORE (-100) for positions that do not count. The loss of a step is the sum of
+token losses over every micro-batch divided by the number of counted target tokens in the whole
+step, so k micro-batches give exactly the gradient of one large batch.
+
+A loss function has the signature `loss_fn(params, frozen, batch, rng, deterministic) ->
+(sum_of_losses, aux)` where `batch` holds one micro-batch; `frozen` is an optional tree that is
+used but never trained (LoRA's base weights), passed separately so it is sharded, not donated and
+receives no optimizer state.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxgpt.config import GPTConfig
+from jaxgpt.model import GPT, _boxed_init
+from jaxgpt.sharding import batch_sharding, boxed_shardings, traced_under
+
+IGNORE = -100
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # batches consumed (the data position)
+    params: Any  # trained parameters
+    opt_state: Any
+    rng: jax.Array  # raw uint32 key data, so checkpoints hold plain arrays
+    skips: jax.Array  # consecutive non-finite updates skipped
+
+
+def token_counts(targets: jax.Array) -> jax.Array:
+    return jnp.sum(targets != IGNORE)
+
+
+def cross_entropy_sum(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Sum of next-token cross-entropy over counted targets, in float32."""
+    mask = targets != IGNORE
+    safe = jnp.where(mask, targets, 0)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), safe)
+    return jnp.sum(jnp.where(mask, losses, 0.0))
+
+
+def lm_loss_fn(config: GPTConfig):
+    """The language-model loss: next-token cross-entropy of GPT(config)."""
+    model = GPT(config)
+
+    def loss_fn(params, frozen, batch, rng, deterministic):
+        del frozen
+        logits = model.apply(
+            {"params": params}, batch["inputs"], deterministic, rngs={"dropout": rng}
+        )  # [B, T, V]
+        return cross_entropy_sum(logits, batch["targets"]), None
+
+    return loss_fn
+
+
+def train_step(
+    state: TrainState,
+    batch: dict,
+    frozen: Any = None,
+    *,
+    loss_fn: Callable,
+    tx: optax.GradientTransformation,
+    lr_fn: Callable,
+    grad_shardings: Any = None,
+):
+    """One optimizer step over all micro-batches of `batch`; skips non-finite updates."""
+    key = jax.random.wrap_key_data(state.rng)
+    key, step_key = jax.random.split(key)
+    total = jnp.maximum(token_counts(batch["targets"]), 1).astype(jnp.float32)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def micro(carry, xs):
+        loss_acc, grad_acc = carry
+        index, mb = xs
+        (loss_sum, _), grads = grad_fn(
+            state.params, frozen, mb, jax.random.fold_in(step_key, index), False
+        )
+        if grad_shardings is not None:  # split like the params (FSDP: reduce-scatter, not all-reduce)
+            grads = jax.lax.with_sharding_constraint(grads, grad_shardings)
+        grad_acc = jax.tree.map(jnp.add, grad_acc, grads)
+        return (loss_acc + loss_sum, grad_acc), None
+
+    n_micro = batch["targets"].shape[0]
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    (loss_sum, grads), _ = jax.lax.scan(
+        micro, (jnp.zeros((), jnp.float32), zeros), (jnp.arange(n_micro), batch)
+    )
+    loss = loss_sum / total
+    grads = jax.tree.map(lambda g: g / total, grads)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+    updates, new_opt = tx.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    # A non-finite loss or gradient leaves parameters and optimizer state untouched.
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+    new_state = TrainState(
+        step=state.step + 1,
+        params=keep(new_params, state.params),
+        opt_state=keep(new_opt, state.opt_state),
+        rng=jax.random.key_data(key),
+        skips=jnp.where(finite, 0, state.skips + 1),
+    )
+    metrics = {
+        "loss": loss,
+        "grad_norm": grad_norm,
+        "learning_rate": lr_fn(state.step),
+        "tokens": total,
+        "skipped": (~finite).astype(jnp.int32),
+    }
+    return new_state, metrics
+
+
+def eval_step(params, batch: dict, frozen: Any = None, *, loss_fn: Callable) -> dict:
+    """Summed loss and counted tokens of one [B, T] batch (deterministic: no dropout)."""
+    loss_sum, aux = loss_fn(params, frozen, batch, jax.random.key(0), True)
+    return {"loss_sum": loss_sum, "count": token_counts(batch["targets"]), "aux": aux}
+
+
+def init_state(params, tx: optax.GradientTransformation, seed: int) -> TrainState:
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=tx.init(params),
+        rng=jax.random.key_data(jax.random.key(seed)),
+        skips=jnp.zeros((), jnp.int32),
+    )
+
+
+def abstract_state(boxed_params, tx, seed: int = 0):
+    """The state's shapes with logical boxes kept on params and Adam moments."""
+    return jax.eval_shape(lambda p: init_state(p, tx, seed), boxed_params)
+
+
+def boxed_params_shape(config: GPTConfig):
+    return jax.eval_shape(functools.partial(_boxed_init, config), jax.random.key(0))
+
+
+def state_shardings(boxed_params, tx, mesh):
+    """NamedShardings for every leaf of the train state, from the logical axis rules."""
+    return boxed_shardings(abstract_state(boxed_params, tx), mesh)
+
+
+def create_state(config: GPTConfig, tx, mesh, seed: int, params=None):
+    """A sharded train state: fresh parameters from `seed`, or the given ones placed."""
+    boxed = boxed_params_shape(config)
+    shardings = state_shardings(boxed, tx, mesh)
+    if params is None:
+        init = lambda key: nn.meta.unbox(_boxed_init(config, key))  # noqa: E731
+        params = jax.jit(init, out_shardings=shardings.params)(jax.random.key(seed))
+    else:
+        params = jax.device_put(params, shardings.params)
+    make = jax.jit(lambda p: init_state(p, tx, seed), out_shardings=shardings)
+    return make(params), shardings
+
+
+def compile_steps(loss_fn, tx, lr_fn, state_sh, mesh, frozen_sh=None):
+    """jit the train and eval steps with explicit shardings; the state buffer is donated.
+
+    Both are traced under `activation_sharding(mesh)`, so activations follow the rules table.
+    """
+    batch_sh = batch_sharding(mesh, 3)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    step = functools.partial(train_step, loss_fn=loss_fn, tx=tx, lr_fn=lr_fn,
+                             grad_shardings=state_sh.params)
+    train = jax.jit(
+        traced_under(step, mesh),
+        in_shardings=(state_sh, batch_sh, frozen_sh),
+        out_shardings=(state_sh, replicated),
+        donate_argnums=0,
+    )
+    evaluate = jax.jit(
+        traced_under(functools.partial(eval_step, loss_fn=loss_fn), mesh),
+        in_shardings=(state_sh.params, batch_sharding(mesh, 2, 0), frozen_sh),
+    )
+    return train, evaluate

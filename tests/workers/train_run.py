@@ -1,0 +1,48 @@
+"""Run a tiny pretraining job in its own process (for kill/resume and signal tests).
+
+    python tests/workers/train_run.py RUNS_DIR CORPUS [--kill-at N] [--term-at N] [key=value ...]
+"""
+
+import argparse
+import os
+import signal
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from jaxgpt.pretraining import pretrain  # noqa: E402
+from jaxgpt.runconfig import load_config  # noqa: E402
+
+TINY_RUN = [
+    "model.vocab_size=50257", "model.context_length=16", "model.emb_dim=12", "model.n_heads=3",
+    "model.n_layers=2", "model.drop_rate=0.1", "train.batch_size=4", "train.max_steps=8",
+    "train.eval_freq=3", "train.eval_iter=2", "train.sample_tokens=0", "train.checkpoint_every=2",
+    "train.progress=false", "optim.learning_rate=0.01", "optim.warmup_steps=2",
+    "optim.decay=cosine", "optim.grad_clip=1.0",
+]
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("runs_dir")
+    p.add_argument("corpus")
+    p.add_argument("--kill-at", type=int)
+    p.add_argument("--term-at", type=int)
+    p.add_argument("overrides", nargs="*")
+    a = p.parse_args()
+    cfg = load_config(None, TINY_RUN + [f"runs_dir={a.runs_dir}", f"data.source={a.corpus}"]
+                      + a.overrides)
+
+    def on_step(step):
+        if step == a.kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no final save: a hard crash
+        if step == a.term_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    result = pretrain(cfg, on_step=on_step)
+    print("PREEMPTED" if result.preempted else "DONE", result.state.step)
+
+
+if __name__ == "__main__":
+    main()

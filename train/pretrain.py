@@ -1,0 +1,42 @@
+"""Pretrain a GPT (the book's chapter 5 and appendix D).
+
+    python train/pretrain.py [--config configs/NAME.yaml] [key=value ...]
+
+With no arguments it trains a small GPT on the documentation that ships with CPython (no network
+needed) for a few minutes on a CPU, printing samples as it goes, and leaves checkpoints, metrics
+and the loss plot in runs/default/. Running it again in the same run directory resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
+
+from jaxgpt.pretraining import pretrain  # noqa: E402
+from jaxgpt.runconfig import ConfigError, load_config  # noqa: E402
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    parser.add_argument("--config", default=None, help="YAML run config (default: configs/default.yaml)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=10")
+    args = parser.parse_args(argv)
+    try:
+        config_path = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
+        cfg = load_config(config_path, args.overrides)
+        result = pretrain(cfg)
+    except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    status = "preempted; rerun to resume" if result.preempted else "done"
+    print(f"{status}: checkpoints, metrics.jsonl and loss.png in {result.run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

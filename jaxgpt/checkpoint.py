@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -121,8 +122,11 @@ def model_config_diff(saved: dict, current: GPTConfig) -> list[str]:
 
 
 def load_for_inference(run_dir: str | Path, step: int | None = None, mesh=None):
-    """(GPTConfig, params) from a training run directory's latest complete checkpoint."""
+    """(GPTConfig, params) from a run directory's latest complete checkpoint: on one device, or
+    split over `mesh` by the logical axis rules (any mesh, whatever the run was trained on)."""
     from jaxgpt.runconfig import config_from_yaml  # run configs are a training concern
+    from jaxgpt.sharding import logical_to_shardings
+    from jaxgpt.train_step import boxed_params_shape
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").exists():
@@ -132,14 +136,24 @@ def load_for_inference(run_dir: str | Path, step: int | None = None, mesh=None):
     step = ckpt.latest_step() if step is None else step
     if step is None:
         raise CheckpointError(f"{run_dir} has no complete checkpoint")
-    meta_tree = ckpt.manager.item_metadata(step)["state"]
-    device = jax.devices()[0] if mesh is None else None
-    sharding = (jax.sharding.SingleDeviceSharding(device) if mesh is None
-                else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-    target = jax.tree.map(
-        lambda m: jax.ShapeDtypeStruct(tuple(m.shape), np.dtype(m.dtype), sharding=sharding),
-        meta_tree,
-    )
-    state, _ = ckpt.restore(step, target)
     ckpt.close()
-    return cfg.model, state["params"]
+    # A manager told the handlers reads the saved tree's metadata and a partial tree: only the
+    # parameters are read; the optimizer state, twice their size, stays on disk.
+    reader = ocp.CheckpointManager(ckpt.directory, item_handlers={
+        "state": ocp.PyTreeCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
+    saved = reader.item_metadata(step)["state"]["params"]
+    shapes = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), np.dtype(m.dtype)), saved)
+    if mesh is None:
+        one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        shardings = jax.tree.map(lambda _: one, shapes)
+    else:
+        boxed = boxed_params_shape(cfg.model)
+        if jax.tree.structure(nn.meta.unbox(boxed)) != jax.tree.structure(shapes):
+            raise CheckpointError(f"checkpoint {step} in {run_dir} does not hold {cfg.name}'s model")
+        shardings = logical_to_shardings(nn.get_partition_spec(boxed), shapes, mesh)
+    target = {"params": abstract_with_shardings(shapes, shardings)}
+    restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding), target)
+    out = reader.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=target, restore_args=restore_args, partial_restore=True)))
+    reader.close()
+    return cfg.model, out["state"]["params"]

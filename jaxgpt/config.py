@@ -5,9 +5,10 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+import jax
 import jax.numpy as jnp
 
-_DTYPES = ("float32", "bfloat16", "float16")
+_DTYPES = ("auto", "float32", "bfloat16", "float16")
 _REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 
 # The released GPT-2 shapes (124M, 355M, 774M, 1558M parameters with the tied head).
@@ -36,7 +37,8 @@ class GPTConfig:
     # GPTModel trains a separate head.
     tie_embeddings: bool = False
     # Compute dtype of matmuls; parameters stay float32 and softmax/logits/loss stay float32.
-    dtype: str = "float32"
+    # "auto" is bfloat16 on GPU/TPU and float32 on CPU, resolved when the model is traced.
+    dtype: str = "auto"
     # Attention kernel: "fast" (jax.nn.dot_product_attention) or "reference" (chapter 3's steps).
     attention: str = "fast"
     # Rematerialise each block's activations in the backward pass ("none" keeps them all).
@@ -44,6 +46,9 @@ class GPTConfig:
     # Scan over one compiled block instead of unrolling n_layers copies (faster compile).
     scan_layers: bool = False
     ln_eps: float = 1e-5
+    # Initial weights: "gpt2" (N(0, 0.02), scaled residual projections) or "torch" (PyTorch's
+    # defaults, which the book's GPTModel has: N(0, 1) embeddings, U(+-1/sqrt(fan_in)) linears).
+    init: str = "gpt2"
 
     def __post_init__(self):
         for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
@@ -62,6 +67,8 @@ class GPTConfig:
             raise ValueError(
                 f"GPTConfig.attention must be 'fast' or 'reference', got {self.attention!r}"
             )
+        if self.init not in ("gpt2", "torch"):
+            raise ValueError(f"GPTConfig.init must be 'gpt2' or 'torch', got {self.init!r}")
         if self.remat_policy not in _REMAT_POLICIES:
             raise ValueError(
                 f"GPTConfig.remat_policy must be one of {_REMAT_POLICIES}, got {self.remat_policy!r}"
@@ -73,6 +80,8 @@ class GPTConfig:
 
     @property
     def compute_dtype(self):
+        if self.dtype == "auto":
+            return jnp.dtype(jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)
         return jnp.dtype(self.dtype)
 
     def replace(self, **changes) -> "GPTConfig":

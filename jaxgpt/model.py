@@ -7,7 +7,8 @@ Shape legend (used in every shape comment and einsum):
 Parameter names mirror Hugging Face's GPT-2 (wte, wpe, h_<i>, ln_1, attn, c_proj, ln_2, mlp,
 c_fc, ln_f) so weight import/export is a rename table; the fused `c_attn` of GPT-2 is kept as
 separate `query`, `key`, `value` kernels of shape [D, H, K], which tensor parallelism can split by
-head. Every parameter carries logical axis names (see `jaxgpt.sharding` for the rules table).
+head. Every parameter carries logical axis names (see `jaxgpt.sharding` for the rules table),
+and the activations between layers are pinned by the same names with `constrain`.
 
 With `scan_layers` the blocks live under one `h` entry whose leaves have a leading L axis.
 A KV cache, when given, is a dict {"k", "v"} of [L, B, S, H, K] arrays; the call writes the new
@@ -26,10 +27,30 @@ import numpy as np
 
 from jaxgpt.attention import causal_mask, fast_attention, reference_attention
 from jaxgpt.config import GPTConfig
+from jaxgpt.sharding import constrain
 
 Cache = dict[str, jax.Array]
 
-_init = nn.initializers.normal(stddev=0.02)
+
+
+def _kernel_init(cfg: GPTConfig, residual: bool = False):
+    """GPT-2's N(0, 0.02) (residual projections scaled by 1/sqrt(2 L)), or PyTorch's default
+    for nn.Linear, U(+-1/sqrt(fan_in)), which the book's GPTModel gets."""
+    if cfg.init == "torch":
+        # flax hands DenseGeneral initializers the kernel flattened to [fan_in, fan_out].
+        return nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+    return nn.initializers.normal(0.02 / np.sqrt(2 * cfg.n_layers) if residual else 0.02)
+
+
+def _bias_init(cfg: GPTConfig, fan_in: int):
+    if cfg.init == "torch":
+        bound = 1.0 / np.sqrt(fan_in)
+        return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+    return nn.initializers.zeros
+
+
+def _embed_init(cfg: GPTConfig, std: float):
+    return nn.initializers.normal(1.0 if cfg.init == "torch" else std)  # torch: N(0, 1)
 
 
 def _param(init, names):
@@ -51,19 +72,17 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg = self.config
-        dense = lambda feats, names, init, name: nn.Dense(  # noqa: E731
+        dense = lambda feats, names, fan_in, residual, name: nn.Dense(  # noqa: E731
             feats,
             dtype=cfg.compute_dtype,
-            kernel_init=_param(init, names),
-            bias_init=_param(nn.initializers.zeros, names[1:]),
+            kernel_init=_param(_kernel_init(cfg, residual=residual), names),
+            bias_init=_param(_bias_init(cfg, fan_in), names[1:]),
             name=name,
         )
-        h = dense(4 * cfg.emb_dim, ("embed", "mlp"), _init, "c_fc")(x)  # [B, T, F]
-        h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
+        h = dense(4 * cfg.emb_dim, ("embed", "mlp"), cfg.emb_dim, False, "c_fc")(x)  # [B, T, F]
+        h = constrain(h, ("batch", "length", "mlp"))
         h = nn.gelu(h, approximate=True)
-        # GPT-2 scales residual projections by 1/sqrt(2 L) at init.
-        proj_init = nn.initializers.normal(0.02 / np.sqrt(2 * cfg.n_layers))
-        return dense(cfg.emb_dim, ("mlp", "embed"), proj_init, "c_proj")(h)  # [B, T, D]
+        return dense(cfg.emb_dim, ("mlp", "embed"), 4 * cfg.emb_dim, True, "c_proj")(h)  # [B, T, D]
 
 
 class CausalSelfAttention(nn.Module):
@@ -76,14 +95,15 @@ class CausalSelfAttention(nn.Module):
         H, K = cfg.n_heads, cfg.head_dim
 
         def proj(name):
-            return nn.DenseGeneral(
+            y = nn.DenseGeneral(
                 (H, K),
                 use_bias=cfg.qkv_bias,
                 dtype=cfg.compute_dtype,
-                kernel_init=_param(_init, ("embed", "heads", "kv")),
-                bias_init=_param(nn.initializers.zeros, ("heads", "kv")),
+                kernel_init=_param(_kernel_init(cfg), ("embed", "heads", "kv")),
+                bias_init=_param(_bias_init(cfg, cfg.emb_dim), ("heads", "kv")),
                 name=name,
             )(x)  # [B, T, H, K]
+            return constrain(y, ("batch", "length", "heads", "kv"))
 
         q, k, v = proj("query"), proj("key"), proj("value")
         new_cache = None
@@ -110,9 +130,9 @@ class CausalSelfAttention(nn.Module):
             cfg.emb_dim,
             axis=(-2, -1),
             dtype=cfg.compute_dtype,
-            kernel_init=_param(nn.initializers.normal(0.02 / np.sqrt(2 * cfg.n_layers)),
+            kernel_init=_param(_kernel_init(cfg, residual=True),
                                ("heads", "kv", "embed")),
-            bias_init=_param(nn.initializers.zeros, ("embed",)),
+            bias_init=_param(_bias_init(cfg, cfg.emb_dim), ("embed",)),
             name="c_proj",
         )(out)  # [B, T, D]
         return y, new_cache
@@ -140,7 +160,7 @@ class Block(nn.Module):
         )
         x = x + drop(a)  # residual around attention, dropout on the shortcut as in the book
         x = x + drop(MLP(cfg, self.deterministic, name="mlp")(ln("ln_2")(x)))
-        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        x = constrain(x, ("batch", "length", "embed"))
         return x, new_cache
 
 
@@ -171,15 +191,15 @@ class GPT(nn.Module):
 
         wte = nn.Embed(
             cfg.vocab_size, cfg.emb_dim,
-            embedding_init=_param(_init, ("vocab", "embed")), name="wte",
+            embedding_init=_param(_embed_init(cfg, 0.02), ("vocab", "embed")), name="wte",
         )
         wpe = nn.Embed(
             cfg.context_length, cfg.emb_dim,
-            embedding_init=_param(nn.initializers.normal(0.01), (None, "embed")), name="wpe",
+            embedding_init=_param(_embed_init(cfg, 0.01), (None, "embed")), name="wpe",
         )
         x = wte(ids) + wpe(positions)  # [B, T, D]
         x = nn.Dropout(cfg.drop_rate, deterministic=deterministic)(x)
-        x = nn.with_logical_constraint(x.astype(cfg.compute_dtype), ("batch", "length", "embed"))
+        x = constrain(x.astype(cfg.compute_dtype), ("batch", "length", "embed"))
 
         mask = _build_mask(T, cache, cache_index, attention_mask)  # None or [B|1, 1, T, S]
         block = Block
@@ -218,7 +238,7 @@ class GPT(nn.Module):
             table = wte.embedding.astype(cfg.compute_dtype)
             out = jnp.einsum("btd,vd->btv", x, table, preferred_element_type=jnp.float32)
         else:
-            kernel = self.param("lm_head", _param(_init, ("embed", "vocab")),
+            kernel = self.param("lm_head", _param(_kernel_init(cfg), ("embed", "vocab")),
                                 (cfg.emb_dim, cfg.vocab_size), jnp.float32)
             out = jnp.einsum("btd,dv->btv", x, kernel.astype(cfg.compute_dtype),
                              preferred_element_type=jnp.float32)  # [B, T, V]

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import flax.linen as nn
-import jax
 import numpy as np
 
 from jaxgpt.corpus import load_text, tokenize_cached
 from jaxgpt.data import WindowDataset, split_ids
+from jaxgpt.distributed import host_copy
 from jaxgpt.model import _boxed_init
 from jaxgpt.runconfig import RunConfig
 from jaxgpt.tokenizer import get_tokenizer
@@ -45,7 +45,7 @@ def sampler(cfg: RunConfig):
     prompt = np.asarray([tok.encode(cfg.train.sample_prompt)], np.int32)
 
     def on_eval(params, step):
-        params = jax.device_get(params)
+        params = host_copy(params)  # every process gathers; each samples the same text
         out = generate(params, cfg.model, prompt, cfg.train.sample_tokens)
         return {"sample": tok.decode(np.asarray(out)[0].tolist()).replace("\n", " ")}
 

@@ -54,6 +54,19 @@ class MeshConfig:
 
 
 @dataclass(frozen=True)
+class DistributedConfig:
+    """Multi-process runs (see jaxgpt.distributed); unset fields fall back to JAX_* env vars."""
+
+    # None: multi-process only when the fields, JAX_* variables or a launcher say so; True:
+    # always join (JAX finds a TPU pod's or a cluster's ranks itself); False: never.
+    enabled: Optional[bool] = None
+    coordinator_address: Optional[str] = None  # host:port of process 0
+    num_processes: Optional[int] = None
+    process_id: Optional[int] = None
+    initialization_timeout: int = 300  # seconds to wait for every process to join
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     batch_size: int = 8  # global, across all devices and micro-batches
     epochs: int = 1
@@ -67,6 +80,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     max_consecutive_skips: int = 5  # non-finite updates in a row before the run stops
     progress: bool = True
+    report: bool = True  # print the sharding and memory report before the first step
 
 
 @dataclass(frozen=True)
@@ -79,6 +93,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     @property
     def run_dir(self) -> Path:

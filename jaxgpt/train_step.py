@@ -183,5 +183,6 @@ def compile_steps(loss_fn, tx, lr_fn, state_sh, mesh, frozen_sh=None):
     evaluate = jax.jit(
         traced_under(functools.partial(eval_step, loss_fn=loss_fn), mesh),
         in_shardings=(state_sh.params, batch_sharding(mesh, 2, 0), frozen_sh),
+        out_shardings=replicated,  # every process can read the metrics (multi-host)
     )
     return train, evaluate

@@ -19,15 +19,17 @@ from pathlib import Path
 from typing import Any, Callable
 
 import jax
-import numpy as np
 from tqdm.auto import tqdm
 
 from jaxgpt.checkpoint import Checkpointer, abstract_with_shardings, model_config_diff
 from jaxgpt.data import batch_indices, num_batches
 from jaxgpt.metrics import MetricsLog, plot_losses
 from jaxgpt.optim import make_optimizer, schedule
+from jaxgpt.report import sharding_report
 from jaxgpt.runconfig import ConfigError, RunConfig, config_from_yaml, save_config
-from jaxgpt.sharding import boxed_shardings, data_parallel_size, make_global_batch, make_mesh
+from jaxgpt.sharding import (
+    boxed_shardings, data_parallel_size, make_global_batch, make_mesh, process_rows,
+)
 from jaxgpt.train_step import abstract_state, compile_steps, init_state
 
 
@@ -62,37 +64,32 @@ def validate_run(cfg: RunConfig, n_train: int, n_val: int, mesh) -> None:
         )
     micro = t.batch_size // cfg.optim.accum_steps
     dp = data_parallel_size(mesh)
-    if micro % dp or micro % jax.process_count():
+    if micro % dp:
         raise ConfigError(
             f"micro-batch of {micro} rows is not divisible by the {dp} data-parallel devices "
-            f"or {jax.process_count()} processes"
+            "(mesh.data x mesh.fsdp)"
         )
     if t.eval_freq > 0 and n_val == 0:
         raise ConfigError("validation data is empty; lower data.train_ratio or add text")
 
 
-def _local_rows(dataset, cfg: RunConfig, step: int, seed_offset: int = 0) -> dict:
+def _local_rows(dataset, cfg: RunConfig, step: int, seed_offset: int = 0, *, mesh) -> dict:
     """This process's share of the step's global batch, shaped [A, b_local, ...]."""
     a = cfg.optim.accum_steps
     idx = batch_indices(len(dataset), batch_size=cfg.train.batch_size, step=step,
                         seed=cfg.train.seed + seed_offset)
     idx = idx.reshape(a, -1)  # [A, b]: micro-batch i is rows i*b .. (i+1)*b - 1
-    share = idx.shape[1] // jax.process_count()
-    p = jax.process_index()
-    idx = idx[:, p * share : (p + 1) * share]  # [A, b_local]: only the rows this process reads
+    # [A, b_local]: only the rows this process's devices hold (all of them when one process).
+    idx = idx[:, process_rows(mesh, idx.shape[1])]
     rows = dataset.rows(idx.reshape(-1))
     return {k: v.reshape(idx.shape + v.shape[1:]) for k, v in rows.items()}
 
 
-def _eval_batches(dataset, cfg: RunConfig, n: int) -> list[dict]:
+def _eval_batches(dataset, cfg: RunConfig, n: int, *, mesh) -> list[dict]:
     """The first `n` unshuffled batches (fixed, so evaluations are comparable over time)."""
     bs = cfg.train.batch_size // cfg.optim.accum_steps
-    out = []
-    for i in range(min(n, len(dataset) // bs)):
-        idx = np.arange(i * bs, (i + 1) * bs)
-        share = bs // jax.process_count()
-        out.append(dataset.rows(idx[jax.process_index() * share:][:share]))
-    return out
+    mine = process_rows(mesh, bs)
+    return [dataset.rows(i * bs + mine) for i in range(min(n, len(dataset) // bs))]
 
 
 def prepare_run_dir(cfg: RunConfig) -> Path:
@@ -184,16 +181,25 @@ def fit(
 
     def global_batch(local: dict, lead: tuple) -> dict:
         shapes = {k: lead + v.shape[len(lead):] for k, v in local.items()}
-        return make_global_batch(local, mesh, shapes)
+        return make_global_batch(local, mesh, shapes, batch_axis=len(lead) - 1)
 
-    eval_sets = {"train": _eval_batches(train_data, cfg, cfg.train.eval_iter),
-                 "val": _eval_batches(val_data, cfg, cfg.train.eval_iter)}
+    a, bs = cfg.optim.accum_steps, cfg.train.batch_size
+    if cfg.train.report and start < steps:
+        # Compiling here is no extra work: jit reuses this executable for the first step.
+        first = global_batch(_local_rows(train_data, cfg, start, mesh=mesh), (a, bs // a))
+        compiled = train_step.lower(state, first, frozen).compile()
+        if jax.process_index() == 0:
+            print(sharding_report(cfg.model, mesh, tx, compiled=compiled,
+                                  boxed_params=boxed_params), flush=True)
+
+    eval_sets = {"train": _eval_batches(train_data, cfg, cfg.train.eval_iter, mesh=mesh),
+                 "val": _eval_batches(val_data, cfg, cfg.train.eval_iter, mesh=mesh)}
 
     def evaluate(params) -> dict:
         out = {}
         for name, batches in eval_sets.items():
             results = [jax.device_get(eval_step(
-                params, global_batch(b, (cfg.train.batch_size // cfg.optim.accum_steps,)), frozen))
+                params, global_batch(b, (bs // a,)), frozen))
                 for b in batches]
             total = sum(float(r["loss_sum"]) for r in results)
             count = sum(int(r["count"]) for r in results)
@@ -204,14 +210,14 @@ def fit(
 
     history = []
     preempted = False
-    a, bs = cfg.optim.accum_steps, cfg.train.batch_size
-    bar = tqdm(total=steps, initial=start, disable=not cfg.train.progress or jax.process_index() != 0,
+    lead = jax.process_index() == 0
+    bar = tqdm(total=steps, initial=start, disable=not cfg.train.progress or not lead,
                desc=cfg.name, dynamic_ncols=True)
     t_last = time.perf_counter()
     with _Preemption() as preemption:
         for step in range(start, steps):
-            state, m = train_step(state, global_batch(_local_rows(train_data, cfg, step), (a, bs // a)),
-                                  frozen)
+            state, m = train_step(
+                state, global_batch(_local_rows(train_data, cfg, step, mesh=mesh), (a, bs // a)), frozen)
             m = jax.device_get(m)
             tokens_seen += int(m["tokens"])
             now = time.perf_counter()
@@ -236,7 +242,8 @@ def fit(
                     ev.update(on_eval(state.params, step + 1) or {})
                 log.write(ev)
                 history.append(ev)
-                bar.write(_format_eval(ev))
+                if lead:
+                    bar.write(_format_eval(ev))
             if on_step is not None:
                 on_step(step + 1)
             done = step + 1 == steps
@@ -245,12 +252,13 @@ def fit(
                                             "config": cfg.to_dict()})
             if preemption.requested and not done:
                 preempted = True
-                bar.write(f"SIGTERM: saved checkpoint at step {step + 1}; exiting")
+                if lead:
+                    bar.write(f"SIGTERM: saved checkpoint at step {step + 1}; exiting")
                 break
     bar.close()
     ckpt.close()
     log.close()
-    if jax.process_index() == 0 and log.path.exists():
+    if lead and log.path.exists():
         plot_losses(log.path, run_dir / "loss.png")
     return FitResult(state=state, history=history, run_dir=run_dir, preempted=preempted)
 

@@ -198,3 +198,19 @@ def test_presets_and_unknown_keys():
         GPTConfig.from_dict({"emb_dimm": 3})
     cfg = GPTConfig()
     assert GPTConfig.from_dict(dataclasses.asdict(cfg)) == cfg
+
+
+def test_torch_init_matches_pytorch_defaults():
+    """The book's GPTModel starts from PyTorch's defaults; init="torch" reproduces them."""
+    import torch
+
+    cfg = GPTConfig(vocab_size=101, context_length=13, emb_dim=48, n_heads=4, n_layers=2,
+                    qkv_bias=True, init="torch")
+    p = init_params(cfg, jax.random.key(0))
+    lin = torch.nn.Linear(48, 192)  # torch's own initializer gives the bound it uses
+    bound = float(lin.weight.abs().max())
+    assert abs(float(np.abs(p["h_0"]["mlp"]["c_fc"]["kernel"]).max()) - bound) < 0.01
+    assert float(np.abs(p["h_0"]["attn"]["query"]["bias"]).max()) <= 1 / np.sqrt(48)
+    assert float(np.abs(p["h_0"]["mlp"]["c_proj"]["kernel"]).max()) <= 1 / np.sqrt(192)
+    emb = torch.nn.Embedding(101, 48).weight.detach().numpy()
+    np.testing.assert_allclose(np.std(p["wte"]["embedding"]), np.std(emb), rtol=0.05)

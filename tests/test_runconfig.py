@@ -1,3 +1,4 @@
+import importlib
 from pathlib import Path
 
 import pytest
@@ -7,9 +8,20 @@ from jaxgpt.runconfig import ConfigError, RunConfig, load_config, save_config, c
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
 
+# Recipes with sections of their own load with their schema, a RunConfig subclass.
+SCHEMAS = {"instruct_": ("jaxgpt.instruct", "InstructRunConfig")}
+
+
+def _schema(path):
+    for prefix, (module, name) in SCHEMAS.items():
+        if path.name.startswith(prefix):
+            return getattr(importlib.import_module(module), name)
+    return RunConfig
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_shipped_config_loads(path):
-    cfg = load_config(path)
+    cfg = load_config(path, schema=_schema(path))
     assert isinstance(cfg, RunConfig) and cfg.model.emb_dim % cfg.model.n_heads == 0
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 
+from jaxgpt.distributed import is_lead, maybe_initialize  # noqa: E402
 from jaxgpt.pretraining import pretrain  # noqa: E402
 from jaxgpt.runconfig import ConfigError, load_config  # noqa: E402
 
@@ -29,12 +30,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config_path = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
         cfg = load_config(config_path, args.overrides)
+        maybe_initialize(cfg)  # before any JAX computation: a multi-process run joins here
         result = pretrain(cfg)
     except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     status = "preempted; rerun to resume" if result.preempted else "done"
-    print(f"{status}: checkpoints, metrics.jsonl and loss.png in {result.run_dir}")
+    if is_lead():
+        print(f"{status}: checkpoints, metrics.jsonl and loss.png in {result.run_dir}")
     return 0
 
 

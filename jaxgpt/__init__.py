@@ -2,8 +2,13 @@
 
 from jaxgpt.config import GPTConfig
 from jaxgpt.corpus import dataset_path, load_hf_text, load_text, tokenize_cached
+from jaxgpt.checkpoint import load_for_inference
+from jaxgpt.classification import classify, load_classifier
 from jaxgpt.data import WindowDataset, batch_indices, get_batch, sliding_windows, split_ids
 from jaxgpt.model import GPT, count_params, init_cache, init_params, logical_axes, validate_ids
+from jaxgpt.generation import generate, generate_simple, generate_stream
+from jaxgpt.lora import LoRAConfig, lora_loss_fn
+from jaxgpt.pretrained import load_pretrained, save_pretrained
 from jaxgpt.tokenizer import (
     EOT_ID,
     SimpleTokenizerV1,
@@ -14,6 +19,7 @@ from jaxgpt.tokenizer import (
 
 __all__ = [
     "EOT_ID",
+    "LoRAConfig",
     "GPT",
     "GPTConfig",
     "SimpleTokenizerV1",
@@ -21,15 +27,24 @@ __all__ = [
     "WindowDataset",
     "batch_indices",
     "build_vocab",
+    "classify",
     "count_params",
     "dataset_path",
+    "generate",
+    "generate_simple",
+    "generate_stream",
     "get_batch",
     "get_tokenizer",
     "init_cache",
     "init_params",
+    "load_for_inference",
+    "load_classifier",
     "load_hf_text",
+    "load_pretrained",
     "load_text",
     "logical_axes",
+    "lora_loss_fn",
+    "save_pretrained",
     "sliding_windows",
     "split_ids",
     "tokenize_cached",

@@ -124,14 +124,16 @@ def model_config_diff(saved: dict, current: GPTConfig) -> list[str]:
 def load_for_inference(run_dir: str | Path, step: int | None = None, mesh=None):
     """(GPTConfig, params) from a run directory's latest complete checkpoint: on one device, or
     split over `mesh` by the logical axis rules (any mesh, whatever the run was trained on)."""
-    from jaxgpt.runconfig import config_from_yaml  # run configs are a training concern
+    import yaml
     from jaxgpt.sharding import logical_to_shardings
     from jaxgpt.train_step import boxed_params_shape
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").exists():
         raise CheckpointError(f"{run_dir} is not a run directory (no config.yaml)")
-    cfg = config_from_yaml(run_dir / "config.yaml")
+    # Only the model section matters here, so runs of any recipe (pretraining, classifier,
+    # instruction tuning) with their own config sections load the same way.
+    model = GPTConfig.from_dict(yaml.safe_load((run_dir / "config.yaml").read_text())["model"])
     ckpt = Checkpointer(run_dir / "checkpoints", async_save=False)
     step = ckpt.latest_step() if step is None else step
     if step is None:
@@ -147,13 +149,13 @@ def load_for_inference(run_dir: str | Path, step: int | None = None, mesh=None):
         one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         shardings = jax.tree.map(lambda _: one, shapes)
     else:
-        boxed = boxed_params_shape(cfg.model)
+        boxed = boxed_params_shape(model)
         if jax.tree.structure(nn.meta.unbox(boxed)) != jax.tree.structure(shapes):
-            raise CheckpointError(f"checkpoint {step} in {run_dir} does not hold {cfg.name}'s model")
+            raise CheckpointError(f"checkpoint {step} in {run_dir} does not hold a GPT of its config")
         shardings = logical_to_shardings(nn.get_partition_spec(boxed), shapes, mesh)
     target = {"params": abstract_with_shardings(shapes, shardings)}
     restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding), target)
     out = reader.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
         item=target, restore_args=restore_args, partial_restore=True)))
     reader.close()
-    return cfg.model, out["state"]["params"]
+    return model, out["state"]["params"]

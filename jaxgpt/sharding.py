@@ -135,6 +135,8 @@ def traced_under(fn, mesh: Mesh, rules=RULES):
         with activation_sharding(mesh, rules):
             return fn(*args, **kwargs)
 
+    # A partial has no name of its own; keep the step's, so jit(train_step) shows in profiles.
+    traced.__name__ = traced.__qualname__ = getattr(getattr(fn, "func", fn), "__name__", "step")
     return traced
 
 

@@ -9,7 +9,8 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"
 
 
 # Recipes with sections of their own load with their schema, a RunConfig subclass.
-SCHEMAS = {"instruct_": ("jaxgpt.instruct", "InstructRunConfig")}
+SCHEMAS = {"instruct_": ("jaxgpt.instruct", "InstructRunConfig"),
+           "cls_": ("jaxgpt.classification", "ClassifierRunConfig")}
 
 
 def _schema(path):

@@ -1,0 +1,329 @@
+"""Import and export of GPT-2 weights in Hugging Face's safetensors layout.
+
+The mapping is a rename table plus three layout changes: GPT-2's fused `c_attn` ([D, 3D] in
+its Conv1D [in, out] layout, and a [3D] bias) splits into `query`/`key`/`value` kernels [D, H, K]
+and biases [H, K]; the attention output `c_proj` [D, D] becomes [H, K, D]; an untied head
+`lm_head.weight` [V, D] becomes `lm_head` [D, V]. Everything else keeps its layout.
+
+Loading checks the whole key set and every shape from the file headers before reading a
+tensor, then reads tensor by tensor (shard by shard), converting each to float32 in jaxgpt's
+layout and dropping the source, so the process never holds two full copies of the weights.
+Pickle checkpoints (`.bin`, `.pt`, `.pth`, `.ckpt`) are refused: unpickling can run code.
+
+Choices: the imported config has `qkv_bias=True` (GPT-2 has biases), `drop_rate=0.0` (the book's
+setting for pretrained weights; override it to fine-tune with dropout) and ties the head to the
+token embedding unless config.json says `tie_word_embeddings: false` or the file carries an
+`lm_head.weight` that differs from `wte.weight`. Export writes zero q/k/v biases for a model with
+`qkv_bias=False`, since GPT-2 always has them, which leaves its outputs unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from jaxgpt.config import GPTConfig
+from jaxgpt.model import init_params
+
+HUB_MODELS = {
+    "gpt2": "openai-community/gpt2",
+    "gpt2-small": "openai-community/gpt2",
+    "gpt2-medium": "openai-community/gpt2-medium",
+    "gpt2-large": "openai-community/gpt2-large",
+    "gpt2-xl": "openai-community/gpt2-xl",
+}
+_HUB_FILES = ["config.json", "model.safetensors", "model.safetensors.index.json", "model-*.safetensors"]
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+WEIGHTS, INDEX = "model.safetensors", "model.safetensors.index.json"
+# Causal-mask buffers that old GPT-2 checkpoints store beside the weights.
+_BUFFER = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)$")
+# Block tensors whose layout jaxgpt shares with GPT-2: HF suffix -> jaxgpt path inside h_<i>.
+_SAME_LAYOUT = {
+    "ln_1.weight": ("ln_1", "scale"), "ln_1.bias": ("ln_1", "bias"),
+    "ln_2.weight": ("ln_2", "scale"), "ln_2.bias": ("ln_2", "bias"),
+    "attn.c_proj.bias": ("attn", "c_proj", "bias"),
+    "mlp.c_fc.weight": ("mlp", "c_fc", "kernel"), "mlp.c_fc.bias": ("mlp", "c_fc", "bias"),
+    "mlp.c_proj.weight": ("mlp", "c_proj", "kernel"), "mlp.c_proj.bias": ("mlp", "c_proj", "bias"),
+}
+_QKV = {"q": "query", "k": "key", "v": "value"}
+_TOP = {"wte.weight": ("wte", "embedding"), "wpe.weight": ("wpe", "embedding"),
+        "ln_f.weight": ("ln_f", "scale"), "ln_f.bias": ("ln_f", "bias")}
+# Fields fixed by the tensors; overriding them could only make the load fail or lie.
+_FIXED = ("vocab_size", "emb_dim", "n_heads", "n_layers", "qkv_bias", "ln_eps")
+
+
+def hf_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor name (without `transformer.`) and shape of the GPT-2 checkpoint for `config`."""
+    V, C, D = config.vocab_size, config.context_length, config.emb_dim
+    shapes = {"wte.weight": (V, D), "wpe.weight": (C, D), "ln_f.weight": (D,), "ln_f.bias": (D,)}
+    for i in range(config.n_layers):
+        block = {"ln_1.weight": (D,), "ln_1.bias": (D,), "ln_2.weight": (D,), "ln_2.bias": (D,),
+                 "attn.c_attn.weight": (D, 3 * D), "attn.c_attn.bias": (3 * D,),
+                 "attn.c_proj.weight": (D, D), "attn.c_proj.bias": (D,),
+                 "mlp.c_fc.weight": (D, 4 * D), "mlp.c_fc.bias": (4 * D,),
+                 "mlp.c_proj.weight": (4 * D, D), "mlp.c_proj.bias": (D,)}
+        shapes.update({f"h.{i}.{k}": s for k, s in block.items()})
+    if not config.tie_embeddings:
+        shapes["lm_head.weight"] = (V, D)
+    return shapes
+
+
+def _to_jaxgpt(name: str, x: np.ndarray, config: GPTConfig) -> dict[tuple, np.ndarray]:
+    """One HF tensor -> {jaxgpt path: array} (a fused c_attn gives three)."""
+    H, K, D = config.n_heads, config.head_dim, config.emb_dim
+    if name in _TOP:
+        return {_TOP[name]: x}
+    if name == "lm_head.weight":
+        return {("lm_head",): x.T}  # [D, V]
+    _, i, suffix = name.split(".", 2)
+    block = f"h_{i}"
+    if suffix == "attn.c_attn.weight":
+        parts = np.split(x, 3, axis=1)  # 3 x [D, D], heads contiguous in the output axis
+        return {(block, "attn", _QKV[n], "kernel"): p.reshape(D, H, K) for n, p in zip("qkv", parts)}
+    if suffix == "attn.c_attn.bias":
+        parts = np.split(x, 3)
+        return {(block, "attn", _QKV[n], "bias"): p.reshape(H, K) for n, p in zip("qkv", parts)}
+    if suffix == "attn.c_proj.weight":
+        return {(block, "attn", "c_proj", "kernel"): x.reshape(H, K, D)}
+    return {(block, *_SAME_LAYOUT[suffix]): x}
+
+
+
+def config_from_hf(hf: dict, **overrides) -> GPTConfig:
+    """A GPTConfig from a GPT-2 config.json dict (checked for features jaxgpt lacks)."""
+    lacking = [k for k in ("vocab_size", "n_positions", "n_embd", "n_head", "n_layer") if k not in hf]
+    if lacking:
+        raise ValueError(f"config.json lacks {', '.join(lacking)}")
+    if hf.get("model_type", "gpt2") != "gpt2":
+        raise ValueError(f"config.json has model_type={hf['model_type']!r}; only 'gpt2' is supported")
+    act = hf.get("activation_function", "gelu_new")
+    if act not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise ValueError(f"config.json activation_function={act!r}; jaxgpt uses the tanh GELU (gelu_new)")
+    n_embd = hf["n_embd"]
+    if hf.get("n_inner") not in (None, 4 * n_embd):
+        raise ValueError(f"config.json n_inner={hf['n_inner']}; jaxgpt's MLP width is 4 * n_embd")
+    for flag, ok in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
+                     ("add_cross_attention", False)):
+        if hf.get(flag, ok) != ok:
+            raise ValueError(f"config.json {flag}={hf[flag]} is not supported")
+    base = dict(vocab_size=hf["vocab_size"], context_length=hf["n_positions"], emb_dim=n_embd,
+                n_heads=hf["n_head"], n_layers=hf["n_layer"], qkv_bias=True, drop_rate=0.0,
+                ln_eps=hf.get("layer_norm_epsilon", 1e-5),
+                tie_embeddings=hf.get("tie_word_embeddings", True))
+    for name, value in overrides.items():
+        if name in _FIXED and value != base[name]:
+            raise ValueError(f"cannot override {name}={value!r}: the checkpoint fixes it to {base[name]!r}")
+    if overrides.get("context_length", base["context_length"]) > base["context_length"]:
+        raise ValueError(f"context_length={overrides['context_length']} exceeds the checkpoint's "
+                         f"{base['context_length']} positions")
+    return GPTConfig.from_dict({**base, **overrides})
+
+
+def _resolve(name_or_path: str | os.PathLike) -> Path:
+    path = Path(name_or_path).expanduser()
+    if path.is_file() and path.suffix in PICKLE_SUFFIXES:
+        raise ValueError(f"{path} is a pickle checkpoint; jaxgpt loads only safetensors (pickle can "
+                         "run code): convert it to model.safetensors")
+    if path.is_dir():
+        return path
+    if str(name_or_path) in HUB_MODELS:
+        from huggingface_hub import snapshot_download  # the network is needed only here
+
+        repo = HUB_MODELS[str(name_or_path)]
+        try:
+            return Path(snapshot_download(repo, allow_patterns=_HUB_FILES))
+        except Exception as err:  # offline with an empty cache, or the Hub is unreachable
+            raise OSError(f"could not download or find a cached copy of {repo}: {err}") from err
+    raise FileNotFoundError(f"{str(name_or_path)!r} is neither a directory nor one of {sorted(HUB_MODELS)}")
+
+
+def _weight_files(directory: Path) -> list[Path]:
+    if (directory / INDEX).is_file():
+        weight_map = json.loads((directory / INDEX).read_text())["weight_map"]
+        files = [directory / f for f in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{INDEX} names shard(s) missing from {directory}: {', '.join(missing)}")
+        return files
+    if (directory / WEIGHTS).is_file():
+        return [directory / WEIGHTS]
+    pickles = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise ValueError(f"{directory} holds only pickle checkpoint(s) ({', '.join(pickles)}); jaxgpt "
+                         f"loads only {WEIGHTS} (pickle can run code): re-save with safetensors")
+    raise FileNotFoundError(f"{directory} has no {WEIGHTS} or {INDEX}")
+
+
+def _headers(files: list[Path]) -> dict[str, tuple[Path, str, tuple]]:
+    """HF name (prefix stripped) -> (file, key as stored, shape), buffers left out."""
+    found = {}
+    for file in files:
+        with safe_open(file, framework="numpy") as f:
+            for key in f.keys():  # noqa: SIM118 (a safe_open handle, not a dict)
+                name = key.removeprefix("transformer.")
+                if _BUFFER.fullmatch(name):
+                    continue
+                if name in found:
+                    raise ValueError(f"tensor {name} appears twice (as {found[name][1]} and {key})")
+                found[name] = (file, key, tuple(f.get_slice(key).get_shape()))
+    return found
+
+
+def _read(entry) -> np.ndarray:
+    file, key, _ = entry
+    with safe_open(file, framework="numpy") as f:
+        return f.get_tensor(key)
+
+
+def load_pretrained(name_or_path: str | os.PathLike, **config_overrides) -> tuple[GPTConfig, dict]:
+    """(config, float32 params) from a GPT-2 name (gpt2, gpt2-medium/-large/-xl) or a local dir."""
+    directory = _resolve(name_or_path)
+    if not (directory / "config.json").is_file():
+        raise FileNotFoundError(f"{directory} has no config.json")
+    hf = json.loads((directory / "config.json").read_text())
+    headers = _headers(_weight_files(directory))
+    if (hf.get("tie_word_embeddings", True) and {"lm_head.weight", "wte.weight"} <= set(headers)
+            and not np.array_equal(_read(headers["lm_head.weight"]), _read(headers["wte.weight"]))):
+        hf = {**hf, "tie_word_embeddings": False}  # a head that differs was trained untied: keep it
+    file_config = config_from_hf(hf)  # what the tensors hold; `config` is what the caller asked
+    config = config_from_hf(hf, **config_overrides)
+    if not file_config.tie_embeddings and config.tie_embeddings:
+        raise ValueError("cannot override tie_embeddings=True: the checkpoint has its own lm_head.weight")
+
+    expected = hf_shapes(file_config)
+    extra = sorted(set(headers) - set(expected) - {"lm_head.weight"})
+    missing = sorted(set(expected) - set(headers))
+    if missing or extra:
+        raise ValueError(f"checkpoint does not match GPT-2 with {config.n_layers} layers: "
+                         f"missing {missing or 'none'}; unexpected {extra or 'none'}")
+    for name, shape in expected.items():
+        if headers[name][2] != shape:
+            raise ValueError(f"tensor {name} has shape {headers[name][2]}, expected {shape}")
+    if "lm_head.weight" in headers and headers["lm_head.weight"][2] != (config.vocab_size, config.emb_dim):
+        raise ValueError(f"tensor lm_head.weight has shape {headers['lm_head.weight'][2]}, "
+                         f"expected {(config.vocab_size, config.emb_dim)}")
+
+    flat: dict[tuple, np.ndarray] = {}
+    for file in dict.fromkeys(entry[0] for entry in headers.values()):
+        with safe_open(file, framework="numpy") as f:  # one shard open at a time
+            for name, (_, key, _) in headers.items():
+                if headers[name][0] != file or name not in expected:
+                    continue
+                x = f.get_tensor(key)
+                if not np.isfinite(x).all():
+                    raise ValueError(f"tensor {name} holds NaN or infinite values")
+                if name == "wpe.weight":
+                    x = x[: config.context_length]  # a shorter context keeps the first positions
+                for path, y in _to_jaxgpt(name, x.astype(np.float32, copy=False), config).items():
+                    flat[path] = y
+                del x
+    if not config.tie_embeddings and file_config.tie_embeddings:
+        flat[("lm_head",)] = flat[("wte", "embedding")].T.copy()  # untie by copying, as the book does
+    if config.scan_layers:
+        flat = _stack_blocks(flat, config.n_layers)
+    return config, _nest(flat)
+
+
+def _stack_blocks(flat: dict, n_layers: int) -> dict:
+    """h_<i>/... leaves -> h/... leaves with a leading [L] axis, one leaf at a time."""
+    out = {p: x for p, x in flat.items() if not p[0].startswith("h_")}
+    for path in [p for p in flat if p[0] == "h_0"]:
+        rest = path[1:]
+        out[("h", *rest)] = np.stack([flat.pop((f"h_{i}", *rest)) for i in range(n_layers)])
+    return out
+
+
+def _nest(flat: dict) -> dict:
+    """Flat {path: numpy} -> nested dict of jax arrays, converting and releasing leaf by leaf."""
+    tree: dict = {}
+    for path in list(flat):
+        node = tree
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = jnp.asarray(flat.pop(path))
+    return tree
+
+
+def _flatten(tree, convert=True) -> dict[tuple, np.ndarray]:
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {tuple(k.key for k in path): np.asarray(x, np.float32) if convert else x
+            for path, x in leaves}
+
+
+def to_hf_tensors(config: GPTConfig, params) -> dict[str, np.ndarray]:
+    """jaxgpt params (plain or scanned) -> GPT2LMHeadModel's named float32 tensors, shapes checked."""
+    expected = _flatten(jax.eval_shape(lambda k: init_params(config, k), jax.random.key(0)), False)
+    flat = _flatten(params)
+    if set(flat) != set(expected):
+        missing = sorted("/".join(p) for p in set(expected) - set(flat))
+        extra = sorted("/".join(p) for p in set(flat) - set(expected))
+        raise ValueError(f"params do not match the config: missing {missing or 'none'}; "
+                         f"unexpected {extra or 'none'}")
+    for path, leaf in expected.items():
+        if flat[path].shape != leaf.shape:
+            raise ValueError(f"param {'/'.join(path)} has shape {flat[path].shape}, expected {leaf.shape}")
+    if config.scan_layers:  # unstack h/... [L, ...] into h_<i>/...
+        for path in [p for p in flat if p[0] == "h"]:
+            stacked = flat.pop(path)
+            flat.update({(f"h_{i}", *path[1:]): stacked[i] for i in range(config.n_layers)})
+    H, K, D = config.n_heads, config.head_dim, config.emb_dim
+    out = {hf: flat[jx] for hf, jx in _TOP.items()}
+    for i in range(config.n_layers):
+        b = f"h_{i}"
+        out.update({f"h.{i}.{hf}": flat[(b, *jx)] for hf, jx in _SAME_LAYOUT.items()})
+        out[f"h.{i}.attn.c_attn.weight"] = np.concatenate(
+            [flat[(b, "attn", _QKV[n], "kernel")].reshape(D, D) for n in "qkv"], axis=1)  # [D, 3D]
+        zeros = np.zeros((H, K), np.float32)  # GPT-2 always has q/k/v biases
+        out[f"h.{i}.attn.c_attn.bias"] = np.concatenate(
+            [flat.get((b, "attn", _QKV[n], "bias"), zeros).reshape(D) for n in "qkv"])  # [3D]
+        out[f"h.{i}.attn.c_proj.weight"] = flat[(b, "attn", "c_proj", "kernel")].reshape(D, D)
+    out = {f"transformer.{k}": v for k, v in out.items()}
+    if not config.tie_embeddings:
+        out["lm_head.weight"] = flat[("lm_head",)].T  # [V, D]
+    return {k: np.ascontiguousarray(v) for k, v in out.items()}
+
+
+def hf_config(config: GPTConfig) -> dict:
+    """The GPT-2 config.json dict for `config`."""
+    eot = 50256 if config.vocab_size == 50257 else None  # GPT-2's <|endoftext|>, if its vocab
+    return {
+        "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
+        "vocab_size": config.vocab_size, "n_positions": config.context_length,
+        "n_ctx": config.context_length, "n_embd": config.emb_dim, "n_layer": config.n_layers,
+        "n_head": config.n_heads, "n_inner": None, "activation_function": "gelu_new",
+        "layer_norm_epsilon": config.ln_eps, "tie_word_embeddings": config.tie_embeddings,
+        "resid_pdrop": config.drop_rate, "embd_pdrop": config.drop_rate,
+        "attn_pdrop": config.drop_rate, "bos_token_id": eot, "eos_token_id": eot,
+        "scale_attn_weights": True, "use_cache": True, "dtype": "float32",
+    }
+
+
+def _replace_atomically(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)  # readers see the old file or the new one, never half of one
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def save_pretrained(config: GPTConfig, params, directory: str | os.PathLike) -> Path:
+    """Write config.json and model.safetensors that transformers' GPT2LMHeadModel loads."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = to_hf_tensors(config, params)
+    _replace_atomically(directory / WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    text = json.dumps(hf_config(config), indent=2) + "\n"
+    _replace_atomically(directory / "config.json", lambda tmp: Path(tmp).write_text(text))
+    return directory

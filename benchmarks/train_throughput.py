@@ -5,6 +5,7 @@
   python benchmarks/train_throughput.py --breakdown                # where a step's time goes
   python benchmarks/train_throughput.py --profile /tmp/trace       # + a jax.profiler trace
   python benchmarks/train_throughput.py --loss-curve 20            # float32 vs bfloat16 losses
+  python benchmarks/train_throughput.py --no-peer --mesh data=8    # jax only, e.g. on a GPU box
 
 The jax contender is the library's own path: `create_state` + `compile_steps` (one jit with
 explicit shardings and the state donated), `lm_loss_fn` and the AdamW of `make_optimizer`
@@ -14,7 +15,12 @@ tanh), trained with torch.optim.AdamW (same lr, betas, eps, decay on the same ma
 same batches, with as many torch threads as this process may use. The peer always computes in
 float32; with `--dtype bfloat16` a second peer line runs it under torch.autocast(bfloat16).
 Contenders are timed step by step in rotating order (a noisy shared machine then slows all of
-them alike) and each figure is a median.
+them alike) and each figure is a median. A step's time includes copying its batch to the
+device; compile time is the AOT `lower().compile()` whose executable is then timed.
+
+`--loss-curve N` times nothing: it trains N steps from one initialisation on the same batches
+in float32 and in bfloat16 (and the peer, from the same weights via `save_pretrained`) and
+prints the curves side by side.
 
 FLOPs per token (nanoGPT's estimate, PaLM appendix B): 6 N + 12 L H Q T, where N counts the
 parameters that take part in a matmul -- every parameter except the token and position
@@ -31,6 +37,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import functools
 import gzip
 import json
 import os
@@ -40,6 +47,9 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+
+# JAX would otherwise take 75% of a GPU's memory up front and leave none to the torch peer.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import jax
 import jax.numpy as jnp
@@ -139,8 +149,10 @@ def _best_time(fn, repeats: int) -> float:
 
 
 def jax_matmul_flops(dtype, n: int = 2048, repeats: int = 4) -> float:
+    """A square matmul with a float32 result, the form the model's matmuls take (on XLA:CPU a
+    bfloat16 dot with a bfloat16 result is upcast to float32 and runs ~5x slower)."""
     a = jnp.ones((n, n), dtype)
-    f = jax.jit(jnp.dot)
+    f = jax.jit(functools.partial(jnp.dot, preferred_element_type=jnp.float32))
     return 2 * n**3 / _best_time(lambda: f(a, a).block_until_ready(), repeats)
 
 
@@ -168,7 +180,7 @@ def peak_flops(args, dtype: str, torch) -> tuple[float, str]:
     if jax.default_backend() != "cpu":
         measured = jax_matmul_flops(getattr(jnp, dtype), n=8192) * n_dev
         return measured, f"measured jnp.dot 8192^3 {dtype} (device not in the table)"
-    found = {"jnp.dot": jax_matmul_flops(getattr(jnp, dtype))}
+    found = {"jnp.dot (f32 result)": jax_matmul_flops(getattr(jnp, dtype))}
     if torch is not None:
         found["torch.mm"] = torch_matmul_flops(torch, dtype, "cpu")
     best = max(found, key=found.get)

@@ -57,6 +57,65 @@ def _param(init, names):
     return nn.with_logical_partitioning(init, names)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _matmul(x, w, rhs_t: bool, out_dtype):
+    """x [M, C] @ w ([C, N], or [N, C] if rhs_t) -> [M, N] in out_dtype, float32 accumulation.
+
+    Written for XLA:CPU, whose fast matmul (YNNPACK) takes a dot only with row-major
+    [M, C] x [C, N] or [M, C] x [N, C] operands, and in bf16 only with a float32 result. Any
+    other dot -- the [C, M] x [M, N] of a weight gradient, a bf16 result, an operand that went
+    through a bf16 2-D transpose -- falls back to a slower matmul, in float32 after converting
+    bf16 operands. So the forward and both backward matmuls are spelled in those two layouts.
+    """
+    dims = (((1,), (1 if rhs_t else 0,)), ((), ()))
+    return jax.lax.dot_general(x, w, dims, preferred_element_type=jnp.float32).astype(out_dtype)
+
+
+def _matmul_fwd(x, w, rhs_t, out_dtype):
+    return _matmul(x, w, rhs_t, out_dtype), (x, w)
+
+
+def _transposed(a):
+    """[R, C] -> [C, R] as a copy; through a unit axis so a bf16 copy stays bf16 on XLA:CPU."""
+    return jnp.transpose(a[:, :, None], (1, 0, 2))[:, :, 0]
+
+
+def _matmul_bwd(rhs_t, out_dtype, res, g):
+    x, w = res
+    g = g.astype(x.dtype)  # [M, N]; a float32 logits gradient is rounded like an activation's
+    f32 = jnp.float32
+    if rhs_t:  # w [N, C]
+        dx = jnp.dot(g, w, preferred_element_type=f32)  # [M, C]
+        dw = jnp.dot(_transposed(g), x, preferred_element_type=f32)  # [N, C]
+    else:  # w [C, N]
+        dx = jax.lax.dot_general(g, w, (((1,), (1,)), ((), ())), preferred_element_type=f32)
+        dw = jnp.dot(_transposed(x), g, preferred_element_type=f32)  # [C, N]
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def _use_matmul() -> bool:
+    # Measured on XLA:CPU only; elsewhere the compiler's own layouts are kept.
+    return jax.default_backend() == "cpu"
+
+
+def _dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+    """The dot of every Dense/DenseGeneral: `_matmul` for their usual contraction on CPU."""
+    (lc, rc), (lb, rb) = dimension_numbers
+    n = len(lc)
+    usual = (not lb and not rb and tuple(lc) == tuple(range(lhs.ndim - n, lhs.ndim))
+             and tuple(rc) == tuple(range(n)) and lhs.dtype == rhs.dtype)
+    if not (usual and _use_matmul()):
+        return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                                   preferred_element_type=preferred_element_type)
+    m_shape, n_shape = lhs.shape[: lhs.ndim - n], rhs.shape[n:]
+    out = _matmul(lhs.reshape(-1, int(np.prod(lhs.shape[lhs.ndim - n:]))),
+                  rhs.reshape(-1, int(np.prod(n_shape))), False, lhs.dtype)  # [M, C] x [C, N]
+    return out.reshape(m_shape + n_shape)
+
+
 def _remat_policy(name: str):
     return {
         "full": None,
@@ -75,6 +134,7 @@ class MLP(nn.Module):
         dense = lambda feats, names, fan_in, residual, name: nn.Dense(  # noqa: E731
             feats,
             dtype=cfg.compute_dtype,
+            dot_general=_dot_general,
             kernel_init=_param(_kernel_init(cfg, residual=residual), names),
             bias_init=_param(_bias_init(cfg, fan_in), names[1:]),
             name=name,
@@ -88,6 +148,8 @@ class MLP(nn.Module):
 class CausalSelfAttention(nn.Module):
     config: GPTConfig
     deterministic: bool = True
+    # With a stacked [L, B, S, H, K] cache: this layer's index into it (None: a [B, S, H, K] cache).
+    layer: int | None = None
 
     @nn.compact
     def __call__(self, x, mask, layer_cache: Cache | None, cache_index):
@@ -99,6 +161,7 @@ class CausalSelfAttention(nn.Module):
                 (H, K),
                 use_bias=cfg.qkv_bias,
                 dtype=cfg.compute_dtype,
+                dot_general=_dot_general,
                 kernel_init=_param(_kernel_init(cfg), ("embed", "heads", "kv")),
                 bias_init=_param(_bias_init(cfg, cfg.emb_dim), ("heads", "kv")),
                 name=name,
@@ -109,11 +172,16 @@ class CausalSelfAttention(nn.Module):
         new_cache = None
         if layer_cache is not None:
             # Write this call's keys/values at slot cache_index; attend over the whole cache.
-            start = (0, cache_index, 0, 0)
-            k = jax.lax.dynamic_update_slice(layer_cache["k"], k.astype(layer_cache["k"].dtype), start)
-            v = jax.lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype), start)
-            new_cache = {"k": k, "v": v}  # [B, S, H, K]
-            k, v = k.astype(q.dtype), v.astype(q.dtype)
+            # A stacked cache is updated where it lies: slicing a layer out and stacking the
+            # layers back would copy the whole cache on every decoding step.
+            lead = () if self.layer is None else (self.layer,)
+            new_cache = {
+                n: jax.lax.dynamic_update_slice(
+                    layer_cache[n], t.astype(layer_cache[n].dtype)[(None,) * len(lead)],
+                    (*lead, 0, cache_index, 0, 0))
+                for n, t in (("k", k), ("v", v))
+            }  # [L, B, S, H, K] or [B, S, H, K]
+            k, v = (new_cache[n][lead].astype(q.dtype) for n in ("k", "v"))  # [B, S, H, K]
 
         use_dropout = not self.deterministic and cfg.drop_rate > 0.0
         # The fused kernel has no dropout on the weights, so training with dropout takes the
@@ -130,6 +198,7 @@ class CausalSelfAttention(nn.Module):
             cfg.emb_dim,
             axis=(-2, -1),
             dtype=cfg.compute_dtype,
+            dot_general=_dot_general,
             kernel_init=_param(_kernel_init(cfg, residual=True),
                                ("heads", "kv", "embed")),
             bias_init=_param(_bias_init(cfg, cfg.emb_dim), ("embed",)),
@@ -143,6 +212,7 @@ class Block(nn.Module):
 
     config: GPTConfig
     deterministic: bool = True
+    layer: int | None = None  # index into a stacked cache (see CausalSelfAttention)
 
     @nn.compact
     def __call__(self, x, layer_cache, mask, cache_index):
@@ -155,7 +225,7 @@ class Block(nn.Module):
             name=name,
         )
         drop = nn.Dropout(cfg.drop_rate, deterministic=self.deterministic)
-        a, new_cache = CausalSelfAttention(cfg, self.deterministic, name="attn")(
+        a, new_cache = CausalSelfAttention(cfg, self.deterministic, self.layer, name="attn")(
             ln("ln_1")(x), mask, layer_cache, cache_index
         )
         x = x + drop(a)  # residual around attention, dropout on the shortcut as in the book
@@ -217,14 +287,11 @@ class GPT(nn.Module):
             )(cfg, deterministic, name="h")
             x, new_cache = stack(x, cache, mask, cache_index)  # caches [L, B, S, H, K]
         else:
-            layer_caches = []
+            new_cache = cache  # [L, B, S, H, K], each layer updates its own slice in place
             for i in range(cfg.n_layers):
-                layer = None if cache is None else {n: c[i] for n, c in cache.items()}
-                x, lc = block(cfg, deterministic, name=f"h_{i}")(x, layer, mask, cache_index)
-                layer_caches.append(lc)
-            new_cache = None if cache is None else jax.tree.map(
-                lambda *cs: jnp.stack(cs), *layer_caches
-            )
+                x, new_cache = block(cfg, deterministic, i, name=f"h_{i}")(
+                    x, new_cache, mask, cache_index
+                )
 
         x = nn.LayerNorm(
             epsilon=cfg.ln_eps, dtype=cfg.compute_dtype,
@@ -236,12 +303,19 @@ class GPT(nn.Module):
         elif cfg.tie_embeddings:
             # Logits in float32 whatever the compute dtype.
             table = wte.embedding.astype(cfg.compute_dtype)
-            out = jnp.einsum("btd,vd->btv", x, table, preferred_element_type=jnp.float32)
+            if _use_matmul():
+                out = _matmul(x.reshape(B * T, -1), table, True, jnp.float32).reshape(B, T, -1)
+            else:
+                out = jnp.einsum("btd,vd->btv", x, table, preferred_element_type=jnp.float32)
         else:
             kernel = self.param("lm_head", _param(_kernel_init(cfg), ("embed", "vocab")),
                                 (cfg.emb_dim, cfg.vocab_size), jnp.float32)
-            out = jnp.einsum("btd,dv->btv", x, kernel.astype(cfg.compute_dtype),
-                             preferred_element_type=jnp.float32)  # [B, T, V]
+            kernel = kernel.astype(cfg.compute_dtype)
+            if _use_matmul():
+                out = _matmul(x.reshape(B * T, -1), kernel, False, jnp.float32).reshape(B, T, -1)
+            else:
+                out = jnp.einsum("btd,dv->btv", x, kernel, preferred_element_type=jnp.float32)
+            # out: [B, T, V]
         return out if cache is None else (out, new_cache)
 
 

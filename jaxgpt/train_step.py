@@ -78,37 +78,56 @@ def train_step(
     key = jax.random.wrap_key_data(state.rng)
     key, step_key = jax.random.split(key)
     total = jnp.maximum(token_counts(batch["targets"]), 1).astype(jnp.float32)
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def scaled_loss(params, frozen, mb, rng, deterministic):
+        # Differentiating loss / total saves a pass that divides every gradient afterwards.
+        loss_sum, aux = loss_fn(params, frozen, mb, rng, deterministic)
+        return loss_sum / total, (loss_sum, aux)
+
+    grad_fn = jax.value_and_grad(scaled_loss, has_aux=True)
 
     def micro(carry, xs):
         loss_acc, grad_acc = carry
         index, mb = xs
-        (loss_sum, _), grads = grad_fn(
+        (_, (loss_sum, _)), grads = grad_fn(
             state.params, frozen, mb, jax.random.fold_in(step_key, index), False
         )
         if grad_shardings is not None:  # split like the params (FSDP: reduce-scatter, not all-reduce)
             grads = jax.lax.with_sharding_constraint(grads, grad_shardings)
-        grad_acc = jax.tree.map(jnp.add, grad_acc, grads)
-        return (loss_acc + loss_sum, grad_acc), None
+        if grad_acc is not None:
+            grads = jax.tree.map(jnp.add, grad_acc, grads)
+        return (loss_acc + loss_sum, grads), None
 
     n_micro = batch["targets"].shape[0]
-    zeros = jax.tree.map(jnp.zeros_like, state.params)
-    (loss_sum, grads), _ = jax.lax.scan(
-        micro, (jnp.zeros((), jnp.float32), zeros), (jnp.arange(n_micro), batch)
-    )
+    if n_micro == 1:
+        # No accumulation: no zero-filled gradient tree to add into (a whole-tree pass each).
+        (loss_sum, grads), _ = micro(
+            (jnp.zeros((), jnp.float32), None), (jnp.int32(0), jax.tree.map(lambda b: b[0], batch))
+        )
+    else:
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        (loss_sum, grads), _ = jax.lax.scan(
+            micro, (jnp.zeros((), jnp.float32), zeros), (jnp.arange(n_micro), batch)
+        )
     loss = loss_sum / total
-    grads = jax.tree.map(lambda g: g / total, grads)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
-    updates, new_opt = tx.update(grads, state.opt_state, state.params)
-    new_params = optax.apply_updates(state.params, updates)
-    # A non-finite loss or gradient leaves parameters and optimizer state untouched.
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+    def update(operands):
+        params, opt_state, grads = operands
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    # A non-finite loss or gradient leaves parameters and optimizer state untouched. A cond,
+    # not a select of new against old: the select keeps the old moments alive next to the new
+    # ones, so XLA copies them, and re-reads every leaf once more.
+    new_params, new_opt = jax.lax.cond(
+        finite, update, lambda ops: (ops[0], ops[1]), (state.params, state.opt_state, grads)
+    )
     new_state = TrainState(
         step=state.step + 1,
-        params=keep(new_params, state.params),
-        opt_state=keep(new_opt, state.opt_state),
+        params=new_params,
+        opt_state=new_opt,
         rng=jax.random.key_data(key),
         skips=jnp.where(finite, 0, state.skips + 1),
     )

@@ -27,10 +27,10 @@ import numpy as np
 
 from jaxgpt.attention import causal_mask, fast_attention, reference_attention
 from jaxgpt.config import GPTConfig
+from jaxgpt.matmul import dense_dot_general, matmul, use_layout_matmul
 from jaxgpt.sharding import constrain
 
 Cache = dict[str, jax.Array]
-
 
 
 def _kernel_init(cfg: GPTConfig, residual: bool = False):
@@ -57,65 +57,6 @@ def _param(init, names):
     return nn.with_logical_partitioning(init, names)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _matmul(x, w, rhs_t: bool, out_dtype):
-    """x [M, C] @ w ([C, N], or [N, C] if rhs_t) -> [M, N] in out_dtype, float32 accumulation.
-
-    Written for XLA:CPU, whose fast matmul (YNNPACK) takes a dot only with row-major
-    [M, C] x [C, N] or [M, C] x [N, C] operands, and in bf16 only with a float32 result. Any
-    other dot -- the [C, M] x [M, N] of a weight gradient, a bf16 result, an operand that went
-    through a bf16 2-D transpose -- falls back to a slower matmul, in float32 after converting
-    bf16 operands. So the forward and both backward matmuls are spelled in those two layouts.
-    """
-    dims = (((1,), (1 if rhs_t else 0,)), ((), ()))
-    return jax.lax.dot_general(x, w, dims, preferred_element_type=jnp.float32).astype(out_dtype)
-
-
-def _matmul_fwd(x, w, rhs_t, out_dtype):
-    return _matmul(x, w, rhs_t, out_dtype), (x, w)
-
-
-def _transposed(a):
-    """[R, C] -> [C, R] as a copy; through a unit axis so a bf16 copy stays bf16 on XLA:CPU."""
-    return jnp.transpose(a[:, :, None], (1, 0, 2))[:, :, 0]
-
-
-def _matmul_bwd(rhs_t, out_dtype, res, g):
-    x, w = res
-    g = g.astype(x.dtype)  # [M, N]; a float32 logits gradient is rounded like an activation's
-    f32 = jnp.float32
-    if rhs_t:  # w [N, C]
-        dx = jnp.dot(g, w, preferred_element_type=f32)  # [M, C]
-        dw = jnp.dot(_transposed(g), x, preferred_element_type=f32)  # [N, C]
-    else:  # w [C, N]
-        dx = jax.lax.dot_general(g, w, (((1,), (1,)), ((), ())), preferred_element_type=f32)
-        dw = jnp.dot(_transposed(x), g, preferred_element_type=f32)  # [C, N]
-    return dx.astype(x.dtype), dw.astype(w.dtype)
-
-
-_matmul.defvjp(_matmul_fwd, _matmul_bwd)
-
-
-def _use_matmul() -> bool:
-    # Measured on XLA:CPU only; elsewhere the compiler's own layouts are kept.
-    return jax.default_backend() == "cpu"
-
-
-def _dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
-    """The dot of every Dense/DenseGeneral: `_matmul` for their usual contraction on CPU."""
-    (lc, rc), (lb, rb) = dimension_numbers
-    n = len(lc)
-    usual = (not lb and not rb and tuple(lc) == tuple(range(lhs.ndim - n, lhs.ndim))
-             and tuple(rc) == tuple(range(n)) and lhs.dtype == rhs.dtype)
-    if not (usual and _use_matmul()):
-        return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
-                                   preferred_element_type=preferred_element_type)
-    m_shape, n_shape = lhs.shape[: lhs.ndim - n], rhs.shape[n:]
-    out = _matmul(lhs.reshape(-1, int(np.prod(lhs.shape[lhs.ndim - n:]))),
-                  rhs.reshape(-1, int(np.prod(n_shape))), False, lhs.dtype)  # [M, C] x [C, N]
-    return out.reshape(m_shape + n_shape)
-
-
 def _remat_policy(name: str):
     return {
         "full": None,
@@ -134,7 +75,7 @@ class MLP(nn.Module):
         dense = lambda feats, names, fan_in, residual, name: nn.Dense(  # noqa: E731
             feats,
             dtype=cfg.compute_dtype,
-            dot_general=_dot_general,
+            dot_general=dense_dot_general,
             kernel_init=_param(_kernel_init(cfg, residual=residual), names),
             bias_init=_param(_bias_init(cfg, fan_in), names[1:]),
             name=name,
@@ -161,7 +102,7 @@ class CausalSelfAttention(nn.Module):
                 (H, K),
                 use_bias=cfg.qkv_bias,
                 dtype=cfg.compute_dtype,
-                dot_general=_dot_general,
+                dot_general=dense_dot_general,
                 kernel_init=_param(_kernel_init(cfg), ("embed", "heads", "kv")),
                 bias_init=_param(_bias_init(cfg, cfg.emb_dim), ("heads", "kv")),
                 name=name,
@@ -198,7 +139,7 @@ class CausalSelfAttention(nn.Module):
             cfg.emb_dim,
             axis=(-2, -1),
             dtype=cfg.compute_dtype,
-            dot_general=_dot_general,
+            dot_general=dense_dot_general,
             kernel_init=_param(_kernel_init(cfg, residual=True),
                                ("heads", "kv", "embed")),
             bias_init=_param(_bias_init(cfg, cfg.emb_dim), ("embed",)),
@@ -303,16 +244,16 @@ class GPT(nn.Module):
         elif cfg.tie_embeddings:
             # Logits in float32 whatever the compute dtype.
             table = wte.embedding.astype(cfg.compute_dtype)
-            if _use_matmul():
-                out = _matmul(x.reshape(B * T, -1), table, True, jnp.float32).reshape(B, T, -1)
+            if use_layout_matmul():
+                out = matmul(x.reshape(B * T, -1), table, True, jnp.float32).reshape(B, T, -1)
             else:
                 out = jnp.einsum("btd,vd->btv", x, table, preferred_element_type=jnp.float32)
         else:
             kernel = self.param("lm_head", _param(_kernel_init(cfg), ("embed", "vocab")),
                                 (cfg.emb_dim, cfg.vocab_size), jnp.float32)
             kernel = kernel.astype(cfg.compute_dtype)
-            if _use_matmul():
-                out = _matmul(x.reshape(B * T, -1), kernel, False, jnp.float32).reshape(B, T, -1)
+            if use_layout_matmul():
+                out = matmul(x.reshape(B * T, -1), kernel, False, jnp.float32).reshape(B, T, -1)
             else:
                 out = jnp.einsum("btd,dv->btv", x, kernel, preferred_element_type=jnp.float32)
             # out: [B, T, V]

@@ -1,0 +1,57 @@
+"""The layout-spelled matmul equals the plain dot, in value and in gradients."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxgpt.matmul import dense_dot_general, matmul
+
+
+def _inputs(shape_x, shape_w, dtype, seed=0):
+    kx, kw = jax.random.split(jax.random.key(seed))
+    return (jax.random.normal(kx, shape_x, jnp.float32).astype(dtype),
+            jax.random.normal(kw, shape_w, jnp.float32).astype(dtype))
+
+
+@pytest.mark.parametrize("rhs_t", [False, True])
+def test_matmul_value_and_grads_equal_the_plain_dot(rhs_t):
+    x, w = _inputs((7, 5), (3, 5) if rhs_t else (5, 3), jnp.float32)
+    probe = jax.random.normal(jax.random.key(1), (7, 3))  # a non-uniform cotangent
+
+    def ours(x, w):
+        return jnp.sum(matmul(x, w, rhs_t, jnp.float32) * probe)
+
+    def plain(x, w):
+        return jnp.sum((x @ (w.T if rhs_t else w)) * probe)
+
+    np.testing.assert_allclose(ours(x, w), plain(x, w), rtol=1e-6)
+    for a, b in zip(jax.grad(ours, (0, 1))(x, w), jax.grad(plain, (0, 1))(x, w)):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_bfloat16_matmul_accumulates_in_float32_and_keeps_dtypes():
+    x, w = _inputs((16, 64), (64, 8), jnp.bfloat16)
+    out = matmul(x, w, False, jnp.bfloat16)
+    assert out.dtype == jnp.bfloat16
+    exact = np.asarray(x, np.float32) @ np.asarray(w, np.float32)
+    np.testing.assert_allclose(np.asarray(out, np.float32), exact, rtol=1e-2, atol=1e-2)
+    gx, gw = jax.grad(lambda x, w: jnp.sum(matmul(x, w, False, jnp.float32)), (0, 1))(x, w)
+    assert gx.dtype == gw.dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("dims, shape_x, shape_w", [
+    ((((2,), (0,)), ((), ())), (2, 3, 4), (4, 5, 6)),  # Dense to [H, K]: [B, T, D] x [D, H, K]
+    ((((2, 3), (0, 1)), ((), ())), (2, 3, 4, 5), (4, 5, 6)),  # [B, T, H, K] x [H, K, D]
+    ((((1,), (1,)), ((), ())), (3, 4), (5, 4)),  # not a Dense contraction: left to lax
+])
+def test_dense_dot_general_equals_lax_dot_general(dims, shape_x, shape_w):
+    x, w = _inputs(shape_x, shape_w, jnp.float32)
+    want = jax.lax.dot_general(x, w, dims)
+    got = dense_dot_general(x, w, dims)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    g_got = jax.grad(lambda w: jnp.sum(jnp.sin(dense_dot_general(x, w, dims))))(w)
+    g_want = jax.grad(lambda w: jnp.sum(jnp.sin(jax.lax.dot_general(x, w, dims))))(w)
+    np.testing.assert_allclose(g_got, g_want, rtol=1e-5, atol=1e-6)

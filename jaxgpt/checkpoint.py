@@ -67,7 +67,13 @@ class Checkpointer:
 
     def __init__(self, directory: str | Path, *, keep: int = 3, async_save: bool = True):
         self.directory = Path(directory).absolute()
-        self.moved_aside = set_aside_incomplete(self.directory)
+        self.moved_aside = set_aside_incomplete(self.directory)  # process 0 renames
+        if jax.process_count() > 1:
+            # Every process waits for those renames before Orbax (or latest_step) lists the
+            # directory, so none of them can pick up a step that is being moved aside.
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"jaxgpt-checkpoint-set-aside:{self.directory}")
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=async_save, create=True
         )

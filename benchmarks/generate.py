@@ -100,27 +100,29 @@ def uncached_generate(params, config, prompt, new_tokens, bucket=32):
 
 
 def matmul_floor(params, config, batch: int, steps: int):
-    """`steps` decode steps' worth of XLA matmuls alone: every kernel and the tied head read once
-    per step at `batch` rows, inside one jitted loop, nothing else. No decoder built from XLA's
-    dots can beat it, so it separates what the compiler's matmuls cost from what ours adds."""
-    kernels = [k.reshape(-1, k.shape[-1]) if k.ndim == 2 else k.reshape(k.shape[0], -1)
-               for path, k in jax.tree_util.tree_leaves_with_path(params)
-               if getattr(path[-1], "key", None) == "kernel"]  # [in, out] (c_proj: [H*K, D])
+    """`steps` decode steps' worth of XLA matmuls alone, in a jitted loop: per layer the query,
+    key and value kernels on x, the attention output projection on their sum, the MLP's two
+    kernels in turn, then the tied head; the same dependencies as the model, nothing else. No
+    decoder built from XLA's dots can beat it: it separates what the compiler's matmuls cost
+    from what ours adds (attention over the cache, LayerNorms, sampling, the loop)."""
+    L, H, K, D = config.n_layers, config.n_heads, config.head_dim, config.emb_dim
+    layers = [params[f"h_{i}"] for i in range(L)]
+    kernels = [(*(a["attn"][n]["kernel"].reshape(D, H * K) for n in ("query", "key", "value")),
+                a["attn"]["c_proj"]["kernel"].reshape(H * K, D),
+                a["mlp"]["c_fc"]["kernel"], a["mlp"]["c_proj"]["kernel"]) for a in layers]
     wte = params["wte"]["embedding"]  # [V, D]
 
     @jax.jit
     def run(kernels, wte, x):
-        def step(_, x):  # x [B, D]; every kernel takes the slice of x (tiled) that it needs
-            acc = x
-            for k in kernels:
-                inp = jnp.tile(x, (1, -(-k.shape[0] // x.shape[1])))[:, : k.shape[0]]
-                y = inp @ k
-                acc = acc + y[:, : x.shape[1]] * 1e-3
-            logits = jnp.einsum("bd,vd->bv", acc, wte)
-            return acc * 0.5 + logits[:, : x.shape[1]] * 1e-3
+        def step(_, x):  # x [B, D]
+            for wq, wk, wv, wo, wfc, wproj in kernels:
+                x = x + (x @ wq + x @ wk + x @ wv) @ wo * 1e-3
+                x = x + jax.nn.gelu(x @ wfc) @ wproj * 1e-3
+            logits = jnp.einsum("bd,vd->bv", x, wte)
+            return x * 0.5 + logits[:, :D] * 1e-3
         return lax.fori_loop(0, steps, step, x)
 
-    x = jnp.ones((batch, config.emb_dim), jnp.float32)
+    x = jnp.ones((batch, D), jnp.float32)
     return lambda: run(kernels, wte, x).block_until_ready()
 
 

@@ -85,6 +85,28 @@ def reference_attention(
     return weighted_values(weights, v)  # [B, T, H, K]
 
 
+def cache_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array | None,
+    *,
+    dropout_rate: float = 0.0,
+    dropout_rng: jax.Array | None = None,
+    deterministic: bool = True,
+) -> jax.Array:
+    """The reference steps over a heads-major KV cache: q [B, T, H, K], k and v [B, H, S, K].
+
+    With heads before slots both products are batched matmuls over (B, H) that read the cache
+    where it lies; a [B, S, H, K] cache would be copied transposed for every layer and token.
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    scores = jnp.einsum("bthk,bhsk->bhts", q, k, preferred_element_type=jnp.float32) * scale
+    weights = masked_softmax(scores, mask)  # [B, H, T, S]
+    weights = attention_dropout(weights, dropout_rate, dropout_rng, deterministic)
+    return jnp.einsum("bhts,bhsk->bthk", weights.astype(v.dtype), v)  # [B, T, H, K]
+
+
 def fast_attention(
     q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None
 ) -> jax.Array:

@@ -102,7 +102,7 @@ def _start(params, prompt, prompt_mask, key, opts, *, config, max_new_tokens, gr
         "tokens": tokens.at[:, P].set(first),  # [B, N] prompt bucket, then new tokens (pad ahead)
         "mask": mask,  # [B, N] real tokens: the prompt's mask, then all new tokens
         "n_prompt": prompt_mask.sum(axis=1).astype(jnp.int32),  # [B] real prompt tokens
-        "cache": cache,  # {"k", "v"} [L, B, S, H, K]
+        "cache": cache,  # {"k", "v"} [L, B, H, S, K]
         "step": jnp.int32(1),  # tokens generated so far; the newest is fed next
         "done": done,  # [B] rows that have emitted eos_id
         "key": key,  # step s samples with fold_in(key, s)
@@ -114,7 +114,7 @@ def _continue(params, state, stop, opts, *, config, max_new_tokens, greedy, top_
               use_eos):
     """Decode until `stop` tokens exist or every row is done: one lax.while_loop."""
     P, C = state["tokens"].shape[1] - max_new_tokens, config.context_length
-    slots = state["cache"]["k"].shape[2]
+    slots = state["cache"]["k"].shape[3]
     cache_mask = state["mask"][:, :slots]  # [B, S]
     model = GPT(config)
 

@@ -11,7 +11,8 @@ head. Every parameter carries logical axis names (see `jaxgpt.sharding` for the 
 and the activations between layers are pinned by the same names with `constrain`.
 
 With `scan_layers` the blocks live under one `h` entry whose leaves have a leading L axis.
-A KV cache, when given, is a dict {"k", "v"} of [L, B, S, H, K] arrays; the call writes the new
+A KV cache, when given, is a dict {"k", "v"} of [L, B, H, S, K] arrays (heads before slots,
+so attention reads it without a transposed copy); the call writes the new
 keys and values at `cache_index` and returns the updated cache beside the logits.
 """
 
@@ -25,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgpt.attention import causal_mask, fast_attention, reference_attention
+from jaxgpt.attention import cache_attention, causal_mask, fast_attention, reference_attention
 from jaxgpt.config import GPTConfig
 from jaxgpt.matmul import dense_dot_general, matmul, use_layout_matmul
 from jaxgpt.sharding import constrain
@@ -89,7 +90,7 @@ class MLP(nn.Module):
 class CausalSelfAttention(nn.Module):
     config: GPTConfig
     deterministic: bool = True
-    # With a stacked [L, B, S, H, K] cache: this layer's index into it (None: a [B, S, H, K] cache).
+    # With a stacked [L, B, H, S, K] cache: this layer's index into it (None: a [B, H, S, K] cache).
     layer: int | None = None
 
     @nn.compact
@@ -118,17 +119,21 @@ class CausalSelfAttention(nn.Module):
             lead = () if self.layer is None else (self.layer,)
             new_cache = {
                 n: jax.lax.dynamic_update_slice(
-                    layer_cache[n], t.astype(layer_cache[n].dtype)[(None,) * len(lead)],
-                    (*lead, 0, cache_index, 0, 0))
+                    layer_cache[n],
+                    jnp.swapaxes(t, 1, 2).astype(layer_cache[n].dtype)[(None,) * len(lead)],
+                    (*lead, 0, 0, cache_index, 0))
                 for n, t in (("k", k), ("v", v))
-            }  # [L, B, S, H, K] or [B, S, H, K]
-            k, v = (new_cache[n][lead].astype(q.dtype) for n in ("k", "v"))  # [B, S, H, K]
+            }  # [L, B, H, S, K] or [B, H, S, K]
+            k, v = (new_cache[n][lead].astype(q.dtype) for n in ("k", "v"))  # [B, H, S, K]
 
         use_dropout = not self.deterministic and cfg.drop_rate > 0.0
+        rng = self.make_rng("dropout") if use_dropout else None
+        if layer_cache is not None:
+            out = cache_attention(q, k, v, mask, dropout_rate=cfg.drop_rate, dropout_rng=rng,
+                                  deterministic=not use_dropout)  # [B, T, H, K]
         # The fused kernel has no dropout on the weights, so training with dropout takes the
-        # reference path; evaluation and generation take the fast one.
-        if cfg.attention == "reference" or use_dropout:
-            rng = self.make_rng("dropout") if use_dropout else None
+        # reference path; evaluation takes the fast one.
+        elif cfg.attention == "reference" or use_dropout:
             out = reference_attention(
                 q, k, v, mask, dropout_rate=cfg.drop_rate, dropout_rng=rng,
                 deterministic=not use_dropout,
@@ -226,9 +231,9 @@ class GPT(nn.Module):
                 length=cfg.n_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )(cfg, deterministic, name="h")
-            x, new_cache = stack(x, cache, mask, cache_index)  # caches [L, B, S, H, K]
+            x, new_cache = stack(x, cache, mask, cache_index)  # caches [L, B, H, S, K]
         else:
-            new_cache = cache  # [L, B, S, H, K], each layer updates its own slice in place
+            new_cache = cache  # [L, B, H, S, K], each layer updates its own slice in place
             for i in range(cfg.n_layers):
                 x, new_cache = block(cfg, deterministic, i, name=f"h_{i}")(
                     x, new_cache, mask, cache_index
@@ -267,7 +272,7 @@ def _build_mask(t, cache, cache_index, attention_mask):
             return None
         mask = causal_mask(t)[None, None]  # [1, 1, T, T]
     else:
-        s = cache["k"].shape[2]
+        s = cache["k"].shape[3]
         mask = causal_mask(t, s, cache_index)[None, None]  # [1, 1, T, S]
     if attention_mask is not None:
         mask = mask & attention_mask.astype(bool)[:, None, None, :]  # [B, 1, T, S]
@@ -293,8 +298,8 @@ def validate_ids(ids, config: GPTConfig) -> None:
 
 
 def init_cache(config: GPTConfig, batch: int, length: int, dtype=None) -> Cache:
-    """An empty KV cache of `length` slots: {"k", "v"} each [L, B, S, H, K]."""
-    shape = (config.n_layers, batch, length, config.n_heads, config.head_dim)
+    """An empty KV cache of `length` slots: {"k", "v"} each [L, B, H, S, K]."""
+    shape = (config.n_layers, batch, config.n_heads, length, config.head_dim)
     dtype = config.compute_dtype if dtype is None else dtype
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 

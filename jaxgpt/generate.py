@@ -81,7 +81,6 @@ def main(argv=None) -> int:
     return 0
 
 
-
 def _as_function() -> None:
     # `jaxgpt.generate(...)` keeps calling the API function after this module is imported.
     from jaxgpt._callable_module import make_callable

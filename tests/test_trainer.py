@@ -1,6 +1,5 @@
 """End-to-end behaviour of the training loop: resume, preemption, faults, artifacts."""
 
-import json
 import os
 import shutil
 import subprocess

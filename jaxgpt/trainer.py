@@ -184,10 +184,13 @@ def fit(
         return make_global_batch(local, mesh, shapes, batch_axis=len(lead) - 1)
 
     a, bs = cfg.optim.accum_steps, cfg.train.batch_size
+
+    def batch_at(step):  # the global [A, B/A, T] batch of a step
+        return global_batch(_local_rows(train_data, cfg, step, mesh=mesh), (a, bs // a))
+
     if cfg.train.report and start < steps:
         # Compiling here is no extra work: jit reuses this executable for the first step.
-        first = global_batch(_local_rows(train_data, cfg, start, mesh=mesh), (a, bs // a))
-        compiled = train_step.lower(state, first, frozen).compile()
+        compiled = train_step.lower(state, batch_at(start), frozen).compile()
         if jax.process_index() == 0:
             print(sharding_report(cfg.model, mesh, tx, compiled=compiled,
                                   boxed_params=boxed_params), flush=True)
@@ -215,9 +218,12 @@ def fit(
                desc=cfg.name, dynamic_ncols=True)
     t_last = time.perf_counter()
     with _Preemption() as preemption:
+        batch = batch_at(start) if start < steps else None
         for step in range(start, steps):
-            state, m = train_step(
-                state, global_batch(_local_rows(train_data, cfg, step, mesh=mesh), (a, bs // a)), frozen)
+            state, m = train_step(state, batch, frozen)  # dispatched; runs while we go on
+            # The next batch is built on the host while the step runs on the device (batches
+            # are a pure function of the step, so one built and then not used costs nothing).
+            batch = batch_at(step + 1) if step + 1 < steps else None
             m = jax.device_get(m)
             tokens_seen += int(m["tokens"])
             now = time.perf_counter()

@@ -34,6 +34,7 @@ import numpy as np
 from jax import lax
 
 from jaxgpt.config import GPTConfig
+from jaxgpt.matmul import project
 from jaxgpt.model import GPT, init_cache, validate_ids
 
 MIN_BUCKET = 16
@@ -48,10 +49,8 @@ def _head(params, config: GPTConfig, h: jax.Array) -> jax.Array:
     """Output head on final hidden states [B, D] -> float32 logits [B, V], as the model does."""
     dt = config.compute_dtype
     if config.tie_embeddings:
-        table = params["wte"]["embedding"].astype(dt)
-        return jnp.einsum("bd,vd->bv", h.astype(dt), table, preferred_element_type=jnp.float32)
-    kernel = params["lm_head"].astype(dt)
-    return jnp.einsum("bd,dv->bv", h.astype(dt), kernel, preferred_element_type=jnp.float32)
+        return project(h.astype(dt), params["wte"]["embedding"].astype(dt), True, jnp.float32)
+    return project(h.astype(dt), params["lm_head"].astype(dt), False, jnp.float32)
 
 
 def _filter_logits(logits, temperature, top_k, top_p):

@@ -62,6 +62,15 @@ def use_layout_matmul() -> bool:
     return jax.default_backend() == "cpu"
 
 
+def project(x, w, rhs_t: bool, out_dtype):
+    """x [..., C] times w ([C, N], or [N, C] if rhs_t) -> [..., N] in out_dtype, float32
+    accumulation: through `matmul` on CPU, a plain dot elsewhere."""
+    if use_layout_matmul():
+        return matmul(x.reshape(-1, x.shape[-1]), w, rhs_t, out_dtype).reshape(*x.shape[:-1], -1)
+    dims = (((x.ndim - 1,), (1 if rhs_t else 0,)), ((), ()))
+    return jax.lax.dot_general(x, w, dims, preferred_element_type=jnp.float32).astype(out_dtype)
+
+
 def dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
     """flax's `dot_general` hook for Dense/DenseGeneral: their contraction of the trailing
     axes of `lhs` with the leading axes of `rhs` goes through `matmul` on CPU."""

@@ -28,7 +28,7 @@ import numpy as np
 
 from jaxgpt.attention import cache_attention, causal_mask, fast_attention, reference_attention
 from jaxgpt.config import GPTConfig
-from jaxgpt.matmul import dense_dot_general, matmul, use_layout_matmul
+from jaxgpt.matmul import dense_dot_general, project
 from jaxgpt.sharding import constrain
 
 Cache = dict[str, jax.Array]
@@ -249,19 +249,11 @@ class GPT(nn.Module):
         elif cfg.tie_embeddings:
             # Logits in float32 whatever the compute dtype.
             table = wte.embedding.astype(cfg.compute_dtype)
-            if use_layout_matmul():
-                out = matmul(x.reshape(B * T, -1), table, True, jnp.float32).reshape(B, T, -1)
-            else:
-                out = jnp.einsum("btd,vd->btv", x, table, preferred_element_type=jnp.float32)
+            out = project(x, table, True, jnp.float32)  # [B, T, V]
         else:
             kernel = self.param("lm_head", _param(_kernel_init(cfg), ("embed", "vocab")),
                                 (cfg.emb_dim, cfg.vocab_size), jnp.float32)
-            kernel = kernel.astype(cfg.compute_dtype)
-            if use_layout_matmul():
-                out = matmul(x.reshape(B * T, -1), kernel, False, jnp.float32).reshape(B, T, -1)
-            else:
-                out = jnp.einsum("btd,dv->btv", x, kernel, preferred_element_type=jnp.float32)
-            # out: [B, T, V]
+            out = project(x, kernel.astype(cfg.compute_dtype), False, jnp.float32)  # [B, T, V]
         return out if cache is None else (out, new_cache)
 
 

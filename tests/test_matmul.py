@@ -55,3 +55,16 @@ def test_dense_dot_general_equals_lax_dot_general(dims, shape_x, shape_w):
     g_got = jax.grad(lambda w: jnp.sum(jnp.sin(dense_dot_general(x, w, dims))))(w)
     g_want = jax.grad(lambda w: jnp.sum(jnp.sin(jax.lax.dot_general(x, w, dims))))(w)
     np.testing.assert_allclose(g_got, g_want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("layout_matmul", [True, False])
+@pytest.mark.parametrize("rhs_t", [False, True])
+def test_project_equals_einsum_on_either_path(monkeypatch, layout_matmul, rhs_t):
+    import jaxgpt.matmul as mm
+
+    monkeypatch.setattr(mm, "use_layout_matmul", lambda: layout_matmul)
+    x, w = _inputs((2, 3, 5), (4, 5) if rhs_t else (5, 4), jnp.float32)
+    want = jnp.einsum("btc,nc->btn" if rhs_t else "btc,cn->btn", x, w)
+    got = mm.project(x, w, rhs_t, jnp.float32)
+    assert got.shape == (2, 3, 4)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

@@ -30,7 +30,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-
 def _as_function() -> None:
     # `jaxgpt.classify(...)` keeps calling the API function after this module is imported.
     from jaxgpt._callable_module import make_callable

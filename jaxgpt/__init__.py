@@ -1,5 +1,9 @@
 """jaxgpt: build, train, finetune and serve GPT-style language models in JAX/Flax."""
 
+from jaxgpt.hostmem import retain_freed_memory
+
+retain_freed_memory()  # before JAX starts its CPU threads; see jaxgpt/hostmem.py
+
 from jaxgpt.config import GPTConfig
 from jaxgpt.corpus import dataset_path, load_hf_text, load_text, tokenize_cached
 from jaxgpt.checkpoint import load_for_inference

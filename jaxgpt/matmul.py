@@ -11,6 +11,12 @@ the same dot with a bfloat16 result at ~240, float32 at ~270.
 `matmul` is a custom-VJP matmul whose forward and both backward products take those layouts;
 `dense_dot_general` routes flax's Dense/DenseGeneral contraction through it on CPU. Elsewhere
 (GPU, TPU) the compiler's own choices are kept. The arithmetic is the same either way.
+
+Mixed precision: the weight may stay float32 while x is bfloat16. It is then cast to x's dtype
+inside the matmul, and its gradient comes back as the float32 product it was accumulated in.
+Casting outside (flax's default) makes the gradient bfloat16 first and float32 again after,
+which costs two passes over every weight gradient and rounds it to 8 bits of mantissa.
+Dense layers get this by `keep_kernel_dtype` as their `promote_dtype`.
 """
 
 from __future__ import annotations
@@ -27,9 +33,12 @@ _ROWS_T = (((1,), (1,)), ((), ()))  # [M, C] x [N, C]
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def matmul(x, w, rhs_t: bool, out_dtype):
-    """x [M, C] @ w ([C, N], or [N, C] if rhs_t) -> [M, N] in out_dtype, float32 accumulation."""
+    """x [M, C] @ w ([C, N], or [N, C] if rhs_t) -> [M, N] in out_dtype, float32 accumulation.
+
+    w is used in x's dtype; its gradient keeps w's own dtype (see the module's docstring)."""
     dims = _ROWS_T if rhs_t else _ROWS
-    return jax.lax.dot_general(x, w, dims, preferred_element_type=jnp.float32).astype(out_dtype)
+    return jax.lax.dot_general(x, w.astype(x.dtype), dims,
+                               preferred_element_type=jnp.float32).astype(out_dtype)
 
 
 def _matmul_fwd(x, w, rhs_t, out_dtype):
@@ -44,12 +53,13 @@ def _transposed(a):
 def _matmul_bwd(rhs_t, out_dtype, res, g):
     x, w = res
     g = g.astype(x.dtype)  # [M, N]; a float32 logits gradient is rounded like an activation's
+    wc = w.astype(x.dtype)
     f32 = jnp.float32
     if rhs_t:  # w [N, C]
-        dx = jax.lax.dot_general(g, w, _ROWS, preferred_element_type=f32)  # [M, C]
+        dx = jax.lax.dot_general(g, wc, _ROWS, preferred_element_type=f32)  # [M, C]
         dw = jax.lax.dot_general(_transposed(g), x, _ROWS, preferred_element_type=f32)  # [N, C]
     else:  # w [C, N]
-        dx = jax.lax.dot_general(g, w, _ROWS_T, preferred_element_type=f32)  # [M, C]
+        dx = jax.lax.dot_general(g, wc, _ROWS_T, preferred_element_type=f32)  # [M, C]
         dw = jax.lax.dot_general(_transposed(x), g, _ROWS, preferred_element_type=f32)  # [C, N]
     return dx.astype(x.dtype), dw.astype(w.dtype)
 
@@ -64,23 +74,35 @@ def use_layout_matmul() -> bool:
 
 def project(x, w, rhs_t: bool, out_dtype):
     """x [..., C] times w ([C, N], or [N, C] if rhs_t) -> [..., N] in out_dtype, float32
-    accumulation: through `matmul` on CPU, a plain dot elsewhere."""
+    accumulation, w used in x's dtype: through `matmul` on CPU, a plain dot elsewhere."""
     if use_layout_matmul():
         return matmul(x.reshape(-1, x.shape[-1]), w, rhs_t, out_dtype).reshape(*x.shape[:-1], -1)
     dims = (((x.ndim - 1,), (1 if rhs_t else 0,)), ((), ()))
-    return jax.lax.dot_general(x, w, dims, preferred_element_type=jnp.float32).astype(out_dtype)
+    return jax.lax.dot_general(x, w.astype(x.dtype), dims,
+                               preferred_element_type=jnp.float32).astype(out_dtype)
+
+
+def keep_kernel_dtype(inputs, kernel, bias=None, *, dtype=None, inexact=True):
+    """flax Dense's `promote_dtype` hook: inputs and bias go to `dtype` as flax would do it,
+    the kernel stays as stored, for `dense_dot_general` to cast inside the matmul."""
+    del inexact
+    if dtype is None:
+        return inputs, kernel, bias
+    cast = lambda a: None if a is None else jnp.asarray(a, dtype)  # noqa: E731
+    return cast(inputs), kernel, cast(bias)
 
 
 def dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
     """flax's `dot_general` hook for Dense/DenseGeneral: their contraction of the trailing
-    axes of `lhs` with the leading axes of `rhs` goes through `matmul` on CPU."""
+    axes of `lhs` with the leading axes of `rhs` goes through `matmul` on CPU. A kernel left
+    in its stored dtype by `keep_kernel_dtype` is used in lhs's dtype."""
     (lc, rc), (lb, rb) = dimension_numbers
     n = len(lc)
     usual = (not lb and not rb and tuple(lc) == tuple(range(lhs.ndim - n, lhs.ndim))
-             and tuple(rc) == tuple(range(n)) and lhs.dtype == rhs.dtype)
+             and tuple(rc) == tuple(range(n)))
     if not (usual and use_layout_matmul()):
-        return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
-                                   preferred_element_type=preferred_element_type)
+        return jax.lax.dot_general(lhs, rhs.astype(lhs.dtype), dimension_numbers,
+                                   precision=precision, preferred_element_type=preferred_element_type)
     m_shape, n_shape = lhs.shape[: lhs.ndim - n], rhs.shape[n:]
     out = matmul(lhs.reshape(-1, int(np.prod(lhs.shape[lhs.ndim - n:]))),
                  rhs.reshape(-1, int(np.prod(n_shape))), False, lhs.dtype)  # [M, C] x [C, N]

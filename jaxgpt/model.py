@@ -28,7 +28,7 @@ import numpy as np
 
 from jaxgpt.attention import cache_attention, causal_mask, fast_attention, reference_attention
 from jaxgpt.config import GPTConfig
-from jaxgpt.matmul import dense_dot_general, project
+from jaxgpt.matmul import dense_dot_general, keep_kernel_dtype, project
 from jaxgpt.sharding import constrain
 
 Cache = dict[str, jax.Array]
@@ -77,6 +77,7 @@ class MLP(nn.Module):
             feats,
             dtype=cfg.compute_dtype,
             dot_general=dense_dot_general,
+            promote_dtype=keep_kernel_dtype,
             kernel_init=_param(_kernel_init(cfg, residual=residual), names),
             bias_init=_param(_bias_init(cfg, fan_in), names[1:]),
             name=name,
@@ -104,6 +105,7 @@ class CausalSelfAttention(nn.Module):
                 use_bias=cfg.qkv_bias,
                 dtype=cfg.compute_dtype,
                 dot_general=dense_dot_general,
+            promote_dtype=keep_kernel_dtype,
                 kernel_init=_param(_kernel_init(cfg), ("embed", "heads", "kv")),
                 bias_init=_param(_bias_init(cfg, cfg.emb_dim), ("heads", "kv")),
                 name=name,
@@ -145,6 +147,7 @@ class CausalSelfAttention(nn.Module):
             axis=(-2, -1),
             dtype=cfg.compute_dtype,
             dot_general=dense_dot_general,
+            promote_dtype=keep_kernel_dtype,
             kernel_init=_param(_kernel_init(cfg, residual=True),
                                ("heads", "kv", "embed")),
             bias_init=_param(_bias_init(cfg, cfg.emb_dim), ("embed",)),
@@ -248,12 +251,11 @@ class GPT(nn.Module):
             out = x.astype(jnp.float32)
         elif cfg.tie_embeddings:
             # Logits in float32 whatever the compute dtype.
-            table = wte.embedding.astype(cfg.compute_dtype)
-            out = project(x, table, True, jnp.float32)  # [B, T, V]
+            out = project(x, wte.embedding, True, jnp.float32)  # [B, T, V]
         else:
             kernel = self.param("lm_head", _param(_kernel_init(cfg), ("embed", "vocab")),
                                 (cfg.emb_dim, cfg.vocab_size), jnp.float32)
-            out = project(x, kernel.astype(cfg.compute_dtype), False, jnp.float32)  # [B, T, V]
+            out = project(x, kernel, False, jnp.float32)  # [B, T, V]
         return out if cache is None else (out, new_cache)
 
 

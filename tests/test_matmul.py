@@ -68,3 +68,46 @@ def test_project_equals_einsum_on_either_path(monkeypatch, layout_matmul, rhs_t)
     got = mm.project(x, w, rhs_t, jnp.float32)
     assert got.shape == (2, 3, 4)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("rhs_t", [False, True])
+def test_float32_weight_with_bfloat16_input_gets_an_unrounded_float32_gradient(monkeypatch, rhs_t):
+    """On the layout path the weight is cast inside the matmul: same value as casting it first,
+    and its gradient is the float32 product of the bfloat16 operands, not that product rounded
+    to bfloat16 (which the plain dot elsewhere still does, like torch autocast)."""
+    import jaxgpt.matmul as mm
+
+    monkeypatch.setattr(mm, "use_layout_matmul", lambda: True)
+    x, _ = _inputs((2, 24, 40), (1,), jnp.bfloat16)
+    _, w = _inputs((1,), (30, 40) if rhs_t else (40, 30), jnp.float32, seed=2)
+    probe = jax.random.normal(jax.random.key(3), (2, 24, 30))
+
+    def loss(w, cast_first):
+        out = mm.project(x, w.astype(jnp.bfloat16) if cast_first else w, rhs_t, jnp.float32)
+        return jnp.sum(out * probe)
+
+    np.testing.assert_array_equal(loss(w, False), loss(w, True))
+    gw = jax.grad(loss)(w, False)
+    assert gw.dtype == jnp.float32
+    # Reference in float64 from the bfloat16-rounded operands the matmul actually multiplies.
+    x64 = np.asarray(x, np.float64).reshape(-1, 40)
+    g64 = np.asarray(np.asarray(probe, jnp.bfloat16), np.float64).reshape(-1, 30)
+    want = (g64.T @ x64) if rhs_t else (x64.T @ g64)
+    np.testing.assert_allclose(gw, want, rtol=1e-5, atol=1e-5)
+    rounded = np.asarray(jax.grad(loss)(w, True), np.float64)  # cast outside: bfloat16 gradient
+    assert np.abs(rounded - want).max() > 10 * np.abs(np.asarray(gw, np.float64) - want).max()
+
+
+def test_dense_layers_keep_float32_kernels_for_the_matmul():
+    """With keep_kernel_dtype a bfloat16 Dense computes what flax's default casting computes."""
+    import flax.linen as nn
+
+    from jaxgpt.matmul import keep_kernel_dtype
+
+    x, _ = _inputs((3, 6, 8), (1,), jnp.float32)
+    layer = lambda **kw: nn.DenseGeneral((2, 5), dtype=jnp.bfloat16,  # noqa: E731
+                                         dot_general=dense_dot_general, **kw)
+    params = layer().init(jax.random.key(0), x)
+    ours = layer(promote_dtype=keep_kernel_dtype).apply(params, x)
+    assert ours.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(ours, layer().apply(params, x))

@@ -67,6 +67,30 @@ def _matmul_bwd(rhs_t, out_dtype, res, g):
 matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def matmul_bias(x, w, b, out_dtype):
+    """x [M, C] @ w [C, N] + b [N] -> [M, N] in out_dtype; the bias is added to the float32
+    product before the cast, and its gradient is a [1, M] x [M, N] product with ones: the
+    column sum that autodiff would emit runs on XLA:CPU as a slow reduce-window loop."""
+    y = jax.lax.dot_general(x, w.astype(x.dtype), _ROWS, preferred_element_type=jnp.float32)
+    return (y + b.astype(jnp.float32)).astype(out_dtype)
+
+
+def _matmul_bias_fwd(x, w, b, out_dtype):
+    return matmul_bias(x, w, b, out_dtype), (x, w, b)
+
+
+def _matmul_bias_bwd(out_dtype, res, g):
+    x, w, b = res
+    dx, dw = _matmul_bwd(False, out_dtype, (x, w), g)
+    ones = jnp.ones((1, g.shape[0]), x.dtype)
+    db = jax.lax.dot_general(ones, g.astype(x.dtype), _ROWS, preferred_element_type=jnp.float32)
+    return dx, dw, db[0].astype(b.dtype)
+
+
+matmul_bias.defvjp(_matmul_bias_fwd, _matmul_bias_bwd)
+
+
 def use_layout_matmul() -> bool:
     """Whether `matmul` replaces the plain dot: on XLA:CPU, where it was measured."""
     return jax.default_backend() == "cpu"
@@ -83,27 +107,33 @@ def project(x, w, rhs_t: bool, out_dtype):
 
 
 def keep_kernel_dtype(inputs, kernel, bias=None, *, dtype=None, inexact=True):
-    """flax Dense's `promote_dtype` hook: inputs and bias go to `dtype` as flax would do it,
-    the kernel stays as stored, for `dense_dot_general` to cast inside the matmul."""
+    """flax Dense's `promote_dtype` hook, for use with `dense_dot_general` only: inputs go to
+    `dtype`; the kernel and bias stay as stored and travel together to `dense_dot_general`,
+    which casts them inside the matmul and adds the bias there. flax still adds the bias it
+    gets back, so that is zeros (XLA drops the addition)."""
     del inexact
-    if dtype is None:
-        return inputs, kernel, bias
-    cast = lambda a: None if a is None else jnp.asarray(a, dtype)  # noqa: E731
-    return cast(inputs), kernel, cast(bias)
+    if dtype is not None:
+        inputs = jnp.asarray(inputs, dtype)
+    if bias is None:
+        return inputs, kernel, None
+    return inputs, (kernel, bias), jnp.zeros(bias.shape, dtype or bias.dtype)
 
 
 def dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
     """flax's `dot_general` hook for Dense/DenseGeneral: their contraction of the trailing
     axes of `lhs` with the leading axes of `rhs` goes through `matmul` on CPU. A kernel left
     in its stored dtype by `keep_kernel_dtype` is used in lhs's dtype."""
+    rhs, bias = rhs if isinstance(rhs, tuple) else (rhs, None)  # see keep_kernel_dtype
     (lc, rc), (lb, rb) = dimension_numbers
     n = len(lc)
     usual = (not lb and not rb and tuple(lc) == tuple(range(lhs.ndim - n, lhs.ndim))
              and tuple(rc) == tuple(range(n)))
     if not (usual and use_layout_matmul()):
-        return jax.lax.dot_general(lhs, rhs.astype(lhs.dtype), dimension_numbers,
-                                   precision=precision, preferred_element_type=preferred_element_type)
+        out = jax.lax.dot_general(lhs, rhs.astype(lhs.dtype), dimension_numbers,
+                                  precision=precision, preferred_element_type=preferred_element_type)
+        return out if bias is None else out + bias.astype(out.dtype)  # bias: out's trailing axes
     m_shape, n_shape = lhs.shape[: lhs.ndim - n], rhs.shape[n:]
-    out = matmul(lhs.reshape(-1, int(np.prod(lhs.shape[lhs.ndim - n:]))),
-                 rhs.reshape(-1, int(np.prod(n_shape))), False, lhs.dtype)  # [M, C] x [C, N]
+    x2, w2 = lhs.reshape(-1, int(np.prod(lhs.shape[lhs.ndim - n:]))), rhs.reshape(-1, int(np.prod(n_shape)))
+    out = (matmul(x2, w2, False, lhs.dtype) if bias is None  # [M, C] x [C, N]
+           else matmul_bias(x2, w2, bias.reshape(-1), lhs.dtype))
     return out.reshape(m_shape + n_shape)

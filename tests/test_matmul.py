@@ -98,16 +98,48 @@ def test_float32_weight_with_bfloat16_input_gets_an_unrounded_float32_gradient(m
     assert np.abs(rounded - want).max() > 10 * np.abs(np.asarray(gw, np.float64) - want).max()
 
 
-def test_dense_layers_keep_float32_kernels_for_the_matmul():
-    """With keep_kernel_dtype a bfloat16 Dense computes what flax's default casting computes."""
+@pytest.mark.parametrize("layout_matmul", [True, False])
+@pytest.mark.parametrize("kind", ["Dense", "DenseGeneral", "Dense-no-bias"])
+def test_dense_layers_with_kept_kernels_compute_the_float32_sum_rounded_once(
+        monkeypatch, layout_matmul, kind):
+    """keep_kernel_dtype hands kernel and bias to dense_dot_general. On the layout path the bias
+    is added to the float32 product, one rounding to bfloat16 (flax's default rounds the
+    product, then the sum), and the parameter gradients are float32 and equal the float64
+    reference. On the plain path (off CPU) everything equals flax's default exactly."""
     import flax.linen as nn
 
-    from jaxgpt.matmul import keep_kernel_dtype
+    import jaxgpt.matmul as mm
 
-    x, _ = _inputs((3, 6, 8), (1,), jnp.float32)
-    layer = lambda **kw: nn.DenseGeneral((2, 5), dtype=jnp.bfloat16,  # noqa: E731
-                                         dot_general=dense_dot_general, **kw)
+    monkeypatch.setattr(mm, "use_layout_matmul", lambda: layout_matmul)
+    x, _ = _inputs((3, 6, 8), (1,), jnp.bfloat16)
+    make = {"Dense": lambda **kw: nn.Dense(10, **kw),
+            "Dense-no-bias": lambda **kw: nn.Dense(10, use_bias=False, **kw),
+            "DenseGeneral": lambda **kw: nn.DenseGeneral((2, 5), **kw)}[kind]
+    layer = lambda **kw: make(dtype=jnp.bfloat16, dot_general=dense_dot_general, **kw)  # noqa: E731
     params = layer().init(jax.random.key(0), x)
-    ours = layer(promote_dtype=keep_kernel_dtype).apply(params, x)
-    assert ours.dtype == jnp.bfloat16
-    np.testing.assert_array_equal(ours, layer().apply(params, x))
+    params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(5), p.shape), params)
+    ours = layer(promote_dtype=mm.keep_kernel_dtype)
+    out = ours.apply(params, x)
+    assert out.dtype == jnp.bfloat16 and out.shape == layer().apply(params, x).shape
+    probe = jax.random.normal(jax.random.key(6), out.shape)
+    loss = lambda layer: lambda prm: jnp.sum(layer.apply(prm, x).astype(jnp.float32) * probe)  # noqa: E731
+    grads = jax.grad(loss(ours))(params)
+    if not layout_matmul:
+        np.testing.assert_array_equal(out, layer().apply(params, x))
+        jax.tree.map(np.testing.assert_array_equal, grads, jax.grad(loss(layer()))(params))
+        return
+
+    p = params["params"]
+    x64 = np.asarray(x, np.float64).reshape(18, 8)
+    w64 = np.asarray(np.asarray(p["kernel"], jnp.bfloat16), np.float64).reshape(8, 10)
+    b32 = np.asarray(p["bias"], np.float32).reshape(10) if "bias" in p else np.zeros(10, np.float32)
+    want = (np.asarray(jnp.asarray(x64 @ w64, jnp.float32)) + b32).astype(jnp.bfloat16)
+    np.testing.assert_array_equal(np.asarray(out).reshape(18, 10), want)
+
+    g64 = np.asarray(np.asarray(probe, jnp.bfloat16), np.float64).reshape(18, 10)
+    assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
+    np.testing.assert_allclose(np.asarray(grads["params"]["kernel"]).reshape(8, 10), x64.T @ g64,
+                               rtol=1e-5, atol=1e-5)
+    if "bias" in p:
+        np.testing.assert_allclose(np.asarray(grads["params"]["bias"]).reshape(10), g64.sum(0),
+                                   rtol=1e-5, atol=1e-5)

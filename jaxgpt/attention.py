@@ -15,6 +15,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from jaxgpt.dropout import dropout
+
 
 def split_heads(x: jax.Array, n_heads: int) -> jax.Array:
     """[B, T, D] -> [B, T, H, K]."""
@@ -57,8 +59,7 @@ def attention_dropout(
     """Inverted dropout on the attention weights (the book drops weights, not outputs)."""
     if deterministic or rate == 0.0:
         return weights
-    keep = jax.random.bernoulli(rng, 1.0 - rate, weights.shape)
-    return jnp.where(keep, weights / (1.0 - rate), 0.0)
+    return dropout(weights, rate, rng)
 
 
 def weighted_values(weights: jax.Array, v: jax.Array) -> jax.Array:

@@ -39,6 +39,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxgpt.dropout import dropout
+
 # The projections of every block: attention query/key/value/c_proj and MLP c_fc/c_proj.
 DEFAULT_TARGETS = (r"attn/(query|key|value|c_proj)/kernel$", r"mlp/(c_fc|c_proj)/kernel$")
 # A top-level head: the untied `lm_head`, or a task head such as `out_head/kernel`.
@@ -269,8 +271,7 @@ def _adapter_out(module, x, a, b, config: LoRAConfig, deterministic: bool):
     dtype = module.dtype or x.dtype
     x = x.astype(dtype)
     if config.dropout > 0 and not deterministic:
-        keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - config.dropout, x.shape)
-        x = jnp.where(keep, x / (1.0 - config.dropout), 0.0).astype(dtype)
+        x = dropout(x, config.dropout, module.make_rng("dropout"))
     h = jnp.tensordot(x, a.astype(dtype), n_in, precision=module.precision)  # [..., r]
     return config.scale * jnp.tensordot(h, b.astype(dtype), 1, precision=module.precision)
 

@@ -28,6 +28,7 @@ import numpy as np
 
 from jaxgpt.attention import cache_attention, causal_mask, fast_attention, reference_attention
 from jaxgpt.config import GPTConfig
+from jaxgpt.dropout import Dropout
 from jaxgpt.matmul import dense_dot_general, keep_kernel_dtype, project
 from jaxgpt.sharding import constrain
 
@@ -173,7 +174,7 @@ class Block(nn.Module):
             bias_init=_param(nn.initializers.zeros, ("embed",)),
             name=name,
         )
-        drop = nn.Dropout(cfg.drop_rate, deterministic=self.deterministic)
+        drop = Dropout(cfg.drop_rate, deterministic=self.deterministic)
         a, new_cache = CausalSelfAttention(cfg, self.deterministic, self.layer, name="attn")(
             ln("ln_1")(x), mask, layer_cache, cache_index
         )
@@ -217,7 +218,7 @@ class GPT(nn.Module):
             embedding_init=_param(_embed_init(cfg, 0.01), (None, "embed")), name="wpe",
         )
         x = wte(ids) + wpe(positions)  # [B, T, D]
-        x = nn.Dropout(cfg.drop_rate, deterministic=deterministic)(x)
+        x = Dropout(cfg.drop_rate, deterministic=deterministic)(x)
         x = constrain(x.astype(cfg.compute_dtype), ("batch", "length", "embed"))
 
         mask = _build_mask(T, cache, cache_index, attention_mask)  # None or [B|1, 1, T, S]

@@ -133,7 +133,8 @@ def dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_ele
                                   precision=precision, preferred_element_type=preferred_element_type)
         return out if bias is None else out + bias.astype(out.dtype)  # bias: out's trailing axes
     m_shape, n_shape = lhs.shape[: lhs.ndim - n], rhs.shape[n:]
-    x2, w2 = lhs.reshape(-1, int(np.prod(lhs.shape[lhs.ndim - n:]))), rhs.reshape(-1, int(np.prod(n_shape)))
-    out = (matmul(x2, w2, False, lhs.dtype) if bias is None  # [M, C] x [C, N]
+    x2 = lhs.reshape(-1, int(np.prod(lhs.shape[lhs.ndim - n:])))  # [M, C]
+    w2 = rhs.reshape(-1, int(np.prod(n_shape)))  # [C, N]
+    out = (matmul(x2, w2, False, lhs.dtype) if bias is None
            else matmul_bias(x2, w2, bias.reshape(-1), lhs.dtype))
     return out.reshape(m_shape + n_shape)

@@ -106,7 +106,7 @@ class CausalSelfAttention(nn.Module):
                 use_bias=cfg.qkv_bias,
                 dtype=cfg.compute_dtype,
                 dot_general=dense_dot_general,
-            promote_dtype=keep_kernel_dtype,
+                promote_dtype=keep_kernel_dtype,
                 kernel_init=_param(_kernel_init(cfg), ("embed", "heads", "kv")),
                 bias_init=_param(_bias_init(cfg, cfg.emb_dim), ("heads", "kv")),
                 name=name,

@@ -72,8 +72,7 @@ def matmul_bias(x, w, b, out_dtype):
     """x [M, C] @ w [C, N] + b [N] -> [M, N] in out_dtype; the bias is added to the float32
     product before the cast, and its gradient is a [1, M] x [M, N] product with ones: the
     column sum that autodiff would emit runs on XLA:CPU as a slow reduce-window loop."""
-    y = jax.lax.dot_general(x, w.astype(x.dtype), _ROWS, preferred_element_type=jnp.float32)
-    return (y + b.astype(jnp.float32)).astype(out_dtype)
+    return (matmul(x, w, False, jnp.float32) + b.astype(jnp.float32)).astype(out_dtype)
 
 
 def _matmul_bias_fwd(x, w, b, out_dtype):

@@ -1,11 +1,24 @@
-"""Dropout from 16-bit draws (jaxgpt/dropout.py): rate, scaling, determinism, independence."""
+"""Dropout from 16-bit draws (jaxgpt/dropout.py): the hash, rate, scaling, determinism,
+independence."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxgpt.dropout import Dropout, dropout, keep_mask
+from jax.extend.random import threefry_2x32
+
+from jaxgpt.dropout import Dropout, dropout, keep_mask, threefry2x32
+
+
+def test_hash_is_jax_threefry():
+    """The unrolled hash equals JAX's threefry_2x32, which hashes the two halves of a flat
+    counter array as pairs and returns both outputs concatenated."""
+    key = jax.random.key_data(jax.random.key(11))
+    counts = jax.random.bits(jax.random.key(12), (2, 5000), jnp.uint32)
+    h1, h2 = threefry2x32(key[0], key[1], counts[0], counts[1])
+    expected = threefry_2x32(key, counts.ravel())
+    np.testing.assert_array_equal(np.concatenate([h1, h2]), expected)
 
 
 @pytest.mark.parametrize("rate", [0.1, 0.5, 0.03])
@@ -31,12 +44,15 @@ def test_masks_are_fixed_by_the_key_and_differ_between_keys():
     assert 0.4 < np.mean(np.asarray(m1) != np.asarray(m3)) < 0.6
 
 
-def test_both_halves_of_a_word_are_independent_draws():
-    """Element j and j + ceil(n/2) come from one 32-bit word; they must not be correlated."""
+def test_the_four_pieces_of_a_hash_are_independent_draws():
+    """Elements j, j + m, j + 2m, j + 3m of the last axis (m = ceil(n/4)) share one hash's
+    64 bits; no pair of them may be correlated."""
     m, _ = keep_mask(jax.random.key(5), 0.5, (4000, 64))
     m = np.asarray(m, np.float64)
-    lo, hi = m[:, :32].ravel(), m[:, 32:].ravel()
-    assert abs(np.corrcoef(lo, hi)[0, 1]) < 5 / np.sqrt(lo.size)
+    pieces = [m[:, 16 * i:16 * (i + 1)].ravel() for i in range(4)]
+    for i in range(4):
+        for j in range(i + 1, 4):
+            assert abs(np.corrcoef(pieces[i], pieces[j])[0, 1]) < 5 / np.sqrt(pieces[i].size)
 
 
 def test_module_is_identity_when_deterministic_and_keeps_dtype():

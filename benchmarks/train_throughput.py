@@ -63,6 +63,7 @@ import jaxgpt
 from jaxgpt.config import GPTConfig
 from jaxgpt.corpus import load_text
 from jaxgpt.hostmem import retain_freed_memory
+from jaxgpt.matmul import use_layout_matmul
 from jaxgpt.model import count_params
 from jaxgpt.optim import make_optimizer, schedule
 from jaxgpt.pretrained import hf_config, save_pretrained
@@ -374,8 +375,14 @@ def throughput(args, torch) -> None:
     mesh = make_mesh(parse_mesh(args.mesh))
     tokens = args.batch * args.context
     batches = text_batches(args.warmup + args.steps, args.batch, args.context, config.vocab_size)
-    path = "reference (dropout on the weights)" if (args.drop_rate > 0 or config.attention == "reference") \
-        else "fused jax.nn.dot_product_attention"
+    if config.attention == "reference":
+        path = "reference (autodiff)"
+    elif use_layout_matmul():
+        path = "heads-major (hand-written gradient, CPU layouts)"
+    elif args.drop_rate > 0:
+        path = "reference (autodiff; dropout on the weights)"
+    else:
+        path = "fused jax.nn.dot_product_attention"
     print(f"config: {args.preset}, context {args.context}, batch {args.batch} ({tokens} tokens/step), "
           f"compute {config.compute_dtype.name}, dropout {config.drop_rate}, attention {path}, "
           f"remat {config.remat_policy}, scan_layers {config.scan_layers}, "

@@ -26,10 +26,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgpt.attention import cache_attention, causal_mask, fast_attention, reference_attention
+from jaxgpt.attention import (
+    cache_attention, causal_mask, fast_attention, heads_major_attention, reference_attention,
+)
 from jaxgpt.config import GPTConfig
 from jaxgpt.dropout import Dropout
-from jaxgpt.matmul import dense_dot_general, keep_kernel_dtype, project
+from jaxgpt.matmul import dense_dot_general, keep_kernel_dtype, project, use_layout_matmul
 from jaxgpt.sharding import constrain
 
 Cache = dict[str, jax.Array]
@@ -134,6 +136,10 @@ class CausalSelfAttention(nn.Module):
         if layer_cache is not None:
             out = cache_attention(q, k, v, mask, dropout_rate=cfg.drop_rate, dropout_rng=rng,
                                   deterministic=not use_dropout)  # [B, T, H, K]
+        elif cfg.attention == "fast" and use_layout_matmul():
+            # On CPU: the reference computation with products in the layouts XLA:CPU runs fast.
+            out = heads_major_attention(q, k, v, mask, dropout_rate=cfg.drop_rate,
+                                        dropout_rng=rng, deterministic=not use_dropout)
         # The fused kernel has no dropout on the weights, so training with dropout takes the
         # reference path; evaluation takes the fast one.
         elif cfg.attention == "reference" or use_dropout:

@@ -31,6 +31,7 @@ from jaxgpt.attention import (
 )
 from jaxgpt.config import GPTConfig
 from jaxgpt.dropout import Dropout
+from jaxgpt.gelu import gelu
 from jaxgpt.matmul import dense_dot_general, keep_kernel_dtype, project, use_layout_matmul
 from jaxgpt.sharding import constrain
 
@@ -87,7 +88,7 @@ class MLP(nn.Module):
         )
         h = dense(4 * cfg.emb_dim, ("embed", "mlp"), cfg.emb_dim, False, "c_fc")(x)  # [B, T, F]
         h = constrain(h, ("batch", "length", "mlp"))
-        h = nn.gelu(h, approximate=True)
+        h = gelu(h)  # the tanh approximation, float32 inside (jaxgpt/gelu.py)
         return dense(cfg.emb_dim, ("mlp", "embed"), 4 * cfg.emb_dim, True, "c_proj")(h)  # [B, T, D]
 
 

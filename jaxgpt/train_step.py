@@ -44,10 +44,37 @@ def token_counts(targets: jax.Array) -> jax.Array:
 
 def cross_entropy_sum(logits: jax.Array, targets: jax.Array) -> jax.Array:
     """Sum of next-token cross-entropy over counted targets, in float32."""
-    mask = targets != IGNORE
-    safe = jnp.where(mask, targets, 0)
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), safe)
-    return jnp.sum(jnp.where(mask, losses, 0.0))
+    return _cross_entropy_sum(logits.astype(jnp.float32), targets)
+
+
+# The gradient by hand: softmax * g - onehot * g in one pass over the saved exponentials, which
+# the logits' consumer (the head's matmul) rounds to its dtype in the same pass. Autodiff of
+# the log-softmax writes a float32 product first and rounds it in a second pass over the
+# [B, T, V] logits, the largest tensor of the step.
+@jax.custom_vjp
+def _cross_entropy_sum(logits, targets):
+    return _cross_entropy_fwd(logits, targets)[0]
+
+
+def _cross_entropy_fwd(logits, targets):
+    counted = targets != IGNORE
+    safe = jnp.where(counted, targets, 0)
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    exps = jnp.exp(logits - top)
+    total = jnp.sum(exps, axis=-1, keepdims=True)
+    picked = jnp.take_along_axis(logits, safe[..., None], axis=-1)
+    losses = (top + jnp.log(total) - picked)[..., 0]  # logsumexp - logit of the target
+    return jnp.sum(jnp.where(counted, losses, 0.0)), (exps, total, safe, counted)
+
+
+def _cross_entropy_bwd(res, g):
+    exps, total, safe, counted = res
+    w = jnp.where(counted, g, 0.0)[..., None]
+    target = jax.lax.broadcasted_iota(safe.dtype, exps.shape, exps.ndim - 1) == safe[..., None]
+    return exps * (w / total) - jnp.where(target, w, 0.0), None
+
+
+_cross_entropy_sum.defvjp(_cross_entropy_fwd, _cross_entropy_bwd)
 
 
 def lm_loss_fn(config: GPTConfig):

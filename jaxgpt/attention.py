@@ -154,9 +154,8 @@ def heads_major_attention(
     keep, p = None, 1.0
     if not deterministic and dropout_rate > 0.0:
         keep, p = keep_mask(dropout_rng, dropout_rate, shape)
-    heads = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731  [B, T, H, K] <-> [B, H, T, K]
-    out = _heads_major(heads(q), heads(k), heads(v), jnp.broadcast_to(mask, shape), keep, p)
-    return heads(out)
+    out = _heads_major(_swap_12(q), _swap_12(k), _swap_12(v), jnp.broadcast_to(mask, shape), keep, p)
+    return _swap_12(out)
 
 
 _BATCHED_ROWS = (((3,), (2,)), ((0, 1), (0, 1)))  # [.., M, C] x [.., C, N]
@@ -171,6 +170,12 @@ def _swap_last(x):
     """[..., R, C] -> [..., C, R] as a copy, through a unit axis (see matmul._transposed)."""
     n = x.ndim
     return jnp.transpose(x[..., None], (*range(n - 2), n - 1, n - 2, n))[..., 0]
+
+
+def _swap_12(x):
+    """[B, T, H, K] <-> [B, H, T, K], through a unit axis: XLA:CPU turns a plain bfloat16
+    transpose into a float32 one, and the products that read it into float32 products."""
+    return jnp.transpose(x[..., None], (0, 2, 1, 3, 4))[..., 0]
 
 
 def _dropped(w, keep, p):

@@ -632,8 +632,10 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="jax compute dtype (params stay float32); the peer runs float32")
-    p.add_argument("--steps", type=int, default=3, help="timed steps per contender")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps per contender")
+    p.add_argument("--steps", type=int, default=8, help="timed steps per contender")
+    p.add_argument("--warmup", type=int, default=2,
+                   help="untimed steps per contender (on CPU the second step still maps fresh "
+                        "host memory after the peer's first allocations)")
     p.add_argument("--mesh", default=None, help="e.g. data=1,fsdp=1,tensor=1 (default: data=all)")
     p.add_argument("--drop-rate", type=float, default=GPTConfig.drop_rate)
     p.add_argument("--attention", choices=("fast", "reference"), default="fast")

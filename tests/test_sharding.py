@@ -149,3 +149,11 @@ def test_one_process_reads_every_row():
     mesh = make_mesh(MeshConfig(data=-1))
     np.testing.assert_array_equal(process_rows(mesh, 6 * jax.device_count()),
                                   np.arange(6 * jax.device_count()))
+
+
+def test_mesh_places_every_device_once_in_the_asked_shape(sharded):
+    """On 8 CPU devices: the asked shape (-1 filled in), each device once, and on CPU, which
+    has no topology to follow, jax.devices() order."""
+    grid = sharded["mesh_grid"]
+    assert grid["shape"] == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert grid["ids"] == grid["all_ids"]

@@ -137,6 +137,9 @@ def main():
             "params": _specs(r["state"].params), "mu": _specs(r["mu"]),
             "constraints": r["constraints"],
         }
+    grid = make_mesh(MeshConfig(data=2, fsdp=-1, tensor=2))
+    out["mesh_grid"] = {"shape": dict(grid.shape), "ids": [d.id for d in grid.devices.ravel()],
+                        "all_ids": [d.id for d in jax.devices()]}
     print("RESULT " + json.dumps(out))
 
 

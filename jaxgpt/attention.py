@@ -150,7 +150,7 @@ def heads_major_attention(
     """
     if mask is None:
         mask = causal_mask(q.shape[1], k.shape[1])
-    shape = (q.shape[0], q.shape[2], q.shape[1], k.shape[1])  # [B, H, T, S]
+    shape = _mask_shape(q, k)  # [B, H, T, S]
     keep, p = None, 1.0
     if not deterministic and dropout_rate > 0.0:
         keep, p = keep_mask(dropout_rng, dropout_rate, shape)

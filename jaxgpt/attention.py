@@ -202,10 +202,12 @@ def _heads_major_bwd(p, res, g):
     wd = _dropped(w, keep, p).astype(dtype)
     dv = _swap_last(_bdot(_swap_last(g), wd, _BATCHED_ROWS))  # [B, H, K, S] -> [B, H, S, K]
     dw = _dropped(_bdot(g, v, _BATCHED_ROWS_T), keep, p)  # [B, H, T, S], float32
-    ds = w * (dw - jnp.sum(dw * w, axis=-1, keepdims=True)) * (1.0 / math.sqrt(q.shape[-1]))
-    ds = ds.astype(dtype)
-    dq = _bdot(ds, k, _BATCHED_ROWS)  # [B, H, T, K]
-    dk = _swap_last(_bdot(_swap_last(q), ds, _BATCHED_ROWS))  # [B, H, K, S] -> [B, H, S, K]
+    ds = (w * (dw - jnp.sum(dw * w, axis=-1, keepdims=True))).astype(dtype)  # d scores
+    # The 1/sqrt(K) of the scores is applied to the [.., K]-wide products, not to ds: XLA:CPU
+    # would materialize a [B, H, T, S] tensor of that constant for the fused ds computation.
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    dq = _bdot(ds, k, _BATCHED_ROWS) * scale  # [B, H, T, K]
+    dk = _swap_last(_bdot(_swap_last(q), ds, _BATCHED_ROWS) * scale)  # [B, H, K, S] -> [B, H, S, K]
     return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None)
 
 

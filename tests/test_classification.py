@@ -55,7 +55,8 @@ from jaxgpt.train_step import eval_step, init_state, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 # GPT-2's vocabulary (the tokenizer's ids), otherwise tiny, odd and distinct sizes.
-TINY = dict(vocab_size=50257, context_length=19, emb_dim=12, n_heads=3, n_layers=2, drop_rate=0.0)
+TINY = dict(vocab_size=50257, context_length=19, emb_dim=12, n_heads=3, n_layers=2, drop_rate=0.0,
+            dtype="float32")  # float32 on every backend (see tests/conftest.py)
 QUIET = ["train.progress=false", "train.report=false"]
 
 SPAM = "win cash prize now claim free call txt urgent reward".split()

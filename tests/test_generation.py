@@ -41,7 +41,7 @@ def model(tmp_path_factory):
             p.add_(0.1 * torch.randn_like(p))
     path = tmp_path_factory.mktemp("gen")
     hf.save_pretrained(path, safe_serialization=True)
-    config, params = load_pretrained(path)
+    config, params = load_pretrained(path, dtype="float32")  # float32 on every backend
     return hf, config, params
 
 
@@ -204,7 +204,7 @@ def test_bad_inputs_are_named(model, prompts, kwargs, message):
 def cli_model(tmp_path_factory):
     """A model with GPT-2's vocabulary (the tokenizer needs it) and tiny everything else."""
     config = GPTConfig(vocab_size=50257, context_length=32, emb_dim=12, n_heads=3, n_layers=1,
-                       qkv_bias=True, tie_embeddings=True, drop_rate=0.0)
+                       qkv_bias=True, tie_embeddings=True, drop_rate=0.0, dtype="float32")
     params = init_params(config, jax.random.key(0))
     path = save_pretrained(config, params, tmp_path_factory.mktemp("cli"))
     return path, config, params

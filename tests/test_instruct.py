@@ -272,7 +272,7 @@ def test_response_extraction():
 # ---- generation and the finetuning script -----------------------------------------------------
 
 SMALL = GPTConfig(vocab_size=50257, context_length=29, emb_dim=12, n_heads=3, n_layers=2,
-                  drop_rate=0.0)
+                  drop_rate=0.0, dtype="float32")
 
 
 def test_batched_responses_equal_one_at_a_time():

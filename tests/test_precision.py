@@ -19,12 +19,12 @@ OPT = OptimConfig(learning_rate=1e-2, weight_decay=0.0)
 
 
 def test_auto_dtype_is_float32_on_cpu_and_bfloat16_elsewhere(monkeypatch):
-    cfg = GPTConfig(**TINY)
-    assert cfg.dtype == "auto"
+    cfg = GPTConfig(**{**TINY, "dtype": "auto"})
+    assert cfg.dtype == "auto" and GPTConfig().dtype == "auto"
     assert cfg.compute_dtype == (jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert cfg.compute_dtype == jnp.bfloat16
-    assert GPTConfig(**TINY, dtype="float32").compute_dtype == jnp.float32
+    assert GPTConfig(**{**TINY, "dtype": "float32"}).compute_dtype == jnp.float32
 
 
 def _equations(jaxpr, name):
@@ -39,7 +39,7 @@ def _equations(jaxpr, name):
 
 
 def test_bfloat16_softmax_and_loss_stay_float32():
-    cfg = GPTConfig(**TINY, dtype="bfloat16")
+    cfg = GPTConfig(**{**TINY, "dtype": "bfloat16"})
     params = init_params(cfg, jax.random.key(0))
     ids = jnp.arange(14).reshape(2, 7) % cfg.vocab_size
     loss = lm_loss_fn(cfg)
@@ -57,7 +57,7 @@ def test_bfloat16_softmax_and_loss_stay_float32():
 
 
 def _curve(dtype: str, steps: int = 30):
-    cfg = GPTConfig(**TINY, dtype=dtype)
+    cfg = GPTConfig(**{**TINY, "dtype": dtype})
     tx = make_optimizer(OPT, steps)
     state = init_state(init_params(cfg, jax.random.key(0)), tx, seed=0)
     step = jax.jit(functools.partial(train_step, loss_fn=lm_loss_fn(cfg), tx=tx,

@@ -71,7 +71,7 @@ def checkpoints(tmp_path_factory):
                                              ("large", dict(scan_layers=True)), ("xl", {})])
 def test_logits_match_transformers(checkpoints, name, overrides):
     path, model = checkpoints[name]
-    config, params = load_pretrained(path, **overrides)
+    config, params = load_pretrained(path, dtype="float32", **overrides)  # on every backend
     assert config.tie_embeddings == (name != "medium_untied")
     assert ("lm_head" in params) == (name == "medium_untied")
     ids = _ids(config, (2, config.context_length))
@@ -87,7 +87,7 @@ def _cross_entropy_torch(model, ids, targets):
 @pytest.mark.parametrize("name", ["small", "medium_untied"])
 def test_gradients_match_transformers(checkpoints, name):
     path, model = checkpoints[name]
-    config, params = load_pretrained(path)
+    config, params = load_pretrained(path, dtype="float32")
     ids, targets = _ids(config, (2, 9), seed=1), _ids(config, (2, 9), seed=2)
 
     def loss_fn(p):
@@ -110,7 +110,7 @@ def test_gradients_match_transformers(checkpoints, name):
 @pytest.mark.parametrize("name", ["small", "medium_untied"])
 def test_export_loads_in_transformers_with_same_logits(checkpoints, tmp_path, name):
     path, model = checkpoints[name]
-    config, params = load_pretrained(path)
+    config, params = load_pretrained(path, dtype="float32")
     save_pretrained(config, params, tmp_path)
     reloaded = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
     tied = name != "medium_untied"
@@ -124,7 +124,7 @@ def test_export_loads_in_transformers_with_same_logits(checkpoints, tmp_path, na
 
 def test_export_without_qkv_bias_writes_zero_biases(tmp_path):
     config = GPTConfig(vocab_size=53, context_length=13, emb_dim=14, n_heads=2, n_layers=3,
-                       qkv_bias=False, tie_embeddings=False, drop_rate=0.0)
+                       qkv_bias=False, tie_embeddings=False, drop_rate=0.0, dtype="float32")
     params = init_params(config, jax.random.key(4))
     save_pretrained(config, params, tmp_path)
     with safe_open(tmp_path / "model.safetensors", framework="numpy") as f:
@@ -254,7 +254,8 @@ def test_config_overrides(checkpoints):
         load_pretrained(path, n_layers=2)
     with pytest.raises(ValueError, match="exceeds the checkpoint's 23 positions"):
         load_pretrained(path, context_length=24)
-    config, params = load_pretrained(path, tie_embeddings=False, context_length=11, drop_rate=0.1)
+    config, params = load_pretrained(path, tie_embeddings=False, context_length=11, drop_rate=0.1,
+                                     dtype="float32")
     assert (config.tie_embeddings, config.context_length, config.drop_rate) == (False, 11, 0.1)
     assert params["wpe"]["embedding"].shape == (11, 20)
     np.testing.assert_array_equal(params["lm_head"], params["wte"]["embedding"].T)  # untied copy

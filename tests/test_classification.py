@@ -463,7 +463,8 @@ def test_init_from_a_pretraining_run_directory(pretraining_run):
     run, config, params = pretraining_run
     cfg = load_config(None, [f"classifier.init_from={run}", "model.drop_rate=0.0"], schema=ClassifierRunConfig)
     got_config, got = init_backbone(cfg)
-    assert got_config == config.replace(drop_rate=0.0)  # shape from the run, runtime from cfg
+    # Shape from the run; runtime fields (dropout, compute dtype) from cfg.
+    assert got_config == config.replace(drop_rate=0.0, dtype=cfg.model.dtype)
     jax.tree.map(np.testing.assert_array_equal, got, params)
 
 

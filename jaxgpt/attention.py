@@ -12,9 +12,8 @@ meaning "may attend".
 
 from __future__ import annotations
 
-import math
-
 import functools
+import math
 
 import jax
 import jax.numpy as jnp

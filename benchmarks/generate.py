@@ -30,6 +30,10 @@ from jaxgpt import GPT, GPTConfig, count_params, init_params
 from jaxgpt.generation import _head, generate
 from jaxgpt.pretrained import save_pretrained
 
+from jaxgpt.hostmem import retain_freed_memory  # noqa: E402
+
+retain_freed_memory()  # before the first JAX computation (jaxgpt/hostmem.py)
+
 
 def hardware() -> str:
     cpu = platform.processor() or platform.machine()

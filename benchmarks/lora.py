@@ -34,12 +34,16 @@ from jaxgpt import lora  # noqa: E402
 from jaxgpt.config import GPTConfig  # noqa: E402
 from jaxgpt.lora_io import base_fingerprint  # noqa: E402
 from jaxgpt.model import count_params, init_params  # noqa: E402
-from jaxgpt.optim import make_optimizer, schedule  # noqa: E402
-from jaxgpt.runconfig import MeshConfig, OptimConfig  # noqa: E402
-from jaxgpt.sharding import boxed_shardings, make_mesh  # noqa: E402
-from jaxgpt.train_step import (  # noqa: E402
+from jaxgpt.training.optim import make_optimizer, schedule  # noqa: E402
+from jaxgpt.training.runconfig import OptimConfig  # noqa: E402
+from jaxgpt.sharding import MeshConfig, boxed_shardings, make_mesh  # noqa: E402
+from jaxgpt.training.step import (  # noqa: E402
     boxed_params_shape, compile_steps, init_state, lm_loss_fn, state_shardings,
 )
+
+from jaxgpt.hostmem import retain_freed_memory  # noqa: E402
+
+retain_freed_memory()  # before the first JAX computation (jaxgpt/hostmem.py)
 
 VARIANTS = ("full", "lora-merged", "lora")
 

@@ -27,8 +27,12 @@ import train_throughput as tt  # noqa: E402
 from jaxgpt.data import batch_indices  # noqa: E402
 from jaxgpt.model import _boxed_init  # noqa: E402
 from jaxgpt.pretrained import save_pretrained  # noqa: E402
-from jaxgpt.pretraining import window_datasets  # noqa: E402
-from jaxgpt.runconfig import load_config  # noqa: E402
+from jaxgpt.tasks.pretraining import window_datasets  # noqa: E402
+from jaxgpt.training.runconfig import load_config  # noqa: E402
+
+from jaxgpt.hostmem import retain_freed_memory  # noqa: E402
+
+retain_freed_memory()  # before the first JAX computation (jaxgpt/hostmem.py)
 
 
 def main(argv=None) -> None:

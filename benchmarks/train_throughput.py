@@ -63,14 +63,17 @@ import jaxgpt
 from jaxgpt.config import GPTConfig
 from jaxgpt.corpus import load_text
 from jaxgpt.hostmem import retain_freed_memory
-from jaxgpt.matmul import use_layout_matmul
+from jaxgpt.kernels.matmul import use_layout_matmul
 from jaxgpt.model import count_params
-from jaxgpt.optim import make_optimizer, schedule
+from jaxgpt.training.optim import make_optimizer, schedule
 from jaxgpt.pretrained import hf_config, save_pretrained
-from jaxgpt.runconfig import MeshConfig, OptimConfig
+from jaxgpt.sharding import MeshConfig
+from jaxgpt.training.runconfig import OptimConfig
 from jaxgpt.sharding import batch_sharding, make_mesh
 from jaxgpt.tokenizer import get_tokenizer
-from jaxgpt.train_step import compile_steps, create_state, lm_loss_fn
+from jaxgpt.training.step import compile_steps, create_state, lm_loss_fn
+
+retain_freed_memory()  # before the first JAX computation (jaxgpt/hostmem.py)
 
 # Dense (no sparsity) datasheet peaks in TFLOP/s per device, by a substring of device_kind.
 # "float32" is what a float32 matmul runs at under JAX's default precision: TF32 tensor cores

@@ -1,18 +1,18 @@
-"""jaxgpt: build, train, finetune and serve GPT-style language models in JAX/Flax."""
+"""jaxgpt: build, train, finetune and serve GPT-style language models in JAX/Flax.
 
-from jaxgpt.hostmem import retain_freed_memory
-
-retain_freed_memory()  # before JAX starts its CPU threads; see jaxgpt/hostmem.py
+The public API. Importing it changes nothing in the process: settings such as glibc's
+memory retention (`jaxgpt.hostmem.retain_freed_memory`) are applied by the entry points that
+want them (train/*.py, jaxgpt.cli.*, the benchmarks).
+"""
 
 from jaxgpt.config import GPTConfig
 from jaxgpt.corpus import dataset_path, load_hf_text, load_text, tokenize_cached
-from jaxgpt.checkpoint import load_for_inference
-from jaxgpt.classification import classify, load_classifier
 from jaxgpt.data import WindowDataset, batch_indices, get_batch, sliding_windows, split_ids
-from jaxgpt.model import GPT, count_params, init_cache, init_params, logical_axes, validate_ids
 from jaxgpt.generation import generate, generate_simple, generate_stream
 from jaxgpt.lora import LoRAConfig, lora_loss_fn
+from jaxgpt.model import GPT, count_params, init_cache, init_params, logical_axes, validate_ids
 from jaxgpt.pretrained import load_pretrained, save_pretrained
+from jaxgpt.tasks.classification.model import classify, load_classifier
 from jaxgpt.tokenizer import (
     EOT_ID,
     SimpleTokenizerV1,
@@ -20,6 +20,7 @@ from jaxgpt.tokenizer import (
     build_vocab,
     get_tokenizer,
 )
+from jaxgpt.training.checkpoint import load_for_inference
 
 __all__ = [
     "EOT_ID",

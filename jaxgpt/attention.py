@@ -18,7 +18,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jaxgpt.dropout import dropout, keep_mask
+from jaxgpt.kernels.dropout import dropout, keep_mask
 
 
 def split_heads(x: jax.Array, n_heads: int) -> jax.Array:

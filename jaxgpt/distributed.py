@@ -13,11 +13,24 @@ and artifacts, while every process takes part in each step and each checkpoint.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+from typing import Optional
 
 import jax
 import numpy as np
 
-from jaxgpt.runconfig import DistributedConfig
+
+@dataclass(frozen=True)
+class DistributedConfig:
+    """Multi-process runs (see jaxgpt.distributed); unset fields fall back to JAX_* env vars."""
+
+    # None: multi-process only when the fields, JAX_* variables or a launcher say so; True:
+    # always join (JAX finds a TPU pod's or a cluster's ranks itself); False: never.
+    enabled: Optional[bool] = None
+    coordinator_address: Optional[str] = None  # host:port of process 0
+    num_processes: Optional[int] = None
+    process_id: Optional[int] = None
+    initialization_timeout: int = 300  # seconds to wait for every process to join
 
 
 def _int_env(name: str) -> int | None:

@@ -34,7 +34,7 @@ import numpy as np
 from jax import lax
 
 from jaxgpt.config import GPTConfig
-from jaxgpt.matmul import project
+from jaxgpt.kernels.matmul import project
 from jaxgpt.model import GPT, init_cache, validate_ids
 
 MIN_BUCKET = 16

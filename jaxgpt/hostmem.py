@@ -10,8 +10,9 @@ on CPU gains in the same way (its float32 step went from 1.92 s to 1.60 s in the
 `retain_freed_memory()` asks glibc (through `mallopt`) for one arena, no `mmap` for large
 blocks and no trimming below 2 GiB of free heap: freed blocks stay in the process and the next
 step reuses them. The price is that memory freed by the process is kept by it rather than given
-back to the system. The settings take effect only for threads that have not allocated yet, so
-jaxgpt applies them when it is imported, before JAX starts its CPU threads; set
+back to the system, which is why importing jaxgpt does not do it: the entry points call it
+(train/*.py, jaxgpt.cli.*, the benchmarks). The settings take effect only for threads that have
+not allocated yet, so call it before the first JAX computation; set
 `JAXGPT_RETAIN_HOST_MEMORY=0` to leave glibc's defaults. Elsewhere than glibc it does nothing.
 """
 

@@ -39,7 +39,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxgpt.dropout import dropout
+from jaxgpt.kernels.dropout import dropout
 
 # The projections of every block: attention query/key/value/c_proj and MLP c_fc/c_proj.
 DEFAULT_TARGETS = (r"attn/(query|key|value|c_proj)/kernel$", r"mlp/(c_fc|c_proj)/kernel$")

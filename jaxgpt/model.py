@@ -30,9 +30,9 @@ from jaxgpt.attention import (
     cache_attention, causal_mask, fast_attention, heads_major_attention, reference_attention,
 )
 from jaxgpt.config import GPTConfig
-from jaxgpt.dropout import Dropout
-from jaxgpt.gelu import gelu
-from jaxgpt.matmul import dense_dot_general, keep_kernel_dtype, project, use_layout_matmul
+from jaxgpt.kernels.dropout import Dropout
+from jaxgpt.kernels.gelu import gelu
+from jaxgpt.kernels.matmul import dense_dot_general, keep_kernel_dtype, project, use_layout_matmul
 from jaxgpt.sharding import constrain
 
 Cache = dict[str, jax.Array]

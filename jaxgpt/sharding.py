@@ -22,14 +22,13 @@ import contextlib
 import functools
 import math
 import threading
+from dataclasses import dataclass
 
 import flax.linen as nn
 import jax
 import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-
-from jaxgpt.runconfig import MeshConfig
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -43,6 +42,15 @@ RULES: tuple[tuple[str, tuple[str, ...] | str | None], ...] = (
     ("mlp", "tensor"),
     ("layers", None),
 )
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh shape; -1 means "all remaining devices"."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
 
 
 def make_mesh(cfg: MeshConfig = MeshConfig(), devices=None) -> Mesh:

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from jaxgpt.distributed import host_copy, maybe_initialize, plan
-from jaxgpt.runconfig import DistributedConfig, RunConfig, load_config
+from jaxgpt.training.runconfig import DistributedConfig, RunConfig, load_config
 
 _ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_NTASKS",
         "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES")

@@ -22,7 +22,7 @@ from jaxgpt.generation import (
 from jaxgpt.pretrained import load_pretrained, save_pretrained
 
 # The CLI module by its full name: `jaxgpt.generate` could also name a re-exported function.
-cli = importlib.import_module("jaxgpt.generate")
+cli = importlib.import_module("jaxgpt.cli.generate")
 
 # V=67, context 23, D=20, H=4 (K=5), L=3, F=80: pairwise distinct.
 SHAPE = dict(vocab_size=67, n_positions=23, n_embd=20, n_head=4, n_layer=3)
@@ -222,12 +222,12 @@ def test_cli_streams_the_continuation(cli_model, capsys):
 
 
 def test_cli_run_directory_and_errors(cli_model, tmp_path, monkeypatch, capsys):
-    import jaxgpt.checkpoint
+    import jaxgpt.training.checkpoint
 
     _, config, params = cli_model
     (tmp_path / "config.yaml").write_text("model: {}\n")
     seen = []
-    monkeypatch.setattr(jaxgpt.checkpoint, "load_for_inference",
+    monkeypatch.setattr(jaxgpt.training.checkpoint, "load_for_inference",
                         lambda run_dir: seen.append(run_dir) or (config, params))
     args = ["--prompt", "Hi", "--max-new-tokens", "2", "--temperature", "0.8", "--top-k", "5"]
     assert cli.main(["--model", str(tmp_path), *args]) == 0

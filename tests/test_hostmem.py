@@ -13,9 +13,10 @@ import textwrap
 import pytest
 
 PROGRAM = textwrap.dedent("""
-    import resource
+    import resource, sys
     import jaxgpt, jax, jax.numpy as jnp
     from jaxgpt.hostmem import retain_freed_memory
+    applied = retain_freed_memory() if sys.argv[1] == "call" else False  # as an entry point does
     f = jax.jit(lambda x, w: jnp.tanh(x @ x.T) @ w)  # x @ x.T: a [4096, 4096] f32 scratch
     x, w = jnp.ones((4096, 64)), jnp.ones((4096, 8))
     f(x, w).block_until_ready()
@@ -24,14 +25,14 @@ PROGRAM = textwrap.dedent("""
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         f(x, w).block_until_ready()
         faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-    print(retain_freed_memory(), *faults)
+    print(applied, *faults)
 """)
 
 
-def _faults_per_call(retain: str) -> tuple[bool, list[int]]:
+def _faults_per_call(retain: str, call: bool = True) -> tuple[bool, list[int]]:
     env = dict(os.environ, JAXGPT_RETAIN_HOST_MEMORY=retain, JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)
-    out = subprocess.run([sys.executable, "-c", PROGRAM], env=env, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-c", PROGRAM, "call" if call else "import"], env=env, capture_output=True, text=True,
                          check=True).stdout.split()
     return out[0] == "True", [int(n) for n in out[1:]]
 
@@ -48,3 +49,11 @@ def test_freed_scratch_is_reused_not_faulted_again():
     # smaller allocation and grows the heap (seen in this toy program, not in a train step),
     # so the typical call is what is asserted.
     assert sorted(kept)[len(kept) // 2] < 0.01 * scratch_pages
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_importing_jaxgpt_leaves_malloc_alone():
+    # Only an entry point that calls retain_freed_memory() changes the process's allocator.
+    _, imported = _faults_per_call("1", call=False)
+    scratch_pages = 4096 * 4096 * 4 // os.sysconf("SC_PAGE_SIZE")
+    assert min(imported) > 0.9 * scratch_pages

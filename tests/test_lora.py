@@ -16,9 +16,9 @@ from jaxgpt import lora
 from jaxgpt.config import GPTConfig
 from jaxgpt.lora_io import export_peft, load_adapters, save_adapters
 from jaxgpt.model import GPT, init_params
-from jaxgpt.optim import make_optimizer, schedule
-from jaxgpt.runconfig import OptimConfig
-from jaxgpt.train_step import IGNORE, boxed_params_shape, init_state, lm_loss_fn, train_step
+from jaxgpt.training.optim import make_optimizer, schedule
+from jaxgpt.training.runconfig import OptimConfig
+from jaxgpt.training.step import IGNORE, boxed_params_shape, init_state, lm_loss_fn, train_step
 from tests.conftest import TINY
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
-from jaxgpt.report import _bytes
-from jaxgpt.runconfig import MeshConfig
+from jaxgpt.training.report import _bytes
+from jaxgpt.training.runconfig import MeshConfig
 from jaxgpt.sharding import (
     MESH_AXES, activation_sharding, constrain, make_mesh, mesh_spec, process_rows, traced_under,
 )

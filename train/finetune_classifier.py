@@ -5,7 +5,7 @@
 The config names the base model (classifier.init_from: scratch, gpt2, a Hugging Face directory or
 a jaxgpt pretraining run directory), the labelled data and what trains. The run directory gets
 checkpoints, labels.json, results.json (train/validation/test loss and accuracy) and the loss and
-accuracy plots; `python -m jaxgpt.classify --model RUN_DIR "text"` then classifies. Running it
+accuracy plots; `python -m jaxgpt.cli.classify --model RUN_DIR "text"` then classifies. Running it
 again in the same run directory resumes.
 """
 
@@ -17,10 +17,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 
-from jaxgpt.classification import ClassifierRunConfig  # noqa: E402
-from jaxgpt.classifier_training import finetune  # noqa: E402
+from jaxgpt.hostmem import retain_freed_memory  # noqa: E402
+
+retain_freed_memory()  # before the first JAX computation (jaxgpt/hostmem.py)
+
+from jaxgpt.tasks.classification.model import ClassifierRunConfig  # noqa: E402
+from jaxgpt.tasks.classification.finetune import finetune  # noqa: E402
 from jaxgpt.distributed import is_lead, maybe_initialize  # noqa: E402
-from jaxgpt.runconfig import ConfigError, load_config  # noqa: E402
+from jaxgpt.training.runconfig import ConfigError, load_config  # noqa: E402
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "cls_spam_book.yaml"
 

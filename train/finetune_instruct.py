@@ -5,7 +5,7 @@
 With no arguments it runs the book's recipe (configs/instruct_book.yaml: GPT-2 medium, which
 needs the Hugging Face hub or a local copy in instruct.init_from). The run directory gets
 checkpoints, metrics, the exported model/, test_responses.json and instruct_summary.json;
-then `python -m jaxgpt.chat --model RUN_DIR` talks to the model.
+then `python -m jaxgpt.cli.chat --model RUN_DIR` talks to the model.
 """
 
 from __future__ import annotations
@@ -16,9 +16,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 
+from jaxgpt.hostmem import retain_freed_memory  # noqa: E402
+
+retain_freed_memory()  # before the first JAX computation (jaxgpt/hostmem.py)
+
 from jaxgpt.distributed import is_lead, maybe_initialize  # noqa: E402
-from jaxgpt.instruct import InstructRunConfig, finetune  # noqa: E402
-from jaxgpt.runconfig import ConfigError, load_config  # noqa: E402
+from jaxgpt.tasks.instruct.finetune import InstructRunConfig, finetune  # noqa: E402
+from jaxgpt.training.runconfig import ConfigError, load_config  # noqa: E402
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "instruct_book.yaml"
 

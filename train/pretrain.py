@@ -15,9 +15,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 
+from jaxgpt.hostmem import retain_freed_memory  # noqa: E402
+
+retain_freed_memory()  # before the first JAX computation (jaxgpt/hostmem.py)
+
 from jaxgpt.distributed import is_lead, maybe_initialize  # noqa: E402
-from jaxgpt.pretraining import pretrain  # noqa: E402
-from jaxgpt.runconfig import ConfigError, load_config  # noqa: E402
+from jaxgpt.tasks.pretraining import pretrain  # noqa: E402
+from jaxgpt.training.runconfig import ConfigError, load_config  # noqa: E402
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 

@@ -22,9 +22,9 @@ from jaxgpt import lora  # noqa: E402
 from jaxgpt.config import GPTConfig  # noqa: E402
 from jaxgpt.data import WindowDataset  # noqa: E402
 from jaxgpt.model import init_params  # noqa: E402
-from jaxgpt.runconfig import MeshConfig, OptimConfig, RunConfig, TrainConfig  # noqa: E402
-from jaxgpt.train_step import boxed_params_shape, lm_loss_fn  # noqa: E402
-from jaxgpt.trainer import fit  # noqa: E402
+from jaxgpt.training.runconfig import MeshConfig, OptimConfig, RunConfig, TrainConfig  # noqa: E402
+from jaxgpt.training.step import boxed_params_shape, lm_loss_fn  # noqa: E402
+from jaxgpt.training.trainer import fit  # noqa: E402
 
 # emb_dim 24 so that the "embed" axis splits over 8 fsdp devices; other sizes stay odd/distinct.
 MODEL = GPTConfig(vocab_size=67, context_length=11, emb_dim=24, n_heads=3, n_layers=2,

@@ -39,10 +39,10 @@ def main():
     import jax
     import numpy as np
 
-    import jaxgpt.pretraining as pretraining
-    from jaxgpt.checkpoint import load_for_inference
+    import jaxgpt.tasks.pretraining as pretraining
+    from jaxgpt.training.checkpoint import load_for_inference
     from jaxgpt.distributed import host_copy, maybe_initialize
-    from jaxgpt.runconfig import MeshConfig, load_config
+    from jaxgpt.training.runconfig import MeshConfig, load_config
     from jaxgpt.sharding import make_mesh
 
     dist = []

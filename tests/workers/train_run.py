@@ -11,8 +11,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from jaxgpt.pretraining import pretrain  # noqa: E402
-from jaxgpt.runconfig import load_config  # noqa: E402
+from jaxgpt.tasks.pretraining import pretrain  # noqa: E402
+from jaxgpt.training.runconfig import load_config  # noqa: E402
 
 TINY_RUN = [
     "model.vocab_size=50257", "model.context_length=16", "model.emb_dim=12", "model.n_heads=3",

@@ -1,0 +1,1 @@
+"""Command lines: `python -m jaxgpt.cli.NAME` (generate, classify, chat, judge)."""

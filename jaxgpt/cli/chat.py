@@ -1,0 +1,88 @@
+"""Talk to an instruction-tuned model: each line on stdin is an instruction, answered in turn.
+
+  python -m jaxgpt.cli.chat --model RUN_DIR
+
+--model is a finished `train/finetune_instruct.py` run directory (its template is used), or
+anything `python -m jaxgpt.cli.generate` takes (then --template picks the prompt format). A line
+"exit", or the end of input, ends the session.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import jax
+
+from jaxgpt.tasks.instruct.prompts import TEMPLATES
+from jaxgpt.hostmem import retain_freed_memory
+
+
+def load_chat_model(name_or_dir: str, template: str | None = None):
+    """(config, params, template name) from an instruction run directory or any model source."""
+    path = Path(name_or_dir)
+    if (path / "model" / "config.json").is_file() and (path / "config.yaml").is_file():
+        from jaxgpt.tasks.instruct.finetune import load_finetuned
+
+        config, params, trained_with = load_finetuned(path)
+        return config, params, template or trained_with
+    from jaxgpt.cli.generate import load_model
+
+    config, params = load_model(name_or_dir)
+    return config, params, template or "alpaca"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m jaxgpt.cli.chat", description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True, help="an instruction run dir, gpt2[-medium...] or a dir")
+    p.add_argument("--template", choices=sorted(TEMPLATES), default=None,
+                   help="prompt format (default: the run's, else alpaca)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 decodes greedily")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    retain_freed_memory()  # this process's setting, before any JAX computation
+    args = parse_args(argv)
+    from jaxgpt.tasks.instruct.responses import generate_responses
+
+    try:
+        config, params, template = load_chat_model(args.model, args.template)
+    except (ValueError, OSError, RuntimeError) as err:  # a bad path or checkpoint: one line
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    interactive = sys.stdin.isatty()
+    key = jax.random.key(args.seed)
+    for turn, line in enumerate(iter(lambda: _read(interactive), None)):
+        instruction = line.strip()
+        if instruction == "exit":
+            break
+        if not instruction:
+            continue
+        try:
+            [reply] = generate_responses(
+                params, config, [{"instruction": instruction, "input": "", "output": ""}], template,
+                max_new_tokens=args.max_new_tokens, batch_size=1, temperature=args.temperature,
+                top_k=args.top_k, top_p=args.top_p, key=jax.random.fold_in(key, turn))
+        except ValueError as err:  # options the model cannot take
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        print(reply["model_response"], flush=True)
+    return 0
+
+
+def _read(interactive: bool) -> str | None:
+    """The next line of input, or None at its end."""
+    if interactive:
+        print("> ", end="", file=sys.stderr, flush=True)
+    line = sys.stdin.readline()
+    return line if line else None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

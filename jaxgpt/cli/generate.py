@@ -1,0 +1,87 @@
+"""Command line text generation, streaming tokens to stdout as they are decoded.
+
+  python -m jaxgpt.cli.generate --model gpt2 --prompt "Every effort moves you"
+
+--model is a GPT-2 name (gpt2, gpt2-medium, gpt2-large, gpt2-xl), a directory holding
+config.json and model.safetensors, or a training run directory (one with config.yaml or
+checkpoints/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import itertools
+import sys
+from pathlib import Path
+
+import jax
+
+from jaxgpt.generation import generate_stream
+from jaxgpt.pretrained import load_pretrained
+from jaxgpt.hostmem import retain_freed_memory
+
+
+def load_model(name_or_dir: str):
+    """(config, params) from a GPT-2 name, an exported directory or a training run directory."""
+    path = Path(name_or_dir)
+    if path.is_dir() and ((path / "config.yaml").exists() or (path / "checkpoints").is_dir()):
+        from jaxgpt.training.checkpoint import load_for_inference  # training stack only for run dirs
+
+        return load_for_inference(path)
+    return load_pretrained(name_or_dir)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m jaxgpt.cli.generate", description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True, help="gpt2[-medium|-large|-xl], an export dir or a run dir")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=50)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 decodes greedily")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop-at-eot", action=argparse.BooleanOptionalAction, default=True,
+                   help="stop at <|endoftext|>")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    retain_freed_memory()  # this process's setting, before any JAX computation
+    args = parse_args(argv)
+    from jaxgpt.tokenizer import get_tokenizer
+
+    tokenizer = get_tokenizer("gpt2")
+    try:
+        config, params = load_model(args.model)
+    except (ValueError, OSError, RuntimeError) as err:  # a bad path or checkpoint: one line
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    ids = tokenizer.encode(args.prompt, allowed_special={"<|endoftext|>"})
+    eot = tokenizer.eot_token if args.stop_at_eot and tokenizer.eot_token < config.vocab_size else None
+    stream = generate_stream(
+        params, config, [ids], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+        top_p=args.top_p, eos_id=eot, key=jax.random.key(args.seed), chunk_size=1,
+    )
+    # A token can end inside a UTF-8 character; the incremental decoder waits for the rest.
+    text = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    try:
+        first = next(stream)  # options and prompt are checked before anything is printed
+    except ValueError as err:  # options or prompt the model cannot take
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    sys.stdout.write(args.prompt)
+    for chunk in itertools.chain([first], stream):
+        for token in chunk[0].tolist():
+            if token == eot:
+                break
+            # A model vocabulary padded past the tokenizer's has ids with no text.
+            piece = tokenizer.decode_single_token_bytes(token) if token < tokenizer.n_vocab else b""
+            sys.stdout.write(text.decode(piece))
+        sys.stdout.flush()
+    sys.stdout.write(text.decode(b"", final=True) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

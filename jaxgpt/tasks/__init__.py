@@ -1,0 +1,1 @@
+"""The book's recipes as library calls: pretraining, classification, instruction tuning."""

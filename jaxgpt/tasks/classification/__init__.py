@@ -1,0 +1,1 @@
+"""Chapter 6: finetuning a GPT as a text classifier (data, model, finetune)."""

@@ -1,0 +1,184 @@
+"""Finetuning a classifier as a library call: labelled text -> `trainer.fit` -> a saved classifier.
+
+The run directory holds what `load_classifier` needs: config.yaml (with the resolved model shape
+and max_length), labels.json (class names, id = position), the trainable parameters in fit's
+Orbax checkpoints, and, when part of the model is frozen, that part once in `frozen/` (so the run
+does not depend on where its base weights came from, and a resumed run uses the same ones). It
+also holds results.json (loss and accuracy on every split after training) and the loss and
+accuracy plots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from jaxgpt.training.checkpoint import complete_steps, load_for_inference
+from jaxgpt.tasks.classification.model import (
+    Classifier,
+    ClassifierRunConfig,
+    accuracy,
+    classifier_boxed,
+    init_head,
+    loss_for,
+    merge_trainable,
+    predict_log_proba,
+    restore_tree,
+    save_tree,
+    split_trainable,
+    with_head,
+)
+from jaxgpt.tasks.classification.data import ClassificationData, build_datasets, load_labels, save_labels
+from jaxgpt.config import GPTConfig
+from jaxgpt.data import num_batches
+from jaxgpt.distributed import host_copy, is_lead
+from jaxgpt.training.metrics import read_metrics
+from jaxgpt.model import init_params
+from jaxgpt.training.runconfig import ConfigError, config_from_yaml
+from jaxgpt.training.trainer import FitResult, fit, prepare_run_dir
+
+# Model fields that change how a model runs, not its weights: a finetuning config may set them
+# whatever the base model was trained with.
+_RUNTIME = ("drop_rate", "dtype", "attention", "remat_policy")
+
+
+@dataclass
+class ClassifierResult:
+    fit: FitResult
+    classifier: Classifier | None  # None when the run was preempted
+    scores: dict  # {split: {"loss", "accuracy", "count"}}
+
+
+def init_backbone(cfg: ClassifierRunConfig) -> tuple[GPTConfig, dict | None]:
+    """(model config, GPT params or None for scratch) from `classifier.init_from`."""
+    source = cfg.classifier.init_from
+    if source == "scratch":
+        return cfg.model, None
+    runtime = {k: getattr(cfg.model, k) for k in _RUNTIME}
+    if (Path(source) / "config.yaml").is_file():  # a jaxgpt pretraining run directory
+        config, params = load_for_inference(source)
+        return config.replace(**runtime), jax.device_get(params)
+    from jaxgpt.pretrained import load_pretrained
+
+    return load_pretrained(source, **runtime)
+
+
+def evaluate(model: Classifier, dataset, limit: int | None = None) -> dict:
+    """Mean cross-entropy and accuracy over a dataset's first `limit` examples (all by default)."""
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    logp = predict_log_proba(model, dataset.ids[:n], dataset.mask[:n])  # [N, C]
+    labels = dataset.labels[:n]
+    return {"loss": float(-np.mean(logp[np.arange(n), labels])),
+            "accuracy": float(np.mean(logp.argmax(-1) == labels)), "count": int(n)}
+
+
+def _check_run_dir(cfg: ClassifierRunConfig, classes: list[str]) -> None:
+    """A run directory may only be resumed with the same classes and the same trainable split."""
+    saved_cfg, saved_labels = cfg.run_dir / "config.yaml", cfg.run_dir / "labels.json"
+    if saved_labels.exists() and load_labels(saved_labels) != classes:
+        raise ConfigError(f"run directory {cfg.run_dir} was trained on classes "
+                          f"{load_labels(saved_labels)}, not {classes}")
+    if saved_cfg.exists():
+        old = config_from_yaml(saved_cfg, ClassifierRunConfig).classifier
+        for name in ("trainable", "pooling", "lora"):
+            if getattr(old, name) != getattr(cfg.classifier, name):
+                raise ConfigError(f"run directory {cfg.run_dir} has classifier.{name}="
+                                  f"{getattr(old, name)!r}; choose another name or runs_dir")
+
+
+def _check_vocab(data: ClassificationData, pad_id: int, vocab_size: int) -> None:
+    top = max(int(d.ids.max()) for d in (data.train, data.validation, data.test))
+    if max(top, pad_id) >= vocab_size:
+        raise ValueError(f"token id {max(top, pad_id)} (data.pad_id or a text token) does not fit "
+                         f"model.vocab_size={vocab_size}")
+
+
+def finetune(cfg: ClassifierRunConfig, **fit_kwargs) -> ClassifierResult:
+    """Train a classifier on cfg.data from cfg.classifier.init_from (resuming if it can)."""
+    model_cfg, gpt_params = init_backbone(cfg)
+    data = build_datasets(cfg.data, model_cfg.context_length)
+    _check_vocab(data, cfg.data.pad_id, model_cfg.vocab_size)
+    per_epoch = num_batches(len(data.train), cfg.train.batch_size)
+    train = cfg.train
+    if cfg.classifier.eval_each_epoch and per_epoch:
+        train = dataclasses.replace(train, eval_freq=per_epoch)
+    cfg = dataclasses.replace(cfg, model=model_cfg, train=train,
+                              data=dataclasses.replace(cfg.data, max_length=data.max_length))
+    _check_run_dir(cfg, data.classes)
+    run_dir = prepare_run_dir(cfg)
+    if is_lead():
+        save_labels(data.classes, run_dir / "labels.json")
+
+    k_init, k_head, k_lora = jax.random.split(jax.random.key(cfg.train.seed), 3)
+    if gpt_params is None:
+        gpt_params = init_params(model_cfg, k_init)
+    params = with_head(gpt_params, init_head(k_head, model_cfg.emb_dim, len(data.classes)))
+    trainable, frozen = split_trainable(params, model_cfg, cfg.classifier, k_lora)
+    boxed, frozen_boxed = split_trainable(classifier_boxed(model_cfg, len(data.classes)),
+                                          model_cfg, cfg.classifier)
+    if frozen is not None:
+        if complete_steps(run_dir / "frozen"):
+            frozen = restore_tree(run_dir / "frozen")  # resuming: exactly the base trained on
+        else:
+            save_tree(frozen, run_dir / "frozen")
+    result = fit(cfg, data.train, data.validation, loss_fn=loss_for(model_cfg, cfg.classifier),
+                 boxed_params=boxed, params=trainable, frozen=frozen, frozen_boxed=frozen_boxed,
+                 eval_metrics=accuracy, **fit_kwargs)
+    if result.preempted:
+        return ClassifierResult(result, None, {})
+
+    full = merge_trainable(host_copy(result.state.params), host_copy(frozen), cfg.classifier)
+    model = Classifier(model_cfg, full, tuple(data.classes), cfg.classifier.pooling,
+                       data.max_length, cfg.data.tokenizer, cfg.data.pad_id)
+    splits = {"train": data.train, "validation": data.validation, "test": data.test}
+    scores = {name: evaluate(model, d) for name, d in splits.items()}
+    if is_lead():
+        (run_dir / "results.json").write_text(json.dumps(scores, indent=1) + "\n")
+        # The last point of the curves: the final model on the rows fit evaluates on.
+        rows = cfg.train.eval_iter * (cfg.train.batch_size // cfg.optim.accum_steps)
+        last = {f"{s}_{k}": v for s, d in (("train", data.train), ("val", data.validation))
+                for k, v in evaluate(model, d, rows).items() if k != "count"}
+        steps = int(jax.device_get(result.state.step))
+        plot_curves(run_dir, per_epoch, {"step": steps, "tokens_seen": steps * cfg.train.batch_size, **last})
+    return ClassifierResult(result, model, scores)
+
+
+def plot_curves(run_dir: str | Path, steps_per_epoch: int, last: dict | None = None) -> list[Path]:
+    """The book's figures: loss.png and accuracy.png, train and validation against epochs, with
+    examples seen on the top axis (fit counts one target per example)."""
+    evals = [r for r in read_metrics(Path(run_dir) / "metrics.jsonl") if r.get("kind") == "eval"]
+    if last is not None and (not evals or evals[-1]["step"] < last["step"]):
+        evals.append(last)
+    if not evals or steps_per_epoch <= 0:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["step"] / steps_per_epoch for r in evals]
+    out = []
+    for metric, label in (("loss", "Loss"), ("accuracy", "Accuracy")):
+        if f"train_{metric}" not in evals[0]:
+            continue
+        fig, ax = plt.subplots(figsize=(5, 3))
+        ax.plot(epochs, [r[f"train_{metric}"] for r in evals], label=f"Training {metric}")
+        ax.plot(epochs, [r[f"val_{metric}"] for r in evals], linestyle="-.",
+                label=f"Validation {metric}")
+        ax.set_xlabel("Epochs")
+        ax.set_ylabel(label)
+        ax.legend()
+        top = ax.twiny()  # examples seen, aligned with the epochs
+        top.plot([r["tokens_seen"] for r in evals], [r[f"train_{metric}"] for r in evals], alpha=0)
+        top.set_xlabel("Examples seen")
+        fig.tight_layout()
+        path = Path(run_dir) / f"{metric}.png"
+        fig.savefig(path)
+        plt.close(fig)
+        out.append(path)
+    return out

@@ -1,0 +1,1 @@
+"""Chapter 7: instruction tuning (data, prompts, finetune, responses, judge)."""

@@ -1,0 +1,220 @@
+"""Instruction finetuning (chapter 7) as a library call: records -> prompts -> batches -> `fit`.
+
+`instruct.init_from` picks the starting weights: a GPT-2 hub name or a local Hugging Face
+directory (`load_pretrained`), a jaxgpt run directory (its exported `model/` if it has one, else
+its latest checkpoint), or "scratch". The model's shape comes from that source; the `model`
+section contributes only what does not change the weights' layout (dropout, dtype, attention
+kernel, remat), plus scan_layers and tie_embeddings for Hugging Face weights (the default
+untied head is a copy of the embedding, as in the book). A `lora` section trains adapters only.
+
+After training, in the run directory: `model/` (config.json + model.safetensors, LoRA merged, so
+`python -m jaxgpt.cli.chat --model RUN_DIR` and `load_pretrained` read it), `test_responses.json`
+(each test record with `model_response` and `ended`: whether it emitted end-of-text in time)
+and `instruct_summary.json` (validation loss before and after, the share of responses that ended).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import jax
+import numpy as np
+
+from jaxgpt import lora
+from jaxgpt.config import GPTConfig
+from jaxgpt.distributed import host_copy, is_lead
+from jaxgpt.tasks.instruct.data import IGNORE, InstructDataset, load_records, split_records
+from jaxgpt.lora import LoRAConfig
+from jaxgpt.model import init_params
+from jaxgpt.tasks.instruct.prompts import get_template
+from jaxgpt.tasks.instruct.responses import generate_responses
+from jaxgpt.training.runconfig import ConfigError, RunConfig, config_from_yaml
+from jaxgpt.tokenizer import EOT_ID, get_tokenizer
+from jaxgpt.training.step import boxed_params_shape, eval_step, lm_loss_fn
+from jaxgpt.training.trainer import FitResult, fit
+
+# GPTConfig fields that do not change the parameters' shapes or layout.
+RUNTIME_FIELDS = ("drop_rate", "dtype", "attention", "remat_policy")
+
+
+@dataclass(frozen=True)
+class InstructConfig:
+    """Where the data and weights come from, the prompt format, collation and responses."""
+
+    init_from: str = "scratch"  # a GPT-2 name, an HF directory, a jaxgpt run directory, "scratch"
+    data: str = "instruction-data"  # a .json/.jsonl file, a named data set, or "hf:<path>[:<config>]"
+    hf_split: str = "train"  # the split of an hf: source
+    instruction_column: str = "instruction"
+    input_column: Optional[str] = "input"  # null: the source has no input column
+    output_column: str = "output"
+    template: str = "alpaca"  # alpaca or phi3
+    train_frac: float = 0.85  # the book's split: train, then test, then the rest for validation
+    test_frac: float = 0.10
+    shuffle: bool = False  # split after a seeded shuffle instead of in file order
+    split_seed: int = 123
+    allowed_max_length: Optional[int] = None  # tokens per example; default the model's context
+    mask_prompt: bool = False  # learn only the response (targets in the prompt are ignored)
+    bucket: Optional[int] = None  # pad batches to multiples of this, not all to the longest
+    max_new_tokens: int = 256  # per test response
+    response_batch_size: int = 8
+    max_test_records: Optional[int] = None  # answer only the first n test records
+    export: bool = True  # write the finetuned (merged) model to RUN_DIR/model
+
+
+@dataclass(frozen=True)
+class InstructRunConfig(RunConfig):
+    """A run configuration with the instruction-tuning section and an optional LoRA section."""
+
+    instruct: InstructConfig = field(default_factory=InstructConfig)
+    lora: Optional[LoRAConfig] = None  # set: train LoRA adapters instead of every weight
+
+
+@dataclass
+class InstructResult:
+    """What `finetune` leaves besides the run directory's files."""
+
+    fit: FitResult
+    model: GPTConfig
+    params: dict | None  # the finetuned parameters (LoRA merged) on the host; None if preempted
+    summary: dict
+    responses: list[dict]
+
+
+def load_start(init_from: str, model: GPTConfig) -> tuple[GPTConfig, dict | None]:
+    """(config, params) to finetune; params is None for "scratch" (model is used as it is)."""
+    if init_from == "scratch":
+        return model, None
+    runtime = {k: getattr(model, k) for k in RUNTIME_FIELDS}
+    path = Path(init_from)
+    if (path / "model" / "config.json").is_file():  # a run that exported its model
+        return _load_pretrained(path / "model", **runtime)
+    if (path / "config.yaml").is_file():
+        from jaxgpt.training.checkpoint import load_for_inference
+
+        config, params = load_for_inference(path)
+        return config.replace(**runtime), jax.device_get(params)
+    return _load_pretrained(init_from, **runtime, scan_layers=model.scan_layers,
+                            tie_embeddings=model.tie_embeddings)
+
+
+def _load_pretrained(name_or_path, **overrides):
+    from jaxgpt.pretrained import load_pretrained  # safetensors reading; not needed from scratch
+
+    return load_pretrained(name_or_path, **overrides)
+
+
+def load_finetuned(run_dir: str | Path) -> tuple[GPTConfig, dict, str]:
+    """(config, params, template name) of a finished instruction run's exported model."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "model" / "config.json").is_file():
+        raise FileNotFoundError(f"{run_dir} has no exported model/ (an unfinished run, or one "
+                                "with instruct.export=false)")
+    cfg = config_from_yaml(run_dir / "config.yaml", InstructRunConfig)
+    config, params = _load_pretrained(run_dir / "model")
+    return config, params, cfg.instruct.template
+
+
+def _datasets(cfg: InstructRunConfig, max_length: int):
+    ic = cfg.instruct
+    columns = {"instruction": ic.instruction_column, "input": ic.input_column,
+               "output": ic.output_column}
+    records = load_records(ic.data, columns, hf_split=ic.hf_split)
+    splits = split_records(records, ic.train_frac, ic.test_frac, shuffle=ic.shuffle,
+                           seed=ic.split_seed)
+    tok = get_tokenizer(cfg.data.tokenizer)
+    make = functools.partial(InstructDataset, template=ic.template, tokenizer=tok,
+                             allowed_max_length=max_length, mask_prompt=ic.mask_prompt,
+                             bucket=ic.bucket)
+    return make(splits.train), make(splits.val), splits.test
+
+
+def mean_loss(params, config: GPTConfig, dataset: InstructDataset, batch_size: int) -> float:
+    """Token-mean loss over every row of `dataset` (deterministic), one compiled shape."""
+    step = jax.jit(functools.partial(eval_step, loss_fn=lm_loss_fn(config)))
+    params = jax.device_put(params)  # once, not with every batch
+    total, count = 0.0, 0
+    for start in range(0, len(dataset), batch_size):
+        idx = np.arange(start, start + batch_size)
+        batch = dataset.rows(np.minimum(idx, len(dataset) - 1))
+        batch["targets"][idx >= len(dataset)] = IGNORE  # repeated rows only keep the shape
+        out = step(params, batch)
+        total, count = total + float(out["loss_sum"]), count + int(out["count"])
+    return total / max(count, 1)
+
+
+def finetune(cfg: InstructRunConfig, **fit_kwargs) -> InstructResult:
+    """Finetune on cfg.instruct.data, then export the model and answer the test split."""
+    ic = cfg.instruct
+    template = get_template(ic.template)
+    model, base = load_start(ic.init_from, cfg.model)
+    if model.vocab_size <= EOT_ID:
+        raise ConfigError(f"model.vocab_size={model.vocab_size} cannot hold GPT-2's end-of-text "
+                          f"token {EOT_ID}")
+    max_length = ic.allowed_max_length or model.context_length
+    if max_length > model.context_length:
+        raise ConfigError(f"instruct.allowed_max_length={max_length} exceeds the model's "
+                          f"context_length={model.context_length}")
+    if ic.bucket is not None and jax.process_count() > 1:
+        raise ConfigError("instruct.bucket sizes each process's rows on their own, so processes "
+                          "could disagree on a batch's shape; leave it unset in multi-process runs")
+    cfg = dataclasses.replace(cfg, model=model)
+    train, val, test = _datasets(cfg, max_length)
+    if base is None:
+        base = init_params(model, jax.random.key(cfg.train.seed))
+
+    loss_fn, boxed = lm_loss_fn(model), boxed_params_shape(model)
+    if cfg.lora is None:
+        kwargs, effective = dict(boxed_params=boxed, params=base), lambda p: p
+    else:
+        trainable, frozen = lora.partition(base, cfg.lora, jax.random.key(cfg.train.seed))
+        trainable_boxed, frozen_boxed = lora.boxed_trees(boxed, cfg.lora)
+        loss_fn = lora.lora_loss_fn(loss_fn, cfg.lora)
+        kwargs = dict(boxed_params=trainable_boxed, params=trainable, frozen=frozen,
+                      frozen_boxed=frozen_boxed)
+        effective = lambda p: lora.combine(p, frozen, cfg.lora)  # noqa: E731
+
+    eval_rows = cfg.train.batch_size // cfg.optim.accum_steps
+    before = mean_loss(base, model, val, eval_rows) if len(val) else float("nan")
+    if cfg.train.sample_tokens > 0 and len(val):
+        def on_eval(params, step):  # the book's generate_and_print_sample on the first val record
+            [r] = generate_responses(effective(host_copy(params)), model, val.records[:1], template,
+                                     max_new_tokens=cfg.train.sample_tokens, batch_size=1)
+            return {"sample": r["model_response"].replace("\n", " ")}
+
+        fit_kwargs.setdefault("on_eval", on_eval)
+    result = fit(cfg, train, val, loss_fn=loss_fn, **kwargs, **fit_kwargs)
+    if result.preempted:  # rerunning resumes; the answers come once training is complete
+        return InstructResult(result, model, None, {}, [])
+
+    params = effective(host_copy(result.state.params))
+    test = test[: ic.max_test_records]
+    responses = generate_responses(params, model, test, template, max_new_tokens=ic.max_new_tokens,
+                                   batch_size=ic.response_batch_size) if test else []
+    ended = sum(r["ended"] for r in responses)
+    summary = {
+        "steps": int(result.state.step),
+        "val_loss_before": before,
+        "val_loss_after": mean_loss(params, model, val, eval_rows) if len(val) else float("nan"),
+        "test_records": len(responses),
+        "ended_with_eot": ended,
+        "eot_fraction": ended / max(len(responses), 1),
+    }
+    if is_lead():
+        if ic.export:
+            from jaxgpt.pretrained import save_pretrained
+
+            save_pretrained(model, params, result.run_dir / "model")
+        _write_json(result.run_dir / "test_responses.json", responses)
+        _write_json(result.run_dir / "instruct_summary.json", summary)
+    return InstructResult(result, model, params, summary, responses)
+
+
+def _write_json(path: Path, value) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.replace(path)  # a reader never sees half a file

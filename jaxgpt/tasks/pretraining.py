@@ -1,0 +1,61 @@
+"""Pretraining as a library call: text -> token ids -> windows -> `trainer.fit`."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import numpy as np
+
+from jaxgpt.corpus import load_text, tokenize_cached
+from jaxgpt.data import WindowDataset, split_ids
+from jaxgpt.distributed import host_copy
+from jaxgpt.model import _boxed_init
+from jaxgpt.training.runconfig import RunConfig
+from jaxgpt.tokenizer import get_tokenizer
+from jaxgpt.training.step import boxed_params_shape, lm_loss_fn
+from jaxgpt.training.trainer import FitResult, fit
+
+
+def window_datasets(cfg: RunConfig) -> tuple[WindowDataset, WindowDataset]:
+    """Train and validation windows of the configured corpus (tokenized once, cached)."""
+    ids = tokenize_cached(load_text(cfg.data.source), cfg.data.tokenizer)
+    if ids.size and int(ids.max()) >= cfg.model.vocab_size:
+        raise ValueError(
+            f"token id {int(ids.max())} from tokenizer {cfg.data.tokenizer!r} does not fit "
+            f"model.vocab_size={cfg.model.vocab_size}"
+        )
+    train_ids, val_ids = split_ids(ids, cfg.data.train_ratio)
+    length = cfg.model.context_length
+    stride = cfg.data.stride or length
+    for name, part in (("training", train_ids), ("validation", val_ids)):
+        if len(part) < length + 1:
+            raise ValueError(
+                f"the {name} split has {len(part)} tokens, fewer than context_length + 1 = "
+                f"{length + 1}; use more text or a smaller model.context_length"
+            )
+    return WindowDataset.from_ids(train_ids, length, stride), WindowDataset.from_ids(val_ids, length, stride)
+
+
+def sampler(cfg: RunConfig):
+    """on_eval callback: a greedy sample from the fixed prompt (the book's generate_and_print)."""
+    if cfg.train.sample_tokens <= 0:
+        return None
+    from jaxgpt.generation import generate
+
+    tok = get_tokenizer(cfg.data.tokenizer)
+    prompt = np.asarray([tok.encode(cfg.train.sample_prompt)], np.int32)
+
+    def on_eval(params, step):
+        params = host_copy(params)  # every process gathers; each samples the same text
+        out = generate(params, cfg.model, prompt, cfg.train.sample_tokens)
+        return {"sample": tok.decode(np.asarray(out)[0].tolist()).replace("\n", " ")}
+
+    return on_eval
+
+
+def pretrain(cfg: RunConfig, **fit_kwargs) -> FitResult:
+    """Train cfg.model from scratch on cfg.data (resuming from the run directory if it can)."""
+    train, val = window_datasets(cfg)
+    init_fn = lambda key: nn.meta.unbox(_boxed_init(cfg.model, key))  # noqa: E731
+    fit_kwargs.setdefault("on_eval", sampler(cfg))
+    return fit(cfg, train, val, loss_fn=lm_loss_fn(cfg.model),
+               boxed_params=boxed_params_shape(cfg.model), init_fn=init_fn, **fit_kwargs)

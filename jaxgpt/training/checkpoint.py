@@ -1,0 +1,167 @@
+"""Orbax checkpoints of the train state that resume exactly.
+
+A checkpoint holds the full train state (params, optimizer state, step, RNG) plus a JSON record
+of the run (its configuration and the data position, which is just the step because batches are
+a pure function of seed and step). Saves are asynchronous. A step directory counts only when
+Orbax has committed it (`commit_success.txt`); anything else (a crash mid-write, a copy gone
+wrong) is moved aside on start, never loaded and never deleted.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from jaxgpt.config import GPTConfig
+
+_COMMITTED = ("commit_success.txt", "_CHECKPOINT_METADATA")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be written or used, in one line."""
+
+
+def complete_steps(directory: str | Path) -> list[int]:
+    """Steps whose checkpoint directories were fully committed, ascending."""
+    d = Path(directory)
+    if not d.is_dir():
+        return []
+    steps = []
+    for child in d.iterdir():
+        if child.is_dir() and child.name.isdigit() and all((child / f).exists() for f in _COMMITTED):
+            steps.append(int(child.name))
+    return sorted(steps)
+
+
+def set_aside_incomplete(directory: str | Path) -> list[Path]:
+    """Rename uncommitted step directories so Orbax never sees them; returns the new paths."""
+    d = Path(directory)
+    if not d.is_dir() or jax.process_index() != 0:
+        return []
+    good = set(complete_steps(d))
+    moved = []
+    for child in d.iterdir():
+        if child.is_dir() and child.name.isdigit() and int(child.name) not in good:
+            target = d.parent / f"incomplete-{child.name}-{int(time.time())}"
+            child.rename(target)
+            moved.append(target)
+    return moved
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+              if jnp.issubdtype(x.dtype, jnp.floating)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+class Checkpointer:
+    """Keep-last-N asynchronous Orbax checkpoints of (state, meta) in `directory`."""
+
+    def __init__(self, directory: str | Path, *, keep: int = 3, async_save: bool = True):
+        self.directory = Path(directory).absolute()
+        self.moved_aside = set_aside_incomplete(self.directory)  # process 0 renames
+        if jax.process_count() > 1:
+            # Every process waits for those renames before Orbax (or latest_step) lists the
+            # directory, so none of them can pick up a step that is being moved aside.
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"jaxgpt-checkpoint-set-aside:{self.directory}")
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, enable_async_checkpointing=async_save, create=True
+        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        steps = complete_steps(self.directory)
+        return steps[-1] if steps else None
+
+    def save(self, step: int, state: Any, meta: dict) -> None:
+        """Save asynchronously; a state with a non-finite value is refused, never written."""
+        if not bool(_all_finite(state)):
+            raise CheckpointError(f"refusing to write checkpoint {step}: the state has NaN or inf")
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+            force=True,
+        )
+
+    def restore(self, step: int, target: Any) -> tuple[Any, dict]:
+        """Restore onto `target`: abstract arrays (jax.ShapeDtypeStruct) carrying shardings."""
+        out = self.manager.restore(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()),
+        )
+        return out["state"], out["meta"]
+
+    def read_meta(self, step: int) -> dict:
+        out = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return out["meta"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def abstract_with_shardings(shapes: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs that tell Orbax where each restored array goes (any topology)."""
+    return jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
+    )
+
+
+def model_config_diff(saved: dict, current: GPTConfig) -> list[str]:
+    """Fields where a run directory's model differs from `current`, as 'field: a != b'."""
+    now = current.to_dict()
+    return [f"{k}: {saved.get(k)!r} != {now[k]!r}" for k in now if saved.get(k) != now[k]
+            and k not in ("drop_rate", "dtype", "attention", "remat_policy")]
+
+
+def load_for_inference(run_dir: str | Path, step: int | None = None, mesh=None):
+    """(GPTConfig, params) from a run directory's latest complete checkpoint: on one device, or
+    split over `mesh` by the logical axis rules (any mesh, whatever the run was trained on)."""
+    import yaml
+    from jaxgpt.sharding import logical_to_shardings
+    from jaxgpt.training.step import boxed_params_shape
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").exists():
+        raise CheckpointError(f"{run_dir} is not a run directory (no config.yaml)")
+    # Only the model section matters here, so runs of any recipe (pretraining, classifier,
+    # instruction tuning) with their own config sections load the same way.
+    model = GPTConfig.from_dict(yaml.safe_load((run_dir / "config.yaml").read_text())["model"])
+    ckpt = Checkpointer(run_dir / "checkpoints", async_save=False)
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+        raise CheckpointError(f"{run_dir} has no complete checkpoint")
+    ckpt.close()
+    # A manager told the handlers reads the saved tree's metadata and a partial tree: only the
+    # parameters are read; the optimizer state, twice their size, stays on disk.
+    reader = ocp.CheckpointManager(ckpt.directory, item_handlers={
+        "state": ocp.PyTreeCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
+    saved = reader.item_metadata(step)["state"]["params"]
+    shapes = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), np.dtype(m.dtype)), saved)
+    if mesh is None:
+        one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        shardings = jax.tree.map(lambda _: one, shapes)
+    else:
+        boxed = boxed_params_shape(model)
+        if jax.tree.structure(nn.meta.unbox(boxed)) != jax.tree.structure(shapes):
+            raise CheckpointError(f"checkpoint {step} in {run_dir} does not hold a GPT of its config")
+        shardings = logical_to_shardings(nn.get_partition_spec(boxed), shapes, mesh)
+    target = {"params": abstract_with_shardings(shapes, shardings)}
+    restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding), target)
+    out = reader.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=target, restore_args=restore_args, partial_restore=True)))
+    reader.close()
+    return model, out["state"]["params"]

@@ -28,9 +28,8 @@ from jax import lax
 
 from jaxgpt import GPT, GPTConfig, count_params, init_params
 from jaxgpt.generation import _head, generate
-from jaxgpt.pretrained import save_pretrained
-
 from jaxgpt.hostmem import retain_freed_memory  # noqa: E402
+from jaxgpt.pretrained import save_pretrained
 
 retain_freed_memory()  # before the first JAX computation (jaxgpt/hostmem.py)
 

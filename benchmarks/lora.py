@@ -32,16 +32,19 @@ import numpy as np  # noqa: E402
 
 from jaxgpt import lora  # noqa: E402
 from jaxgpt.config import GPTConfig  # noqa: E402
+from jaxgpt.hostmem import retain_freed_memory  # noqa: E402
 from jaxgpt.lora_io import base_fingerprint  # noqa: E402
-from jaxgpt.model import count_params, init_params  # noqa: E402
+from jaxgpt.model import (  # noqa: E402
+    abstract_params,  # noqa: E402
+    count_params,
+    init_params,
+)
+from jaxgpt.sharding import MeshConfig, boxed_shardings, make_mesh  # noqa: E402
+from jaxgpt.training.losses import lm_loss_fn  # noqa: E402
 from jaxgpt.training.optim import make_optimizer, schedule  # noqa: E402
 from jaxgpt.training.runconfig import OptimConfig  # noqa: E402
-from jaxgpt.sharding import MeshConfig, boxed_shardings, make_mesh  # noqa: E402
-from jaxgpt.training.step import (  # noqa: E402
-    boxed_params_shape, compile_steps, init_state, lm_loss_fn, state_shardings,
-)
-
-from jaxgpt.hostmem import retain_freed_memory  # noqa: E402
+from jaxgpt.training.state import init_state, state_shardings  # noqa: E402
+from jaxgpt.training.step import compile_steps  # noqa: E402
 
 retain_freed_memory()  # before the first JAX computation (jaxgpt/hostmem.py)
 
@@ -64,7 +67,7 @@ def hardware() -> str:
 def build(variant: str, cfg: GPTConfig, params, lcfg: lora.LoRAConfig, tx, mesh, batch):
     """(compiled step, state, frozen, stats) for one variant."""
     base_loss = lm_loss_fn(cfg)
-    boxed = boxed_params_shape(cfg)
+    boxed = abstract_params(cfg)
     if variant == "full":
         loss, trainable, frozen, frozen_sh = base_loss, jax.tree.map(jnp.copy, params), None, None
     else:

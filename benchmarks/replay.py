@@ -19,18 +19,16 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import train_throughput as tt  # noqa: E402
 
 from jaxgpt.data import batch_indices  # noqa: E402
-from jaxgpt.model import _boxed_init  # noqa: E402
+from jaxgpt.hostmem import retain_freed_memory  # noqa: E402
+from jaxgpt.model import init_params  # noqa: E402
 from jaxgpt.pretrained import save_pretrained  # noqa: E402
 from jaxgpt.tasks.pretraining import window_datasets  # noqa: E402
 from jaxgpt.training.runconfig import load_config  # noqa: E402
-
-from jaxgpt.hostmem import retain_freed_memory  # noqa: E402
 
 retain_freed_memory()  # before the first JAX computation (jaxgpt/hostmem.py)
 
@@ -49,8 +47,7 @@ def main(argv=None) -> None:
                             seed=cfg.train.seed)
         rows = train.rows(idx)
         batches.append((rows["inputs"], rows["targets"]))
-    init = jax.device_get(nn.meta.unbox(
-        jax.jit(_boxed_init, static_argnums=0)(cfg.model, jax.random.key(cfg.train.seed))))
+    init = jax.device_get(init_params(cfg.model, jax.random.key(cfg.train.seed)))
 
     ours = tt.JaxContender(cfg.model, tt.make_mesh(tt.MeshConfig()), batches,
                            total_steps=args.steps, params=init)

@@ -60,18 +60,19 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxgpt
+from jaxgpt import kernels
 from jaxgpt.config import GPTConfig
 from jaxgpt.corpus import load_text
 from jaxgpt.hostmem import retain_freed_memory
-from jaxgpt.kernels.matmul import use_layout_matmul
 from jaxgpt.model import count_params
-from jaxgpt.training.optim import make_optimizer, schedule
 from jaxgpt.pretrained import hf_config, save_pretrained
-from jaxgpt.sharding import MeshConfig
-from jaxgpt.training.runconfig import OptimConfig
-from jaxgpt.sharding import batch_sharding, make_mesh
+from jaxgpt.sharding import MeshConfig, batch_sharding, make_mesh
 from jaxgpt.tokenizer import get_tokenizer
-from jaxgpt.training.step import compile_steps, create_state, lm_loss_fn
+from jaxgpt.training.losses import lm_loss_fn
+from jaxgpt.training.optim import make_optimizer, schedule
+from jaxgpt.training.runconfig import OptimConfig
+from jaxgpt.training.state import create_state
+from jaxgpt.training.step import compile_steps
 
 retain_freed_memory()  # before the first JAX computation (jaxgpt/hostmem.py)
 
@@ -340,7 +341,7 @@ def interleaved(contenders, steps: int, warmup: int) -> dict[str, list[float]]:
 
 def make_config(args, dtype: str) -> GPTConfig:
     overrides = dict(context_length=args.context, dtype=dtype, drop_rate=args.drop_rate,
-                     attention=args.attention, remat_policy=args.remat,
+                     kernels=args.kernels, remat_policy=args.remat,
                      scan_layers=args.scan_layers, qkv_bias=True, tie_embeddings=args.tie)
     defaults = GPTConfig()
     for item in args.override:
@@ -378,14 +379,8 @@ def throughput(args, torch) -> None:
     mesh = make_mesh(parse_mesh(args.mesh))
     tokens = args.batch * args.context
     batches = text_batches(args.warmup + args.steps, args.batch, args.context, config.vocab_size)
-    if config.attention == "reference":
-        path = "reference (autodiff)"
-    elif use_layout_matmul():
-        path = "heads-major (hand-written gradient, CPU layouts)"
-    elif args.drop_rate > 0:
-        path = "reference (autodiff; dropout on the weights)"
-    else:
-        path = "fused jax.nn.dot_product_attention"
+    attend = kernels.select(config.kernels).attention
+    path = f"kernels {config.kernels}: {attend.__module__.rsplit('.', 1)[-1]}.{attend.__name__}"
     print(f"config: {args.preset}, context {args.context}, batch {args.batch} ({tokens} tokens/step), "
           f"compute {config.compute_dtype.name}, dropout {config.drop_rate}, attention {path}, "
           f"remat {config.remat_policy}, scan_layers {config.scan_layers}, "
@@ -641,7 +636,7 @@ def parse_args(argv=None):
                         "host memory after the peer's first allocations)")
     p.add_argument("--mesh", default=None, help="e.g. data=1,fsdp=1,tensor=1 (default: data=all)")
     p.add_argument("--drop-rate", type=float, default=GPTConfig.drop_rate)
-    p.add_argument("--attention", choices=("fast", "reference"), default="fast")
+    p.add_argument("--kernels", choices=kernels.KERNEL_SETS, default="auto")
     p.add_argument("--remat", default="none", choices=("none", "full", "dots", "dots_no_batch"))
     p.add_argument("--scan-layers", action="store_true")
     p.add_argument("--tie", action="store_true", help="tie the head to the token embedding")

@@ -7,10 +7,23 @@ want them (train/*.py, jaxgpt.cli.*, the benchmarks).
 
 from jaxgpt.config import GPTConfig
 from jaxgpt.corpus import dataset_path, load_hf_text, load_text, tokenize_cached
-from jaxgpt.data import WindowDataset, batch_indices, get_batch, sliding_windows, split_ids
+from jaxgpt.data import (
+    WindowDataset,
+    batch_indices,
+    get_batch,
+    sliding_windows,
+    split_ids,
+)
 from jaxgpt.generation import generate, generate_simple, generate_stream
 from jaxgpt.lora import LoRAConfig, lora_loss_fn
-from jaxgpt.model import GPT, count_params, init_cache, init_params, logical_axes, validate_ids
+from jaxgpt.model import (
+    GPT,
+    count_params,
+    init_cache,
+    init_params,
+    logical_axes,
+    validate_ids,
+)
 from jaxgpt.pretrained import load_pretrained, save_pretrained
 from jaxgpt.tasks.classification.model import classify, load_classifier
 from jaxgpt.tokenizer import (

@@ -5,8 +5,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-import jax
 import jax.numpy as jnp
+
+from jaxgpt.kernels import KERNEL_SETS, auto_compute_dtype
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 _REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
@@ -20,6 +21,9 @@ PRESETS: dict[str, dict] = {
 }
 # Hugging Face hub names of the same models.
 PRESET_ALIASES = {"gpt2": "gpt2-small"}
+# Fields that change how a model runs, not its weights: a finetuning run or a loader may set
+# them whatever the weights were trained with.
+RUNTIME_FIELDS = ("drop_rate", "dtype", "kernels", "remat_policy")
 
 
 @dataclass(frozen=True)
@@ -39,8 +43,9 @@ class GPTConfig:
     # Compute dtype of matmuls; parameters stay float32 and softmax/logits/loss stay float32.
     # "auto" is bfloat16 on GPU/TPU and float32 on CPU, resolved when the model is traced.
     dtype: str = "auto"
-    # Attention kernel: "fast" (jax.nn.dot_product_attention) or "reference" (chapter 3's steps).
-    attention: str = "fast"
+    # Which implementations run the model's operations (jaxgpt/kernels/__init__.py): "auto", the
+    # measured fast path for the backend, or "reference", the plain definitions.
+    kernels: str = "auto"
     # Rematerialise each block's activations in the backward pass ("none" keeps them all).
     remat_policy: str = "none"
     # Scan over one compiled block instead of unrolling n_layers copies (faster compile).
@@ -63,10 +68,8 @@ class GPTConfig:
             raise ValueError(f"GPTConfig.drop_rate must be in [0, 1), got {self.drop_rate!r}")
         if self.dtype not in _DTYPES:
             raise ValueError(f"GPTConfig.dtype must be one of {_DTYPES}, got {self.dtype!r}")
-        if self.attention not in ("fast", "reference"):
-            raise ValueError(
-                f"GPTConfig.attention must be 'fast' or 'reference', got {self.attention!r}"
-            )
+        if self.kernels not in KERNEL_SETS:
+            raise ValueError(f"GPTConfig.kernels must be one of {KERNEL_SETS}, got {self.kernels!r}")
         if self.init not in ("gpt2", "torch"):
             raise ValueError(f"GPTConfig.init must be 'gpt2' or 'torch', got {self.init!r}")
         if self.remat_policy not in _REMAT_POLICIES:
@@ -80,9 +83,7 @@ class GPTConfig:
 
     @property
     def compute_dtype(self):
-        if self.dtype == "auto":
-            return jnp.dtype(jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)
-        return jnp.dtype(self.dtype)
+        return auto_compute_dtype() if self.dtype == "auto" else jnp.dtype(self.dtype)
 
     def replace(self, **changes) -> "GPTConfig":
         return dataclasses.replace(self, **changes)
@@ -90,8 +91,15 @@ class GPTConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def runtime(self) -> dict:
+        """The RUNTIME_FIELDS of this config, to lay over a loaded model's config."""
+        return {k: getattr(self, k) for k in RUNTIME_FIELDS}
+
     @classmethod
     def from_dict(cls, values: dict) -> "GPTConfig":
+        if "attention" in values and "kernels" not in values:  # configs written before kernels/
+            values = {**values, "kernels": {"fast": "auto"}.get(values["attention"], values["attention"])}
+            values.pop("attention")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:

@@ -13,6 +13,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+# A target the loss skips (padding, a masked prompt), as in PyTorch's cross_entropy.
+IGNORE = -100
+
 
 def _check_positive_int(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:

@@ -33,8 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxgpt import kernels
 from jaxgpt.config import GPTConfig
-from jaxgpt.kernels.matmul import project
 from jaxgpt.model import GPT, init_cache, validate_ids
 
 MIN_BUCKET = 16
@@ -47,7 +47,7 @@ def prompt_bucket(length: int, context_length: int) -> int:
 
 def _head(params, config: GPTConfig, h: jax.Array) -> jax.Array:
     """Output head on final hidden states [B, D] -> float32 logits [B, V], as the model does."""
-    dt = config.compute_dtype
+    dt, project = config.compute_dtype, kernels.select(config.kernels).project
     if config.tie_embeddings:
         return project(h.astype(dt), params["wte"]["embedding"].astype(dt), True, jnp.float32)
     return project(h.astype(dt), params["lm_head"].astype(dt), False, jnp.float32)

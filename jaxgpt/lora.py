@@ -40,6 +40,9 @@ import jax
 import jax.numpy as jnp
 
 from jaxgpt.kernels.dropout import dropout
+from jaxgpt.model import Dense
+from jaxgpt.trees import flatten as _flat
+from jaxgpt.trees import unflatten as _nest
 
 # The projections of every block: attention query/key/value/c_proj and MLP c_fc/c_proj.
 DEFAULT_TARGETS = (r"attn/(query|key|value|c_proj)/kernel$", r"mlp/(c_fc|c_proj)/kernel$")
@@ -101,26 +104,6 @@ class LoRAConfig:
         if unknown:
             raise ValueError(f"unknown LoRAConfig field(s): {', '.join(unknown)}")
         return cls(**values)
-
-
-# ---- trees as flat {"a/b/c": leaf} dicts --------------------------------------------------------
-
-
-def _flat(tree, is_leaf=None) -> dict[str, Any]:
-    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]
-    return {"/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path): x
-            for path, x in leaves}
-
-
-def _nest(flat: dict[str, Any]) -> dict:
-    tree: dict = {}
-    for path, x in flat.items():
-        *parents, last = path.split("/")
-        node = tree
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[last] = x
-    return tree
 
 
 def _pairs(adapters) -> dict[str, tuple[Any, Any]]:
@@ -263,8 +246,11 @@ def boxed_trees(boxed_params, config: LoRAConfig) -> tuple[dict, dict]:
 def _adapter_out(module, x, a, b, config: LoRAConfig, deterministic: bool):
     """scale * (drop(x) @ A) @ B for one Dense call, contracting x's trailing input axes."""
     n_in = a.ndim - 1
-    axis = getattr(module, "axis", -1)
-    axis = tuple(ax % x.ndim for ax in (axis if isinstance(axis, tuple) else (axis,)))
+    if isinstance(module, Dense):
+        axis = tuple(range(x.ndim - module.n_in, x.ndim))
+    else:  # flax's Dense / DenseGeneral, in a model of the user's
+        axis = getattr(module, "axis", -1)
+        axis = tuple(ax % x.ndim for ax in (axis if isinstance(axis, tuple) else (axis,)))
     if axis != tuple(range(x.ndim - n_in, x.ndim)) or getattr(module, "batch_dims", ()):
         raise ValueError(f"LoRA adapter of {'/'.join(module.path)} expects {n_in} trailing input "
                          f"axes, but the layer contracts axes {axis}")
@@ -272,8 +258,9 @@ def _adapter_out(module, x, a, b, config: LoRAConfig, deterministic: bool):
     x = x.astype(dtype)
     if config.dropout > 0 and not deterministic:
         x = dropout(x, config.dropout, module.make_rng("dropout"))
-    h = jnp.tensordot(x, a.astype(dtype), n_in, precision=module.precision)  # [..., r]
-    return config.scale * jnp.tensordot(h, b.astype(dtype), 1, precision=module.precision)
+    precision = getattr(module, "precision", None)
+    h = jnp.tensordot(x, a.astype(dtype), n_in, precision=precision)  # [..., r]
+    return config.scale * jnp.tensordot(h, b.astype(dtype), 1, precision=precision)
 
 
 def _factored_params(trainable, frozen, config: LoRAConfig, merged=()) -> tuple[dict, list[str]]:
@@ -296,7 +283,7 @@ def _intercept(config: LoRAConfig, deterministic: bool, applied: set, next_fun, 
     """Add the low-rank path to a Dense/DenseGeneral call whose params hold an adapter."""
     y = next_fun(*args, **kwargs)
     m = context.module
-    if (context.method_name != "__call__" or not isinstance(m, (nn.Dense, nn.DenseGeneral))
+    if (context.method_name != "__call__" or not isinstance(m, (Dense, nn.Dense, nn.DenseGeneral))
             or not m.has_variable("params", "lora_a")):
         return y
     applied.add("/".join(m.path))

@@ -36,8 +36,9 @@ import orbax.checkpoint as ocp
 from safetensors.numpy import save_file
 
 from jaxgpt.config import GPTConfig
-from jaxgpt.lora import LoRAConfig, _flat, _nest, _pairs, init
+from jaxgpt.lora import LoRAConfig, _pairs, init
 from jaxgpt.model import count_params
+from jaxgpt.trees import flatten, unflatten
 
 ADAPTERS, META = "adapters", "lora.json"
 FORMAT = "jaxgpt-lora"
@@ -58,7 +59,7 @@ def _host(x) -> np.ndarray:
 def base_fingerprint(params, config: LoRAConfig) -> str:
     """sha256 of the frozen base leaves (those trained in full are left out, present or not)."""
     h = hashlib.sha256()
-    for path, x in sorted(_flat(params).items()):
+    for path, x in sorted(flatten(params).items()):
         if any(re.search(t, path) for t in config.trainable):
             continue
         host = _host(x)
@@ -68,7 +69,7 @@ def base_fingerprint(params, config: LoRAConfig) -> str:
 
 
 def _shapes(tree) -> dict[str, list]:
-    return {p: [list(x.shape), str(np.dtype(x.dtype))] for p, x in _flat(tree).items()}
+    return {p: [list(x.shape), str(np.dtype(x.dtype))] for p, x in flatten(tree).items()}
 
 
 def save_adapters(directory: str | os.PathLike, trainable, config: LoRAConfig, base_params) -> Path:
@@ -111,7 +112,7 @@ def load_adapters(directory: str | os.PathLike, base_params, shardings=None):
         raise ValueError(f"adapters in {directory} were trained on other base weights "
                          f"(sha256 {meta['base_sha256'][:12]}..., given {found[:12]}...)")
     shardings = jax.sharding.SingleDeviceSharding(jax.devices()[0]) if shardings is None else shardings
-    target = _nest({p: jax.ShapeDtypeStruct(tuple(shape), np.dtype(dtype))
+    target = unflatten({p: jax.ShapeDtypeStruct(tuple(shape), np.dtype(dtype))
                     for p, (shape, dtype) in meta["shapes"].items()})
     target.setdefault("full", {})  # an empty subtree leaves no paths behind
     if isinstance(shardings, jax.sharding.Sharding):

@@ -26,13 +26,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgpt.attention import (
-    cache_attention, causal_mask, fast_attention, heads_major_attention, reference_attention,
-)
+from jaxgpt import kernels
 from jaxgpt.config import GPTConfig
+from jaxgpt.kernels.attention import causal_mask
 from jaxgpt.kernels.dropout import Dropout
-from jaxgpt.kernels.gelu import gelu
-from jaxgpt.kernels.matmul import dense_dot_general, keep_kernel_dtype, project, use_layout_matmul
 from jaxgpt.sharding import constrain
 
 Cache = dict[str, jax.Array]
@@ -42,7 +39,7 @@ def _kernel_init(cfg: GPTConfig, residual: bool = False):
     """GPT-2's N(0, 0.02) (residual projections scaled by 1/sqrt(2 L)), or PyTorch's default
     for nn.Linear, U(+-1/sqrt(fan_in)), which the book's GPTModel gets."""
     if cfg.init == "torch":
-        # flax hands DenseGeneral initializers the kernel flattened to [fan_in, fan_out].
+        # Dense hands initializers the kernel flattened to [fan_in, fan_out].
         return nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
     return nn.initializers.normal(0.02 / np.sqrt(2 * cfg.n_layers) if residual else 0.02)
 
@@ -62,6 +59,36 @@ def _param(init, names):
     return nn.with_logical_partitioning(init, names)
 
 
+class Dense(nn.Module):
+    """x [..., in...] -> [..., out...]: the trailing `n_in` axes of x times a float32 kernel
+    [in..., out...] (+ bias [out...]), computed in `dtype` by the selected kernel set. The
+    kernel's logical axis names are `names`; initializers see it flattened to [fan_in, fan_out]."""
+
+    features: tuple[int, ...]
+    names: tuple[str | None, ...]
+    kernel_init: Any
+    bias_init: Any = None  # None: no bias
+    n_in: int = 1
+    dtype: Any = jnp.float32
+    kernels: str = "auto"
+
+    @nn.compact
+    def __call__(self, x):
+        ins = x.shape[x.ndim - self.n_in:]
+        fan_in, fan_out = int(np.prod(ins)), int(np.prod(self.features))
+
+        def flat(init, shape2):
+            return lambda key, shape, dtype=jnp.float32: init(key, shape2, dtype).reshape(shape)
+
+        kernel = self.param("kernel", _param(flat(self.kernel_init, (fan_in, fan_out)), self.names),
+                            ins + tuple(self.features), jnp.float32)
+        bias = None
+        if self.bias_init is not None:
+            bias = self.param("bias", _param(flat(self.bias_init, (fan_out,)), self.names[self.n_in:]),
+                              tuple(self.features), jnp.float32)
+        return kernels.select(self.kernels).dense(x, kernel, bias, self.n_in, self.dtype)
+
+
 def _remat_policy(name: str):
     return {
         "full": None,
@@ -77,18 +104,13 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg = self.config
-        dense = lambda feats, names, fan_in, residual, name: nn.Dense(  # noqa: E731
-            feats,
-            dtype=cfg.compute_dtype,
-            dot_general=dense_dot_general,
-            promote_dtype=keep_kernel_dtype,
-            kernel_init=_param(_kernel_init(cfg, residual=residual), names),
-            bias_init=_param(_bias_init(cfg, fan_in), names[1:]),
-            name=name,
+        dense = lambda feats, names, fan_in, residual, name: Dense(  # noqa: E731
+            (feats,), names, _kernel_init(cfg, residual=residual), _bias_init(cfg, fan_in),
+            dtype=cfg.compute_dtype, kernels=cfg.kernels, name=name,
         )
         h = dense(4 * cfg.emb_dim, ("embed", "mlp"), cfg.emb_dim, False, "c_fc")(x)  # [B, T, F]
         h = constrain(h, ("batch", "length", "mlp"))
-        h = gelu(h)  # the tanh approximation, float32 inside (jaxgpt/gelu.py)
+        h = kernels.select(cfg.kernels).gelu(h)  # GPT-2's tanh approximation
         return dense(cfg.emb_dim, ("mlp", "embed"), 4 * cfg.emb_dim, True, "c_proj")(h)  # [B, T, D]
 
 
@@ -104,16 +126,9 @@ class CausalSelfAttention(nn.Module):
         H, K = cfg.n_heads, cfg.head_dim
 
         def proj(name):
-            y = nn.DenseGeneral(
-                (H, K),
-                use_bias=cfg.qkv_bias,
-                dtype=cfg.compute_dtype,
-                dot_general=dense_dot_general,
-                promote_dtype=keep_kernel_dtype,
-                kernel_init=_param(_kernel_init(cfg), ("embed", "heads", "kv")),
-                bias_init=_param(_bias_init(cfg, cfg.emb_dim), ("heads", "kv")),
-                name=name,
-            )(x)  # [B, T, H, K]
+            y = Dense((H, K), ("embed", "heads", "kv"), _kernel_init(cfg),
+                      _bias_init(cfg, cfg.emb_dim) if cfg.qkv_bias else None,
+                      dtype=cfg.compute_dtype, kernels=cfg.kernels, name=name)(x)  # [B, T, H, K]
             return constrain(y, ("batch", "length", "heads", "kv"))
 
         q, k, v = proj("query"), proj("key"), proj("value")
@@ -134,33 +149,13 @@ class CausalSelfAttention(nn.Module):
 
         use_dropout = not self.deterministic and cfg.drop_rate > 0.0
         rng = self.make_rng("dropout") if use_dropout else None
-        if layer_cache is not None:
-            out = cache_attention(q, k, v, mask, dropout_rate=cfg.drop_rate, dropout_rng=rng,
-                                  deterministic=not use_dropout)  # [B, T, H, K]
-        elif cfg.attention == "fast" and use_layout_matmul():
-            # On CPU: the reference computation with products in the layouts XLA:CPU runs fast.
-            out = heads_major_attention(q, k, v, mask, dropout_rate=cfg.drop_rate,
-                                        dropout_rng=rng, deterministic=not use_dropout)
-        # The fused kernel has no dropout on the weights, so training with dropout takes the
-        # reference path; evaluation takes the fast one.
-        elif cfg.attention == "reference" or use_dropout:
-            out = reference_attention(
-                q, k, v, mask, dropout_rate=cfg.drop_rate, dropout_rng=rng,
-                deterministic=not use_dropout,
-            )
-        else:
-            out = fast_attention(q, k, v, mask)  # [B, T, H, K]
-        y = nn.DenseGeneral(
-            cfg.emb_dim,
-            axis=(-2, -1),
-            dtype=cfg.compute_dtype,
-            dot_general=dense_dot_general,
-            promote_dtype=keep_kernel_dtype,
-            kernel_init=_param(_kernel_init(cfg, residual=True),
-                               ("heads", "kv", "embed")),
-            bias_init=_param(_bias_init(cfg, cfg.emb_dim), ("embed",)),
-            name="c_proj",
-        )(out)  # [B, T, D]
+        ops = kernels.select(cfg.kernels)
+        attend = ops.attention if layer_cache is None else ops.cache_attention
+        out = attend(q, k, v, mask, dropout_rate=cfg.drop_rate, dropout_rng=rng,
+                     deterministic=not use_dropout)  # [B, T, H, K]
+        y = Dense((cfg.emb_dim,), ("heads", "kv", "embed"), _kernel_init(cfg, residual=True),
+                  _bias_init(cfg, cfg.emb_dim), n_in=2, dtype=cfg.compute_dtype,
+                  kernels=cfg.kernels, name="c_proj")(out)  # [B, T, D]
         return y, new_cache
 
 
@@ -259,11 +254,11 @@ class GPT(nn.Module):
             out = x.astype(jnp.float32)
         elif cfg.tie_embeddings:
             # Logits in float32 whatever the compute dtype.
-            out = project(x, wte.embedding, True, jnp.float32)  # [B, T, V]
+            out = kernels.select(cfg.kernels).project(x, wte.embedding, True, jnp.float32)  # [B, T, V]
         else:
             kernel = self.param("lm_head", _param(_kernel_init(cfg), ("embed", "vocab")),
                                 (cfg.emb_dim, cfg.vocab_size), jnp.float32)
-            out = project(x, kernel, False, jnp.float32)  # [B, T, V]
+            out = kernels.select(cfg.kernels).project(x, kernel, False, jnp.float32)  # [B, T, V]
         return out if cache is None else (out, new_cache)
 
 
@@ -306,20 +301,27 @@ def init_cache(config: GPTConfig, batch: int, length: int, dtype=None) -> Cache:
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
 
-def _boxed_init(config: GPTConfig, key: jax.Array):
+def _init(config: GPTConfig, key: jax.Array):
     ids = jnp.zeros((1, 1), jnp.int32)
     return GPT(config).init({"params": key}, ids)["params"]
 
 
-def init_params(config: GPTConfig, key: jax.Array):
-    """Fresh float32 parameters (a plain dict tree; logical axes via `logical_axes`)."""
-    return nn.meta.unbox(jax.jit(_boxed_init, static_argnums=0)(config, key))
+def init_params(config: GPTConfig, key: jax.Array, *, boxed: bool = False):
+    """Fresh float32 parameters: a plain dict tree, or with `boxed` each leaf in an
+    nn.LogicallyPartitioned box that carries its logical axis names (what a Trainer shards by)."""
+    params = jax.jit(_init, static_argnums=0)(config, key)
+    return params if boxed else nn.meta.unbox(params)
+
+
+def abstract_params(config: GPTConfig, *, boxed: bool = True):
+    """`init_params`'s tree as shapes and dtypes only (nothing allocated), boxed by default."""
+    shapes = jax.eval_shape(functools.partial(_init, config), jax.random.key(0))
+    return shapes if boxed else nn.meta.unbox(shapes)
 
 
 def logical_axes(config: GPTConfig):
     """The tree of PartitionSpecs of logical axis names, matching `init_params`'s tree."""
-    boxed = jax.eval_shape(functools.partial(_boxed_init, config), jax.random.key(0))
-    return nn.get_partition_spec(boxed)
+    return nn.get_partition_spec(abstract_params(config))
 
 
 def count_params(params) -> int:

@@ -25,14 +25,14 @@ import re
 import tempfile
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from jaxgpt.config import GPTConfig
-from jaxgpt.model import init_params
+from jaxgpt.model import abstract_params
+from jaxgpt.trees import flatten, unflatten
 
 HUB_MODELS = {
     "gpt2": "openai-community/gpt2",
@@ -230,7 +230,7 @@ def load_pretrained(name_or_path: str | os.PathLike, **config_overrides) -> tupl
         flat[("lm_head",)] = flat[("wte", "embedding")].T.copy()  # untie by copying, as the book does
     if config.scan_layers:
         flat = _stack_blocks(flat, config.n_layers)
-    return config, _nest(flat)
+    return config, unflatten(flat, leaf=jnp.asarray, consume=True)  # leaf by leaf
 
 
 def _stack_blocks(flat: dict, n_layers: int) -> dict:
@@ -242,27 +242,12 @@ def _stack_blocks(flat: dict, n_layers: int) -> dict:
     return out
 
 
-def _nest(flat: dict) -> dict:
-    """Flat {path: numpy} -> nested dict of jax arrays, converting and releasing leaf by leaf."""
-    tree: dict = {}
-    for path in list(flat):
-        node = tree
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-        node[path[-1]] = jnp.asarray(flat.pop(path))
-    return tree
-
-
-def _flatten(tree, convert=True) -> dict[tuple, np.ndarray]:
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {tuple(k.key for k in path): np.asarray(x, np.float32) if convert else x
-            for path, x in leaves}
 
 
 def to_hf_tensors(config: GPTConfig, params) -> dict[str, np.ndarray]:
     """jaxgpt params (plain or scanned) -> GPT2LMHeadModel's named float32 tensors, shapes checked."""
-    expected = _flatten(jax.eval_shape(lambda k: init_params(config, k), jax.random.key(0)), False)
-    flat = _flatten(params)
+    expected = flatten(abstract_params(config, boxed=False), sep=None)
+    flat = {p: np.asarray(x, np.float32) for p, x in flatten(params, sep=None).items()}
     if set(flat) != set(expected):
         missing = sorted("/".join(p) for p in set(expected) - set(flat))
         extra = sorted("/".join(p) for p in set(flat) - set(expected))

@@ -12,7 +12,13 @@ import numpy as np
 import pytest
 
 from jaxgpt import corpus
-from jaxgpt.corpus import DOC_SEPARATOR, dataset_path, load_hf_text, load_text, tokenize_cached
+from jaxgpt.corpus import (
+    DOC_SEPARATOR,
+    dataset_path,
+    load_hf_text,
+    load_text,
+    tokenize_cached,
+)
 from jaxgpt.tokenizer import EOT_ID, get_tokenizer
 
 # Captured before the autouse fixture hides it: the real data, for the opt-in test below.

@@ -55,8 +55,10 @@ def _hf_greedy(hf, prompts, new):
     return out[:, width:].numpy()
 
 
-def test_greedy_matches_transformers(model):
+@pytest.mark.parametrize("kernel_set", ["auto", "reference"])
+def test_greedy_matches_transformers(model, kernel_set):
     hf, config, params = model
+    config = config.replace(kernels=kernel_set)
     for prompt in PROMPTS:
         ours = generate(params, config, [prompt], 8)
         np.testing.assert_array_equal(ours[:, :len(prompt)], [prompt])

@@ -14,11 +14,14 @@ import pytest
 
 from jaxgpt import lora
 from jaxgpt.config import GPTConfig
+from jaxgpt.data import IGNORE
 from jaxgpt.lora_io import export_peft, load_adapters, save_adapters
-from jaxgpt.model import GPT, init_params
+from jaxgpt.model import GPT, abstract_params, init_params
+from jaxgpt.training.losses import lm_loss_fn
 from jaxgpt.training.optim import make_optimizer, schedule
 from jaxgpt.training.runconfig import OptimConfig
-from jaxgpt.training.step import IGNORE, boxed_params_shape, init_state, lm_loss_fn, train_step
+from jaxgpt.training.state import init_state
+from jaxgpt.training.step import train_step
 from tests.conftest import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,7 +120,7 @@ def test_shapes_and_logical_axes(setup):
     bound = 1 / math.sqrt(H * K)  # A ~ U(+-1/sqrt(fan_in)), fan_in of c_proj is H K
     a = np.asarray(blocks["attn"]["c_proj"]["kernel"]["a"])
     assert np.abs(a).max() <= bound and np.abs(a).max() > 0.8 * bound
-    boxed, frozen_boxed = lora.boxed_trees(boxed_params_shape(cfg), CFG)
+    boxed, frozen_boxed = lora.boxed_trees(abstract_params(cfg), CFG)
     names = lambda x: tuple(x.names)  # noqa: E731
     is_box = lambda x: hasattr(x, "names")  # noqa: E731
     lb = ("layers",) if cfg.scan_layers else ()

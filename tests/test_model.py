@@ -58,11 +58,11 @@ def test_causal_by_perturbation(setup):
     assert not np.allclose(out[:, t + 1 :], base[:, t + 1 :])
 
 
-@pytest.mark.parametrize("attention", ["fast", "reference"])
-def test_causal_by_gradient(setup, attention):
+@pytest.mark.parametrize("kernel_set", ["auto", "reference"])
+def test_causal_by_gradient(setup, kernel_set):
     """d loss_t / d (embedding of token s) is zero for s > t, nonzero for s <= t."""
     cfg, params, ids = setup
-    cfg = cfg.replace(attention=attention)
+    cfg = cfg.replace(kernels=kernel_set)
     t = 3
 
     def loss_at_t(emb_offsets):
@@ -77,10 +77,10 @@ def test_causal_by_gradient(setup, attention):
     assert np.all(norms[: t + 1] > 0.0)
 
 
-def test_fast_and_reference_models_agree(setup):
+def test_auto_and_reference_kernels_agree(setup):
     cfg, params, ids = setup
     a = _apply(cfg, params, ids)
-    b = _apply(cfg.replace(attention="reference"), params, ids)
+    b = _apply(cfg.replace(kernels="reference"), params, ids)
     np.testing.assert_allclose(a, b, atol=1e-5)
 
 

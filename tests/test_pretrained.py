@@ -69,9 +69,10 @@ def checkpoints(tmp_path_factory):
 
 @pytest.mark.parametrize("name, overrides", [("small", {}), ("medium", {}), ("medium_untied", {}),
                                              ("large", dict(scan_layers=True)), ("xl", {})])
-def test_logits_match_transformers(checkpoints, name, overrides):
+@pytest.mark.parametrize("kernel_set", ["auto", "reference"])
+def test_logits_match_transformers(checkpoints, name, overrides, kernel_set):
     path, model = checkpoints[name]
-    config, params = load_pretrained(path, dtype="float32", **overrides)  # on every backend
+    config, params = load_pretrained(path, dtype="float32", kernels=kernel_set, **overrides)
     assert config.tie_embeddings == (name != "medium_untied")
     assert ("lm_head" in params) == (name == "medium_untied")
     ids = _ids(config, (2, config.context_length))
@@ -85,9 +86,10 @@ def _cross_entropy_torch(model, ids, targets):
 
 
 @pytest.mark.parametrize("name", ["small", "medium_untied"])
-def test_gradients_match_transformers(checkpoints, name):
+@pytest.mark.parametrize("kernel_set", ["auto", "reference"])
+def test_gradients_match_transformers(checkpoints, name, kernel_set):
     path, model = checkpoints[name]
-    config, params = load_pretrained(path, dtype="float32")
+    config, params = load_pretrained(path, dtype="float32", kernels=kernel_set)
     ids, targets = _ids(config, (2, 9), seed=1), _ids(config, (2, 9), seed=2)
 
     def loss_fn(p):

@@ -14,13 +14,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import AbstractMesh, PartitionSpec as P
+from jax.sharding import AbstractMesh
+from jax.sharding import PartitionSpec as P
 
+from jaxgpt.sharding import (
+    MESH_AXES,
+    activation_sharding,
+    constrain,
+    make_mesh,
+    mesh_spec,
+    process_rows,
+    traced_under,
+)
 from jaxgpt.training.report import _bytes
 from jaxgpt.training.runconfig import MeshConfig
-from jaxgpt.sharding import (
-    MESH_AXES, activation_sharding, constrain, make_mesh, mesh_spec, process_rows, traced_under,
-)
 
 WORKER = Path(__file__).resolve().parent / "workers" / "sharded_step.py"
 MESHES = ["data8", "fsdp8", "tensor8", "data2_fsdp4", "data2_tensor4", "fsdp2_tensor4"]

@@ -21,9 +21,9 @@ from jaxgpt.hostmem import retain_freed_memory  # noqa: E402
 
 retain_freed_memory()  # before the first JAX computation (jaxgpt/hostmem.py)
 
-from jaxgpt.tasks.classification.model import ClassifierRunConfig  # noqa: E402
-from jaxgpt.tasks.classification.finetune import finetune  # noqa: E402
 from jaxgpt.distributed import is_lead, maybe_initialize  # noqa: E402
+from jaxgpt.tasks.classification.finetune import finetune  # noqa: E402
+from jaxgpt.tasks.classification.model import ClassifierRunConfig  # noqa: E402
 from jaxgpt.training.runconfig import ConfigError, load_config  # noqa: E402
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "cls_spam_book.yaml"

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import jax
 
-from jaxgpt.tasks.instruct.prompts import TEMPLATES
 from jaxgpt.hostmem import retain_freed_memory
+from jaxgpt.tasks.instruct.prompts import TEMPLATES
 
 
 def load_chat_model(name_or_dir: str, template: str | None = None):

@@ -18,15 +18,17 @@ from pathlib import Path
 import jax
 
 from jaxgpt.generation import generate_stream
-from jaxgpt.pretrained import load_pretrained
 from jaxgpt.hostmem import retain_freed_memory
+from jaxgpt.pretrained import load_pretrained
 
 
 def load_model(name_or_dir: str):
     """(config, params) from a GPT-2 name, an exported directory or a training run directory."""
     path = Path(name_or_dir)
     if path.is_dir() and ((path / "config.yaml").exists() or (path / "checkpoints").is_dir()):
-        from jaxgpt.training.checkpoint import load_for_inference  # training stack only for run dirs
+        from jaxgpt.training.checkpoint import (
+            load_for_inference,  # training stack only for run dirs
+        )
 
         return load_for_inference(path)
     return load_pretrained(name_or_dir)

@@ -12,7 +12,12 @@ import json
 import os
 import sys
 
-from jaxgpt.tasks.instruct.judge import DEFAULT_BASE_URL, ChatClient, JudgeError, score_responses
+from jaxgpt.tasks.instruct.judge import (
+    DEFAULT_BASE_URL,
+    ChatClient,
+    JudgeError,
+    score_responses,
+)
 
 
 def main(argv=None) -> int:

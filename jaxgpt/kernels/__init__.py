@@ -1,1 +1,85 @@
-"""Kernels: the implementations the model's operations run on, chosen per backend in one place."""
+"""Kernels: how the model's operations run, chosen by backend here and nowhere else.
+
+The model names what it computes (a dense projection, the LM head's product, attention, GELU,
+the loss) and calls `select(config.kernels)`'s functions; this module decides how, from the
+kernel set's name and the JAX backend:
+
+  reference  the plain definitions (what flax and jax.nn compute), which every other kernel is
+             tested against
+  auto       what was measured fastest on the backend:
+               cpu      every Dense through the layout matmul (matmul.py), attention with a
+                        hand-written gradient in (B, H)-batched layouts (cpu_attention.py)
+               gpu/tpu  plain dots (XLA's own choices), jax.nn.dot_product_attention (cuDNN's
+                        fused kernel on GPU) where attention has no dropout
+             and everywhere GELU and the cross-entropy with one-pass float32 gradients (gelu.py,
+             cross_entropy.py).
+
+Dropout (dropout.py) is not a choice: its masks are a pure function of the key, the same under
+every kernel set, backend and sharding. Importing kernels changes nothing in the process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from jaxgpt.kernels import attention as _attention
+from jaxgpt.kernels import cross_entropy as _ce
+from jaxgpt.kernels import dense as _dense
+from jaxgpt.kernels.cpu_attention import heads_major_attention
+from jaxgpt.kernels.gelu import gelu, reference_gelu
+
+KERNEL_SETS = ("auto", "reference")
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelSet:
+    """The functions one kernel set runs; signatures in the module each comes from."""
+
+    name: str
+    dense: Callable  # (x [..., in...], kernel [in..., out...], bias | None, n_in, dtype) -> [..., out...]
+    project: Callable  # (x [..., C], w, rhs_t, out_dtype) -> [..., N]: the LM head
+    attention: Callable  # (q, k, v, mask, *, dropout_rate, dropout_rng, deterministic) -> [B, T, H, K]
+    cache_attention: Callable  # the same over a heads-major [B, H, S, K] cache
+    gelu: Callable
+    cross_entropy_sum: Callable  # (logits, targets, ignore) -> float32 scalar
+
+
+def backend() -> str:
+    """The platform the kernels are chosen for: "cpu", "gpu" or "tpu"."""
+    return jax.default_backend()
+
+
+def auto_compute_dtype() -> jnp.dtype:
+    """dtype="auto": bfloat16 on GPU/TPU, float32 on CPU."""
+    return jnp.dtype(jnp.float32 if backend() == "cpu" else jnp.bfloat16)
+
+
+def _attention_off_cpu(q, k, v, mask=None, *, dropout_rate=0.0, dropout_rng=None, deterministic=True):
+    # The fused kernel has no dropout on the weights: training with dropout takes the reference.
+    if deterministic or dropout_rate == 0.0:
+        return _attention.fused_attention(q, k, v, mask)
+    return _attention.reference_attention(q, k, v, mask, dropout_rate=dropout_rate,
+                                          dropout_rng=dropout_rng, deterministic=deterministic)
+
+
+@functools.lru_cache(maxsize=None)
+def select(name: str = "auto", platform: str | None = None) -> KernelSet:
+    """The kernel set `name` for `platform` (default: the current backend)."""
+    if name not in KERNEL_SETS:
+        raise ValueError(f"kernels must be one of {KERNEL_SETS}, got {name!r}")
+    reference = KernelSet("reference", _dense.reference_dense, _dense.reference_project,
+                          _attention.reference_attention, _attention.cache_attention,
+                          reference_gelu, _ce.reference_cross_entropy_sum)
+    if name == "reference":
+        return reference
+    if (platform or backend()) == "cpu":
+        return dataclasses.replace(reference, name="auto", dense=_dense.layout_dense,
+                                   project=_dense.layout_project, attention=heads_major_attention,
+                                   gelu=gelu, cross_entropy_sum=_ce.cross_entropy_sum)
+    return dataclasses.replace(reference, name="auto", attention=_attention_off_cpu, gelu=gelu,
+                               cross_entropy_sum=_ce.cross_entropy_sum)

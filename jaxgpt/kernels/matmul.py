@@ -9,14 +9,14 @@ on a 2-core Xeon with AMX: a 2048^3 bfloat16 dot with a float32 result ran at ~1
 the same dot with a bfloat16 result at ~240, float32 at ~270.
 
 `matmul` is a custom-VJP matmul whose forward and both backward products take those layouts;
-`dense_dot_general` routes flax's Dense/DenseGeneral contraction through it on CPU. Elsewhere
-(GPU, TPU) the compiler's own choices are kept. The arithmetic is the same either way.
+the kernel selector (jaxgpt/kernels/__init__.py) routes every Dense (dense.py) and the LM head
+through it on CPU. Elsewhere (GPU, TPU) the compiler's own choices are kept. The arithmetic is
+the same either way.
 
 Mixed precision: the weight may stay float32 while x is bfloat16. It is then cast to x's dtype
 inside the matmul, and its gradient comes back as the float32 product it was accumulated in.
 Casting outside (flax's default) makes the gradient bfloat16 first and float32 again after,
 which costs two passes over every weight gradient and rounds it to 8 bits of mantissa.
-Dense layers get this by `keep_kernel_dtype` as their `promote_dtype`.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 _ROWS = (((1,), (0,)), ((), ()))  # [M, C] x [C, N]
 _ROWS_T = (((1,), (1,)), ((), ()))  # [M, C] x [N, C]
@@ -88,52 +87,3 @@ def _matmul_bias_bwd(out_dtype, res, g):
 
 
 matmul_bias.defvjp(_matmul_bias_fwd, _matmul_bias_bwd)
-
-
-def use_layout_matmul() -> bool:
-    """Whether `matmul` replaces the plain dot: on XLA:CPU, where it was measured."""
-    return jax.default_backend() == "cpu"
-
-
-def project(x, w, rhs_t: bool, out_dtype):
-    """x [..., C] times w ([C, N], or [N, C] if rhs_t) -> [..., N] in out_dtype, float32
-    accumulation, w used in x's dtype: through `matmul` on CPU, a plain dot elsewhere."""
-    if use_layout_matmul():
-        return matmul(x.reshape(-1, x.shape[-1]), w, rhs_t, out_dtype).reshape(*x.shape[:-1], -1)
-    dims = (((x.ndim - 1,), (1 if rhs_t else 0,)), ((), ()))
-    return jax.lax.dot_general(x, w.astype(x.dtype), dims,
-                               preferred_element_type=jnp.float32).astype(out_dtype)
-
-
-def keep_kernel_dtype(inputs, kernel, bias=None, *, dtype=None, inexact=True):
-    """flax Dense's `promote_dtype` hook, for use with `dense_dot_general` only: inputs go to
-    `dtype`; the kernel and bias stay as stored and travel together to `dense_dot_general`,
-    which casts them inside the matmul and adds the bias there. flax still adds the bias it
-    gets back, so that is zeros (XLA drops the addition)."""
-    del inexact
-    if dtype is not None:
-        inputs = jnp.asarray(inputs, dtype)
-    if bias is None:
-        return inputs, kernel, None
-    return inputs, (kernel, bias), jnp.zeros(bias.shape, dtype or bias.dtype)
-
-
-def dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
-    """flax's `dot_general` hook for Dense/DenseGeneral: their contraction of the trailing
-    axes of `lhs` with the leading axes of `rhs` goes through `matmul` on CPU. A kernel left
-    in its stored dtype by `keep_kernel_dtype` is used in lhs's dtype."""
-    rhs, bias = rhs if isinstance(rhs, tuple) else (rhs, None)  # see keep_kernel_dtype
-    (lc, rc), (lb, rb) = dimension_numbers
-    n = len(lc)
-    usual = (not lb and not rb and tuple(lc) == tuple(range(lhs.ndim - n, lhs.ndim))
-             and tuple(rc) == tuple(range(n)))
-    if not (usual and use_layout_matmul()):
-        out = jax.lax.dot_general(lhs, rhs.astype(lhs.dtype), dimension_numbers,
-                                  precision=precision, preferred_element_type=preferred_element_type)
-        return out if bias is None else out + bias.astype(out.dtype)  # bias: out's trailing axes
-    m_shape, n_shape = lhs.shape[: lhs.ndim - n], rhs.shape[n:]
-    x2 = lhs.reshape(-1, int(np.prod(lhs.shape[lhs.ndim - n:])))  # [M, C]
-    w2 = rhs.reshape(-1, int(np.prod(n_shape)))  # [C, N]
-    out = (matmul(x2, w2, False, lhs.dtype) if bias is None
-           else matmul_bias(x2, w2, bias.reshape(-1), lhs.dtype))
-    return out.reshape(m_shape + n_shape)

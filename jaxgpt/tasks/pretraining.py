@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import flax.linen as nn
 import numpy as np
 
 from jaxgpt.corpus import load_text, tokenize_cached
 from jaxgpt.data import WindowDataset, split_ids
 from jaxgpt.distributed import host_copy
-from jaxgpt.model import _boxed_init
-from jaxgpt.training.runconfig import RunConfig
+from jaxgpt.model import abstract_params, init_params
 from jaxgpt.tokenizer import get_tokenizer
-from jaxgpt.training.step import boxed_params_shape, lm_loss_fn
+from jaxgpt.training.losses import lm_loss_fn
+from jaxgpt.training.runconfig import RunConfig
 from jaxgpt.training.trainer import FitResult, fit
 
 
@@ -55,7 +54,7 @@ def sampler(cfg: RunConfig):
 def pretrain(cfg: RunConfig, **fit_kwargs) -> FitResult:
     """Train cfg.model from scratch on cfg.data (resuming from the run directory if it can)."""
     train, val = window_datasets(cfg)
-    init_fn = lambda key: nn.meta.unbox(_boxed_init(cfg.model, key))  # noqa: E731
+    init_fn = lambda key: init_params(cfg.model, key)  # noqa: E731
     fit_kwargs.setdefault("on_eval", sampler(cfg))
     return fit(cfg, train, val, loss_fn=lm_loss_fn(cfg.model),
-               boxed_params=boxed_params_shape(cfg.model), init_fn=init_fn, **fit_kwargs)
+               boxed_params=abstract_params(cfg.model), init_fn=init_fn, **fit_kwargs)

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxgpt.config import GPTConfig
+from jaxgpt.config import RUNTIME_FIELDS, GPTConfig
 
 _COMMITTED = ("commit_success.txt", "_CHECKPOINT_METADATA")
 
@@ -124,15 +124,16 @@ def model_config_diff(saved: dict, current: GPTConfig) -> list[str]:
     """Fields where a run directory's model differs from `current`, as 'field: a != b'."""
     now = current.to_dict()
     return [f"{k}: {saved.get(k)!r} != {now[k]!r}" for k in now if saved.get(k) != now[k]
-            and k not in ("drop_rate", "dtype", "attention", "remat_policy")]
+            and k not in RUNTIME_FIELDS]
 
 
 def load_for_inference(run_dir: str | Path, step: int | None = None, mesh=None):
     """(GPTConfig, params) from a run directory's latest complete checkpoint: on one device, or
     split over `mesh` by the logical axis rules (any mesh, whatever the run was trained on)."""
     import yaml
+
+    from jaxgpt.model import abstract_params
     from jaxgpt.sharding import logical_to_shardings
-    from jaxgpt.training.step import boxed_params_shape
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").exists():
@@ -155,7 +156,7 @@ def load_for_inference(run_dir: str | Path, step: int | None = None, mesh=None):
         one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         shardings = jax.tree.map(lambda _: one, shapes)
     else:
-        boxed = boxed_params_shape(model)
+        boxed = abstract_params(model)
         if jax.tree.structure(nn.meta.unbox(boxed)) != jax.tree.structure(shapes):
             raise CheckpointError(f"checkpoint {step} in {run_dir} does not hold a GPT of its config")
         shardings = logical_to_shardings(nn.get_partition_spec(boxed), shapes, mesh)

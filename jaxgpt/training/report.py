@@ -16,14 +16,18 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from jaxgpt.training.checkpoint import abstract_with_shardings
 from jaxgpt.config import GPTConfig
+from jaxgpt.model import abstract_params
+from jaxgpt.sharding import RULES, batch_sharding, boxed_shardings, mesh_spec
+from jaxgpt.training.checkpoint import abstract_with_shardings
+from jaxgpt.training.losses import lm_loss_fn
 from jaxgpt.training.optim import make_optimizer
 from jaxgpt.training.runconfig import OptimConfig
-from jaxgpt.sharding import RULES, batch_sharding, boxed_shardings, mesh_spec
-from jaxgpt.training.step import abstract_state, boxed_params_shape, compile_steps, lm_loss_fn
+from jaxgpt.training.state import abstract_state
+from jaxgpt.training.step import compile_steps
 
 
 def _bytes(n: float) -> str:
@@ -84,7 +88,7 @@ def sharding_report(
     (abstract, with logical boxes) defaults to the parameters of GPT(config).
     """
     tx = make_optimizer(OptimConfig(), 1) if tx is None else tx
-    boxed = boxed_params_shape(config) if boxed_params is None else boxed_params
+    boxed = abstract_params(config) if boxed_params is None else boxed_params
     specs = nn.get_partition_spec(boxed)
     shapes = nn.meta.unbox(boxed)
     flat_shapes = jax.tree_util.tree_flatten_with_path(shapes)[0]

@@ -1,14 +1,11 @@
-"""Train state and the pure train/eval steps, compiled once with explicit shardings.
+"""The pure train and eval steps, compiled once with explicit shardings.
 
 A batch is a dict of arrays shaped [A, B, T]: A micro-batches (gradient accumulation) of B rows.
 `targets` uses IGNORE (-100) for positions that do not count. The loss of a step is the sum of
 token losses over every micro-batch divided by the number of counted target tokens in the whole
 step, so k micro-batches give exactly the gradient of one large batch.
 
-A loss function has the signature `loss_fn(params, frozen, batch, rng, deterministic) ->
-(sum_of_losses, aux)` where `batch` holds one micro-batch; `frozen` is an optional tree that is
-used but never trained (LoRA's base weights), passed separately so it is sharded, not donated and
-receives no optimizer state.
+Loss functions: see jaxgpt.training.losses.
 """
 
 from __future__ import annotations
@@ -16,79 +13,13 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable
 
-import flax.linen as nn
-import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
 
-from jaxgpt.config import GPTConfig
-from jaxgpt.model import GPT, _boxed_init
-from jaxgpt.sharding import batch_sharding, boxed_shardings, traced_under
-
-IGNORE = -100
-
-
-@flax.struct.dataclass
-class TrainState:
-    step: jax.Array  # batches consumed (the data position)
-    params: Any  # trained parameters
-    opt_state: Any
-    rng: jax.Array  # raw uint32 key data, so checkpoints hold plain arrays
-    skips: jax.Array  # consecutive non-finite updates skipped
-
-
-def token_counts(targets: jax.Array) -> jax.Array:
-    return jnp.sum(targets != IGNORE)
-
-
-def cross_entropy_sum(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """Sum of next-token cross-entropy over counted targets, in float32."""
-    return _cross_entropy_sum(logits.astype(jnp.float32), targets)
-
-
-# The gradient by hand: softmax * g - onehot * g in one pass over the saved exponentials, which
-# the logits' consumer (the head's matmul) rounds to its dtype in the same pass. Autodiff of
-# the log-softmax writes a float32 product first and rounds it in a second pass over the
-# [B, T, V] logits, the largest tensor of the step.
-@jax.custom_vjp
-def _cross_entropy_sum(logits, targets):
-    return _cross_entropy_fwd(logits, targets)[0]
-
-
-def _cross_entropy_fwd(logits, targets):
-    counted = targets != IGNORE
-    safe = jnp.where(counted, targets, 0)
-    top = jnp.max(logits, axis=-1, keepdims=True)
-    exps = jnp.exp(logits - top)
-    total = jnp.sum(exps, axis=-1, keepdims=True)
-    picked = jnp.take_along_axis(logits, safe[..., None], axis=-1)
-    losses = (top + jnp.log(total) - picked)[..., 0]  # logsumexp - logit of the target
-    return jnp.sum(jnp.where(counted, losses, 0.0)), (exps, total, safe, counted)
-
-
-def _cross_entropy_bwd(res, g):
-    exps, total, safe, counted = res
-    w = jnp.where(counted, g, 0.0)[..., None]
-    target = jax.lax.broadcasted_iota(safe.dtype, exps.shape, exps.ndim - 1) == safe[..., None]
-    return exps * (w / total) - jnp.where(target, w, 0.0), None
-
-
-_cross_entropy_sum.defvjp(_cross_entropy_fwd, _cross_entropy_bwd)
-
-
-def lm_loss_fn(config: GPTConfig):
-    """The language-model loss: next-token cross-entropy of GPT(config)."""
-    model = GPT(config)
-
-    def loss_fn(params, frozen, batch, rng, deterministic):
-        del frozen
-        logits = model.apply(
-            {"params": params}, batch["inputs"], deterministic, rngs={"dropout": rng}
-        )  # [B, T, V]
-        return cross_entropy_sum(logits, batch["targets"]), None
-
-    return loss_fn
+from jaxgpt.sharding import batch_sharding, traced_under
+from jaxgpt.training.losses import token_counts
+from jaxgpt.training.state import TrainState
 
 
 def train_step(
@@ -172,43 +103,6 @@ def eval_step(params, batch: dict, frozen: Any = None, *, loss_fn: Callable) -> 
     """Summed loss and counted tokens of one [B, T] batch (deterministic: no dropout)."""
     loss_sum, aux = loss_fn(params, frozen, batch, jax.random.key(0), True)
     return {"loss_sum": loss_sum, "count": token_counts(batch["targets"]), "aux": aux}
-
-
-def init_state(params, tx: optax.GradientTransformation, seed: int) -> TrainState:
-    return TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=params,
-        opt_state=tx.init(params),
-        rng=jax.random.key_data(jax.random.key(seed)),
-        skips=jnp.zeros((), jnp.int32),
-    )
-
-
-def abstract_state(boxed_params, tx, seed: int = 0):
-    """The state's shapes with logical boxes kept on params and Adam moments."""
-    return jax.eval_shape(lambda p: init_state(p, tx, seed), boxed_params)
-
-
-def boxed_params_shape(config: GPTConfig):
-    return jax.eval_shape(functools.partial(_boxed_init, config), jax.random.key(0))
-
-
-def state_shardings(boxed_params, tx, mesh):
-    """NamedShardings for every leaf of the train state, from the logical axis rules."""
-    return boxed_shardings(abstract_state(boxed_params, tx), mesh)
-
-
-def create_state(config: GPTConfig, tx, mesh, seed: int, params=None):
-    """A sharded train state: fresh parameters from `seed`, or the given ones placed."""
-    boxed = boxed_params_shape(config)
-    shardings = state_shardings(boxed, tx, mesh)
-    if params is None:
-        init = lambda key: nn.meta.unbox(_boxed_init(config, key))  # noqa: E731
-        params = jax.jit(init, out_shardings=shardings.params)(jax.random.key(seed))
-    else:
-        params = jax.device_put(params, shardings.params)
-    make = jax.jit(lambda p: init_state(p, tx, seed), out_shardings=shardings)
-    return make(params), shardings
 
 
 def compile_steps(loss_fn, tx, lr_fn, state_sh, mesh, frozen_sh=None):

@@ -21,16 +21,30 @@ from typing import Any, Callable
 import jax
 from tqdm.auto import tqdm
 
-from jaxgpt.training.checkpoint import Checkpointer, abstract_with_shardings, model_config_diff
 from jaxgpt.data import batch_indices, num_batches
+from jaxgpt.sharding import (
+    boxed_shardings,
+    data_parallel_size,
+    make_global_batch,
+    make_mesh,
+    process_rows,
+)
+from jaxgpt.training.checkpoint import (
+    Checkpointer,
+    abstract_with_shardings,
+    model_config_diff,
+)
 from jaxgpt.training.metrics import MetricsLog, plot_losses
 from jaxgpt.training.optim import make_optimizer, schedule
 from jaxgpt.training.report import sharding_report
-from jaxgpt.training.runconfig import ConfigError, RunConfig, config_from_yaml, save_config
-from jaxgpt.sharding import (
-    boxed_shardings, data_parallel_size, make_global_batch, make_mesh, process_rows,
+from jaxgpt.training.runconfig import (
+    ConfigError,
+    RunConfig,
+    config_from_yaml,
+    save_config,
 )
-from jaxgpt.training.step import abstract_state, compile_steps, init_state
+from jaxgpt.training.state import abstract_state, init_state
+from jaxgpt.training.step import compile_steps
 
 
 class TrainingHalted(RuntimeError):

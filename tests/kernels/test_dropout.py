@@ -5,7 +5,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from jax.extend.random import threefry_2x32
 
 from jaxgpt.kernels.dropout import Dropout, dropout, keep_mask, threefry2x32

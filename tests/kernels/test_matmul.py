@@ -1,11 +1,18 @@
-"""The layout-spelled matmul equals the plain dot, in value and in gradients."""
+"""The layout-spelled matmul and the CPU dense path equal the plain dot and the reference dense
+(flax's arithmetic), in value and in gradients."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxgpt.kernels.matmul import dense_dot_general, matmul
+from jaxgpt.kernels.dense import (
+    layout_dense,
+    layout_project,
+    reference_dense,
+    reference_project,
+)
+from jaxgpt.kernels.matmul import matmul
 
 
 def _inputs(shape_x, shape_w, dtype, seed=0):
@@ -41,49 +48,46 @@ def test_bfloat16_matmul_accumulates_in_float32_and_keeps_dtypes():
     assert gx.dtype == gw.dtype == jnp.bfloat16
 
 
-@pytest.mark.parametrize("dims, shape_x, shape_w", [
-    ((((2,), (0,)), ((), ())), (2, 3, 4), (4, 5, 6)),  # Dense to [H, K]: [B, T, D] x [D, H, K]
-    ((((2, 3), (0, 1)), ((), ())), (2, 3, 4, 5), (4, 5, 6)),  # [B, T, H, K] x [H, K, D]
-    ((((1,), (1,)), ((), ())), (3, 4), (5, 4)),  # not a Dense contraction: left to lax
+@pytest.mark.parametrize("n_in, shape_x, shape_w", [
+    (1, (2, 3, 4), (4, 5, 6)),  # [B, T, D] x [D, H, K]
+    (2, (2, 3, 4, 5), (4, 5, 6)),  # [B, T, H, K] x [H, K, D]
 ])
-def test_dense_dot_general_equals_lax_dot_general(dims, shape_x, shape_w):
+@pytest.mark.parametrize("bias", [False, True])
+def test_layout_dense_equals_reference_dense(n_in, shape_x, shape_w, bias):
     x, w = _inputs(shape_x, shape_w, jnp.float32)
-    want = jax.lax.dot_general(x, w, dims)
-    got = dense_dot_general(x, w, dims)
-    assert got.shape == want.shape
+    b = jax.random.normal(jax.random.key(4), shape_w[n_in:]) if bias else None
+    want = reference_dense(x, w, b, n_in, jnp.float32)
+    got = layout_dense(x, w, b, n_in, jnp.float32)
+    assert got.shape == want.shape == shape_x[:-n_in] + shape_w[n_in:]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
-    g_got = jax.grad(lambda w: jnp.sum(jnp.sin(dense_dot_general(x, w, dims))))(w)
-    g_want = jax.grad(lambda w: jnp.sum(jnp.sin(jax.lax.dot_general(x, w, dims))))(w)
-    np.testing.assert_allclose(g_got, g_want, rtol=1e-5, atol=1e-6)
+    loss = lambda f: lambda x, w, b: jnp.sum(jnp.sin(f(x, w, b, n_in, jnp.float32)))  # noqa: E731
+    argnums = (0, 1, 2) if bias else (0, 1)
+    g_got = jax.grad(loss(layout_dense), argnums)(x, w, b)
+    g_want = jax.grad(loss(reference_dense), argnums)(x, w, b)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), g_got, g_want)
 
 
-@pytest.mark.parametrize("layout_matmul", [True, False])
+@pytest.mark.parametrize("project", [layout_project, reference_project])
 @pytest.mark.parametrize("rhs_t", [False, True])
-def test_project_equals_einsum_on_either_path(monkeypatch, layout_matmul, rhs_t):
-    import jaxgpt.kernels.matmul as mm
-
-    monkeypatch.setattr(mm, "use_layout_matmul", lambda: layout_matmul)
+def test_project_equals_einsum_on_either_path(project, rhs_t):
     x, w = _inputs((2, 3, 5), (4, 5) if rhs_t else (5, 4), jnp.float32)
     want = jnp.einsum("btc,nc->btn" if rhs_t else "btc,cn->btn", x, w)
-    got = mm.project(x, w, rhs_t, jnp.float32)
+    got = project(x, w, rhs_t, jnp.float32)
     assert got.shape == (2, 3, 4)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("rhs_t", [False, True])
-def test_float32_weight_with_bfloat16_input_gets_an_unrounded_float32_gradient(monkeypatch, rhs_t):
+def test_float32_weight_with_bfloat16_input_gets_an_unrounded_float32_gradient(rhs_t):
     """On the layout path the weight is cast inside the matmul: same value as casting it first,
     and its gradient is the float32 product of the bfloat16 operands, not that product rounded
     to bfloat16 (which the plain dot elsewhere still does, like torch autocast)."""
-    import jaxgpt.kernels.matmul as mm
-
-    monkeypatch.setattr(mm, "use_layout_matmul", lambda: True)
     x, _ = _inputs((2, 24, 40), (1,), jnp.bfloat16)
     _, w = _inputs((1,), (30, 40) if rhs_t else (40, 30), jnp.float32, seed=2)
     probe = jax.random.normal(jax.random.key(3), (2, 24, 30))
 
     def loss(w, cast_first):
-        out = mm.project(x, w.astype(jnp.bfloat16) if cast_first else w, rhs_t, jnp.float32)
+        out = layout_project(x, w.astype(jnp.bfloat16) if cast_first else w, rhs_t, jnp.float32)
         return jnp.sum(out * probe)
 
     np.testing.assert_array_equal(loss(w, False), loss(w, True))
@@ -98,35 +102,36 @@ def test_float32_weight_with_bfloat16_input_gets_an_unrounded_float32_gradient(m
     assert np.abs(rounded - want).max() > 10 * np.abs(np.asarray(gw, np.float64) - want).max()
 
 
-@pytest.mark.parametrize("layout_matmul", [True, False])
+@pytest.mark.parametrize("kernel_set", ["auto", "reference"])
 @pytest.mark.parametrize("kind", ["Dense", "DenseGeneral", "Dense-no-bias"])
-def test_dense_layers_with_kept_kernels_compute_the_float32_sum_rounded_once(
-        monkeypatch, layout_matmul, kind):
-    """keep_kernel_dtype hands kernel and bias to dense_dot_general. On the layout path the bias
-    is added to the float32 product, one rounding to bfloat16 (flax's default rounds the
-    product, then the sum), and the parameter gradients are float32 and equal the float64
-    reference. On the plain path (off CPU) everything equals flax's default exactly."""
+def test_model_dense_computes_the_float32_sum_rounded_once(kernel_set, kind):
+    """jaxgpt's Dense under the reference set equals flax's Dense/DenseGeneral exactly (value and
+    gradients). Under the CPU layout path (auto on CPU) the bias is added to the float32 product,
+    one rounding to bfloat16 (flax's default rounds the product, then the sum), and the parameter
+    gradients are float32 and equal the float64 reference."""
     import flax.linen as nn
 
-    import jaxgpt.kernels.matmul as mm
+    from jaxgpt.kernels import select
+    from jaxgpt.model import Dense
 
-    monkeypatch.setattr(mm, "use_layout_matmul", lambda: layout_matmul)
+    layout = select(kernel_set).dense is layout_dense
     x, _ = _inputs((3, 6, 8), (1,), jnp.bfloat16)
-    make = {"Dense": lambda **kw: nn.Dense(10, **kw),
-            "Dense-no-bias": lambda **kw: nn.Dense(10, use_bias=False, **kw),
-            "DenseGeneral": lambda **kw: nn.DenseGeneral((2, 5), **kw)}[kind]
-    layer = lambda **kw: make(dtype=jnp.bfloat16, dot_general=dense_dot_general, **kw)  # noqa: E731
-    params = layer().init(jax.random.key(0), x)
-    params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(5), p.shape), params)
-    ours = layer(promote_dtype=mm.keep_kernel_dtype)
+    init = nn.initializers.normal(0.5)
+    feats, flax_layer = {"Dense": ((10,), nn.Dense(10, dtype=jnp.bfloat16)),
+                         "Dense-no-bias": ((10,), nn.Dense(10, use_bias=False, dtype=jnp.bfloat16)),
+                         "DenseGeneral": ((2, 5), nn.DenseGeneral((2, 5), dtype=jnp.bfloat16))}[kind]
+    ours = Dense(feats, (None, None, None)[: 1 + len(feats)], init,
+                 None if kind == "Dense-no-bias" else nn.initializers.normal(0.5),
+                 dtype=jnp.bfloat16, kernels=kernel_set)
+    params = nn.meta.unbox(ours.init(jax.random.key(0), x))
     out = ours.apply(params, x)
-    assert out.dtype == jnp.bfloat16 and out.shape == layer().apply(params, x).shape
+    assert out.dtype == jnp.bfloat16 and out.shape == flax_layer.apply(params, x).shape
     probe = jax.random.normal(jax.random.key(6), out.shape)
     loss = lambda layer: lambda prm: jnp.sum(layer.apply(prm, x).astype(jnp.float32) * probe)  # noqa: E731
     grads = jax.grad(loss(ours))(params)
-    if not layout_matmul:
-        np.testing.assert_array_equal(out, layer().apply(params, x))
-        jax.tree.map(np.testing.assert_array_equal, grads, jax.grad(loss(layer()))(params))
+    if not layout:
+        np.testing.assert_array_equal(out, flax_layer.apply(params, x))
+        jax.tree.map(np.testing.assert_array_equal, grads, jax.grad(loss(flax_layer))(params))
         return
 
     p = params["params"]

@@ -15,21 +15,8 @@ import optax
 import pytest
 
 from jaxgpt import lora
-from jaxgpt.training.checkpoint import Checkpointer
-from jaxgpt.tasks.classification.model import (
-    ClassifierConfig,
-    ClassifierRunConfig,
-    accuracy,
-    classification_loss_fn,
-    classifier_logits,
-    classify,
-    init_head,
-    load_classifier,
-    merge_trainable,
-    pool,
-    split_trainable,
-    with_head,
-)
+from jaxgpt.config import GPTConfig
+from jaxgpt.model import init_params
 from jaxgpt.tasks.classification.data import (
     ClassifierDataConfig,
     balance,
@@ -47,11 +34,25 @@ from jaxgpt.tasks.classification.data import (
     split_sizes,
 )
 from jaxgpt.tasks.classification.finetune import evaluate, finetune, init_backbone
-from jaxgpt.config import GPTConfig
-from jaxgpt.model import init_params
-from jaxgpt.training.runconfig import ConfigError, RunConfig, load_config, save_config
+from jaxgpt.tasks.classification.model import (
+    ClassifierConfig,
+    ClassifierRunConfig,
+    accuracy,
+    classification_loss_fn,
+    classifier_logits,
+    classify,
+    init_head,
+    load_classifier,
+    merge_trainable,
+    pool,
+    split_trainable,
+    with_head,
+)
 from jaxgpt.tokenizer import EOT_ID
-from jaxgpt.training.step import eval_step, init_state, train_step
+from jaxgpt.training.checkpoint import Checkpointer
+from jaxgpt.training.runconfig import ConfigError, RunConfig, load_config, save_config
+from jaxgpt.training.state import init_state
+from jaxgpt.training.step import eval_step, train_step
 
 ROOT = Path(__file__).resolve().parents[2]
 # GPT-2's vocabulary (the tokenizer's ids), otherwise tiny, odd and distinct sizes.

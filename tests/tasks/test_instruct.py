@@ -12,14 +12,20 @@ import pytest
 
 from jaxgpt import GPTConfig, init_params
 from jaxgpt.corpus import dataset_path
+from jaxgpt.data import IGNORE as STEP_IGNORE
+from jaxgpt.tasks.instruct.data import (
+    IGNORE,
+    InstructDataset,
+    collate,
+    load_records,
+    split_records,
+)
 from jaxgpt.tasks.instruct.finetune import InstructRunConfig, mean_loss
-from jaxgpt.tasks.instruct.data import IGNORE, InstructDataset, collate, load_records, split_records
 from jaxgpt.tasks.instruct.prompts import extract_response, get_template
 from jaxgpt.tasks.instruct.responses import generate_responses
-from jaxgpt.training.runconfig import load_config
 from jaxgpt.tokenizer import EOT_ID, get_tokenizer
-from jaxgpt.training.step import IGNORE as STEP_IGNORE
-from jaxgpt.training.step import cross_entropy_sum, lm_loss_fn
+from jaxgpt.training.losses import cross_entropy_sum, lm_loss_fn
+from jaxgpt.training.runconfig import load_config
 from tests.conftest import TINY
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -8,7 +8,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from jaxgpt.cli.judge import main
-from jaxgpt.tasks.instruct.judge import ChatClient, JudgeError, judge_prompt, parse_score, score_responses
+from jaxgpt.tasks.instruct.judge import (
+    ChatClient,
+    JudgeError,
+    judge_prompt,
+    parse_score,
+    score_responses,
+)
 
 RECORD = {"instruction": "Rewrite the sentence in passive voice.", "input": "The cat ate the fish.",
           "output": "The fish was eaten by the cat."}

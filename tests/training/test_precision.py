@@ -10,9 +10,11 @@ import pytest
 from jax.extend.core import jaxprs_in_params
 
 from jaxgpt import GPT, GPTConfig, init_params
+from jaxgpt.training.losses import lm_loss_fn
 from jaxgpt.training.optim import make_optimizer, schedule
 from jaxgpt.training.runconfig import OptimConfig
-from jaxgpt.training.step import init_state, lm_loss_fn, train_step
+from jaxgpt.training.state import init_state
+from jaxgpt.training.step import train_step
 from tests.conftest import TINY
 
 OPT = OptimConfig(learning_rate=1e-2, weight_decay=0.0)
@@ -43,8 +45,8 @@ def test_bfloat16_softmax_and_loss_stay_float32():
     params = init_params(cfg, jax.random.key(0))
     ids = jnp.arange(14).reshape(2, 7) % cfg.vocab_size
     loss = lm_loss_fn(cfg)
-    for attention in ("fast", "reference"):
-        fn = lm_loss_fn(cfg.replace(attention=attention))
+    for kernel_set in ("auto", "reference"):
+        fn = lm_loss_fn(cfg.replace(kernels=kernel_set))
         jaxpr = jax.make_jaxpr(lambda p: fn(p, None, {"inputs": ids, "targets": ids},
                                             jax.random.key(0), True)[0])(params)
         dots = _equations(jaxpr.jaxpr, "dot_general")

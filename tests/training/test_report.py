@@ -5,9 +5,9 @@ import pytest
 
 from jaxgpt import GPTConfig, count_params
 from jaxgpt.model import init_params
+from jaxgpt.sharding import make_mesh
 from jaxgpt.training.report import sharding_report
 from jaxgpt.training.runconfig import MeshConfig
-from jaxgpt.sharding import make_mesh
 from tests.conftest import TINY
 
 

@@ -3,7 +3,13 @@ from pathlib import Path
 
 import pytest
 
-from jaxgpt.training.runconfig import ConfigError, RunConfig, load_config, save_config, config_from_yaml
+from jaxgpt.training.runconfig import (
+    ConfigError,
+    RunConfig,
+    config_from_yaml,
+    load_config,
+    save_config,
+)
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
 

@@ -7,9 +7,12 @@ import optax
 import pytest
 
 from jaxgpt import GPT, GPTConfig, init_params
+from jaxgpt.data import IGNORE
+from jaxgpt.training.losses import cross_entropy_sum, lm_loss_fn
 from jaxgpt.training.optim import make_optimizer, schedule
 from jaxgpt.training.runconfig import OptimConfig
-from jaxgpt.training.step import IGNORE, cross_entropy_sum, init_state, lm_loss_fn, train_step
+from jaxgpt.training.state import init_state
+from jaxgpt.training.step import train_step
 from tests.conftest import TINY
 
 CFG = GPTConfig(**TINY)

@@ -21,9 +21,12 @@ import optax  # noqa: E402
 from jaxgpt import lora  # noqa: E402
 from jaxgpt.config import GPTConfig  # noqa: E402
 from jaxgpt.data import WindowDataset  # noqa: E402
-from jaxgpt.model import init_params  # noqa: E402
+from jaxgpt.model import (
+    abstract_params,
+    init_params,  # noqa: E402
+)
+from jaxgpt.training.losses import lm_loss_fn  # noqa: E402
 from jaxgpt.training.runconfig import MeshConfig, OptimConfig, RunConfig, TrainConfig  # noqa: E402
-from jaxgpt.training.step import boxed_params_shape, lm_loss_fn  # noqa: E402
 from jaxgpt.training.trainer import fit  # noqa: E402
 
 # emb_dim 24 so that the "embed" axis splits over 8 fsdp devices; other sizes stay odd/distinct.
@@ -44,7 +47,7 @@ def lora_fit(runs_dir, fsdp: int = 1):
     """Three LoRA steps (with an evaluation) from fixed base weights and adapters."""
     base = init_params(MODEL, jax.random.key(0))
     trainable, frozen = lora.partition(base, LORA, jax.random.key(1))
-    trainable_boxed, frozen_boxed = lora.boxed_trees(boxed_params_shape(MODEL), LORA)
+    trainable_boxed, frozen_boxed = lora.boxed_trees(abstract_params(MODEL), LORA)
     mesh = MeshConfig(data=1, fsdp=fsdp) if fsdp > 1 else MeshConfig()
     cfg = RunConfig(
         name="lora", runs_dir=str(runs_dir), model=MODEL, mesh=mesh,

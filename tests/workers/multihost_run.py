@@ -40,10 +40,10 @@ def main():
     import numpy as np
 
     import jaxgpt.tasks.pretraining as pretraining
-    from jaxgpt.training.checkpoint import load_for_inference
     from jaxgpt.distributed import host_copy, maybe_initialize
-    from jaxgpt.training.runconfig import MeshConfig, load_config
     from jaxgpt.sharding import make_mesh
+    from jaxgpt.training.checkpoint import load_for_inference
+    from jaxgpt.training.runconfig import MeshConfig, load_config
 
     dist = []
     if a.coordinator:

@@ -25,11 +25,13 @@ import numpy as np  # noqa: E402
 
 from jaxgpt.config import GPTConfig  # noqa: E402
 from jaxgpt.model import init_params  # noqa: E402
+from jaxgpt.sharding import make_mesh  # noqa: E402
+from jaxgpt.training.losses import lm_loss_fn  # noqa: E402
 from jaxgpt.training.optim import make_optimizer, schedule  # noqa: E402
 from jaxgpt.training.report import sharding_report  # noqa: E402
 from jaxgpt.training.runconfig import MeshConfig, OptimConfig  # noqa: E402
-from jaxgpt.sharding import make_mesh  # noqa: E402
-from jaxgpt.training.step import compile_steps, create_state, lm_loss_fn  # noqa: E402
+from jaxgpt.training.state import create_state  # noqa: E402
+from jaxgpt.training.step import compile_steps  # noqa: E402
 
 # V=40, T=7, D=24, H=8 (K=3), F=96, L=2: every split below divides, and no two sizes are equal.
 CFG = GPTConfig(vocab_size=40, context_length=9, emb_dim=24, n_heads=8, n_layers=2,

@@ -18,7 +18,16 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jaxgpt.training.checkpoint import complete_steps, load_for_inference
+from jaxgpt.config import GPTConfig
+from jaxgpt.data import num_batches
+from jaxgpt.distributed import host_copy, is_lead
+from jaxgpt.model import init_params
+from jaxgpt.tasks.classification.data import (
+    ClassificationData,
+    build_datasets,
+    load_labels,
+    save_labels,
+)
 from jaxgpt.tasks.classification.model import (
     Classifier,
     ClassifierRunConfig,
@@ -33,18 +42,10 @@ from jaxgpt.tasks.classification.model import (
     split_trainable,
     with_head,
 )
-from jaxgpt.tasks.classification.data import ClassificationData, build_datasets, load_labels, save_labels
-from jaxgpt.config import GPTConfig
-from jaxgpt.data import num_batches
-from jaxgpt.distributed import host_copy, is_lead
+from jaxgpt.training.checkpoint import complete_steps, load_for_inference
 from jaxgpt.training.metrics import read_metrics
-from jaxgpt.model import init_params
 from jaxgpt.training.runconfig import ConfigError, config_from_yaml
 from jaxgpt.training.trainer import FitResult, fit, prepare_run_dir
-
-# Model fields that change how a model runs, not its weights: a finetuning config may set them
-# whatever the base model was trained with.
-_RUNTIME = ("drop_rate", "dtype", "attention", "remat_policy")
 
 
 @dataclass
@@ -59,7 +60,7 @@ def init_backbone(cfg: ClassifierRunConfig) -> tuple[GPTConfig, dict | None]:
     source = cfg.classifier.init_from
     if source == "scratch":
         return cfg.model, None
-    runtime = {k: getattr(cfg.model, k) for k in _RUNTIME}
+    runtime = cfg.model.runtime()
     if (Path(source) / "config.yaml").is_file():  # a jaxgpt pretraining run directory
         config, params = load_for_inference(source)
         return config.replace(**runtime), jax.device_get(params)

@@ -27,10 +27,15 @@ import numpy as np
 import optax
 
 from jaxgpt import lora
-from jaxgpt.tasks.classification.data import ClassifierDataConfig, encode_texts, load_labels, pad_batch
 from jaxgpt.config import GPTConfig
 from jaxgpt.lora import LoRAConfig
 from jaxgpt.model import GPT
+from jaxgpt.tasks.classification.data import (
+    ClassifierDataConfig,
+    encode_texts,
+    load_labels,
+    pad_batch,
+)
 from jaxgpt.training.runconfig import ConfigError, RunConfig, config_from_yaml
 
 POOLINGS = ("last_real", "last_position", "mean")
@@ -99,9 +104,9 @@ def with_head(gpt_params: dict, head: dict) -> dict:
 
 def classifier_boxed(config: GPTConfig, num_classes: int) -> dict:
     """The classifier's abstract parameter tree with logical axis boxes."""
-    from jaxgpt.training.step import boxed_params_shape
+    from jaxgpt.model import abstract_params
 
-    return with_head(boxed_params_shape(config), head_boxed(config.emb_dim, num_classes))
+    return with_head(abstract_params(config), head_boxed(config.emb_dim, num_classes))
 
 
 def classifier_logits(config: GPTConfig, pooling: str = "last_real"):

@@ -19,10 +19,10 @@ from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
+from jaxgpt.data import IGNORE
 from jaxgpt.tasks.instruct.prompts import Template, get_template
 from jaxgpt.tokenizer import EOT_ID, get_tokenizer
 
-IGNORE = -100  # the loss skips this target (train_step.IGNORE; data does not import the step)
 FIELDS = ("instruction", "input", "output")
 _SHOWN = 5  # record indices named in an error
 

@@ -28,18 +28,21 @@ import numpy as np
 from jaxgpt import lora
 from jaxgpt.config import GPTConfig
 from jaxgpt.distributed import host_copy, is_lead
-from jaxgpt.tasks.instruct.data import IGNORE, InstructDataset, load_records, split_records
 from jaxgpt.lora import LoRAConfig
-from jaxgpt.model import init_params
+from jaxgpt.model import abstract_params, init_params
+from jaxgpt.tasks.instruct.data import (
+    IGNORE,
+    InstructDataset,
+    load_records,
+    split_records,
+)
 from jaxgpt.tasks.instruct.prompts import get_template
 from jaxgpt.tasks.instruct.responses import generate_responses
-from jaxgpt.training.runconfig import ConfigError, RunConfig, config_from_yaml
 from jaxgpt.tokenizer import EOT_ID, get_tokenizer
-from jaxgpt.training.step import boxed_params_shape, eval_step, lm_loss_fn
+from jaxgpt.training.losses import lm_loss_fn
+from jaxgpt.training.runconfig import ConfigError, RunConfig, config_from_yaml
+from jaxgpt.training.step import eval_step
 from jaxgpt.training.trainer import FitResult, fit
-
-# GPTConfig fields that do not change the parameters' shapes or layout.
-RUNTIME_FIELDS = ("drop_rate", "dtype", "attention", "remat_policy")
 
 
 @dataclass(frozen=True)
@@ -89,7 +92,7 @@ def load_start(init_from: str, model: GPTConfig) -> tuple[GPTConfig, dict | None
     """(config, params) to finetune; params is None for "scratch" (model is used as it is)."""
     if init_from == "scratch":
         return model, None
-    runtime = {k: getattr(model, k) for k in RUNTIME_FIELDS}
+    runtime = model.runtime()
     path = Path(init_from)
     if (path / "model" / "config.json").is_file():  # a run that exported its model
         return _load_pretrained(path / "model", **runtime)
@@ -103,7 +106,9 @@ def load_start(init_from: str, model: GPTConfig) -> tuple[GPTConfig, dict | None
 
 
 def _load_pretrained(name_or_path, **overrides):
-    from jaxgpt.pretrained import load_pretrained  # safetensors reading; not needed from scratch
+    from jaxgpt.pretrained import (
+        load_pretrained,  # safetensors reading; not needed from scratch
+    )
 
     return load_pretrained(name_or_path, **overrides)
 
@@ -167,7 +172,7 @@ def finetune(cfg: InstructRunConfig, **fit_kwargs) -> InstructResult:
     if base is None:
         base = init_params(model, jax.random.key(cfg.train.seed))
 
-    loss_fn, boxed = lm_loss_fn(model), boxed_params_shape(model)
+    loss_fn, boxed = lm_loss_fn(model), abstract_params(model)
     if cfg.lora is None:
         kwargs, effective = dict(boxed_params=boxed, params=base), lambda p: p
     else:

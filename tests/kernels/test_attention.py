@@ -3,7 +3,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxgpt import attention as A
+from jaxgpt.kernels import attention as A
+from jaxgpt.kernels.cpu_attention import heads_major_attention
 
 
 def _qkv(key, b=2, t=7, s=7, h=3, k=5):
@@ -39,20 +40,20 @@ def test_causal_mask_with_offset():
     np.testing.assert_array_equal(m, [[1, 1, 1, 0, 0], [1, 1, 1, 1, 0]])
 
 
-@pytest.mark.parametrize("fn", ["reference", "fast"])
+@pytest.mark.parametrize("fn", ["reference", "fused"])
 def test_causal_attention_matches_naive(fn):
     q, k, v = _qkv(jax.random.key(0))
     mask = np.tril(np.ones((7, 7), bool))[None, None]
-    out = A.reference_attention(q, k, v) if fn == "reference" else A.fast_attention(q, k, v)
+    out = A.reference_attention(q, k, v) if fn == "reference" else A.fused_attention(q, k, v)
     np.testing.assert_allclose(out, _naive(q, k, v, mask), atol=1e-5)
 
 
-def test_fast_equals_reference_with_padding_mask():
+def test_fused_equals_reference_with_padding_mask():
     q, k, v = _qkv(jax.random.key(1))
     pad = np.array([[0, 0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1]], bool)
     mask = A.causal_mask(7)[None, None] & pad[:, None, None, :]
     ref = A.reference_attention(q, k, v, mask)
-    fast = A.fast_attention(q, k, v, mask)
+    fast = A.fused_attention(q, k, v, mask)
     np.testing.assert_allclose(fast, ref, atol=1e-5)
     # Fully masked query rows (the left padding of row 0) are zero, not NaN.
     assert np.all(np.asarray(ref)[0, :2] == 0.0)
@@ -79,9 +80,9 @@ def test_heads_major_equals_reference_values_and_gradients(drop):
     def loss(fn):
         return lambda q, k, v: jnp.sum(fn(q, k, v, mask, **kw) * r)
 
-    np.testing.assert_allclose(A.heads_major_attention(q, k, v, mask, **kw),
+    np.testing.assert_allclose(heads_major_attention(q, k, v, mask, **kw),
                                A.reference_attention(q, k, v, mask, **kw), atol=1e-6)
-    got = jax.grad(loss(A.heads_major_attention), (0, 1, 2))(q, k, v)
+    got = jax.grad(loss(heads_major_attention), (0, 1, 2))(q, k, v)
     want = jax.grad(loss(A.reference_attention), (0, 1, 2))(q, k, v)
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, atol=1e-5)
@@ -93,7 +94,7 @@ def test_heads_major_in_bfloat16_tracks_float32():
     r = jax.random.normal(jax.random.key(6), q.shape)
 
     def grads(dtype):
-        f = lambda q, k, v: jnp.sum(A.heads_major_attention(q, k, v).astype(jnp.float32) * r)  # noqa: E731
+        f = lambda q, k, v: jnp.sum(heads_major_attention(q, k, v).astype(jnp.float32) * r)  # noqa: E731
         return jax.grad(f, (0, 1, 2))(*(x.astype(dtype) for x in (q, k, v)))
 
     lo, hi = grads(jnp.bfloat16), grads(jnp.float32)

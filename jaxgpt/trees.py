@@ -1,0 +1,38 @@
+"""Parameter trees as flat dicts and back: the one place paths are spelled.
+
+A path joins the dict keys from the root with "/" ("h_0/attn/query/kernel"), or, with
+`sep=None`, is the tuple of keys. LoRA's targets, checkpoint fingerprints and the GPT-2
+rename table all work on these paths.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+
+
+def _key(entry) -> str:
+    return str(getattr(entry, "key", getattr(entry, "name", entry)))
+
+
+def flatten(tree, *, is_leaf: Callable[[Any], bool] | None = None, sep: str | None = "/") -> dict:
+    """{path: leaf} in the tree's order; paths are "/"-joined strings, or tuples if sep=None."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]
+    if sep is None:
+        return {tuple(_key(k) for k in path): x for path, x in leaves}
+    return {sep.join(_key(k) for k in path): x for path, x in leaves}
+
+
+def unflatten(flat: dict, *, leaf: Callable[[Any], Any] | None = None, consume: bool = False) -> dict:
+    """Nested dicts from {path: leaf} (string or tuple paths). `leaf` converts each value;
+    `consume` pops entries from `flat` as it goes, so a converted copy never sits beside it."""
+    tree: dict = {}
+    for path in list(flat):
+        value = flat.pop(path) if consume else flat[path]
+        *parents, last = path.split("/") if isinstance(path, str) else path
+        node = tree
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value if leaf is None else leaf(value)
+    return tree

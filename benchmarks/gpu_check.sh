@@ -13,8 +13,8 @@ print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version
 # float32 parity tests compare against float32 references: keep XLA from using TF32 for them.
 # Each test compiles on the GPU (about 3 s apiece): give the subset 5 minutes.
 JAX_DEFAULT_MATMUL_PRECISION=highest timeout 300 python3 -m pytest -q -p no:cacheprovider --timeout 120 --tb=short -rf \
-  tests/test_matmul.py tests/test_model.py tests/test_attention.py tests/test_train_step.py \
-  tests/test_generation.py tests/test_precision.py 2>&1 | tee "$OUT/pytest.log" | grep -E "^(FAILED|E  )|passed|failed" | head -40
+  tests/kernels tests/test_model.py tests/training/test_step.py \
+  tests/test_generation.py tests/training/test_precision.py 2>&1 | tee "$OUT/pytest.log" | grep -E "^(FAILED|E  )|passed|failed" | head -40
 bench() { name=$1; shift; timeout 150 python3 benchmarks/train_throughput.py --steps 10 --warmup 2 "$@" \
   > "$OUT/bench_$name.txt" 2>&1; echo "== $name (rc $?): $*"; tail -25 "$OUT/bench_$name.txt"; }
 bench ctx256_b2_bf16 --context 256 --batch 2 --dtype bfloat16

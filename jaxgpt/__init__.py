@@ -1,70 +1,57 @@
 """jaxgpt: build, train, finetune and serve GPT-style language models in JAX/Flax.
 
-The public API. Importing it changes nothing in the process: settings such as glibc's
-memory retention (`jaxgpt.hostmem.retain_freed_memory`) are applied by the entry points that
-want them (train/*.py, jaxgpt.cli.*, the benchmarks).
+The public API, each name imported from its module on first use: importing jaxgpt runs no
+JAX code and changes nothing in the process. Settings such as glibc's memory retention
+(`jaxgpt.hostmem.retain_freed_memory`) are applied by the entry points that want them
+(train/*.py, jaxgpt.cli.*, the benchmarks), before they import JAX.
 """
 
-from jaxgpt.config import GPTConfig
-from jaxgpt.corpus import dataset_path, load_hf_text, load_text, tokenize_cached
-from jaxgpt.data import (
-    WindowDataset,
-    batch_indices,
-    get_batch,
-    sliding_windows,
-    split_ids,
-)
-from jaxgpt.generation import generate, generate_simple, generate_stream
-from jaxgpt.lora import LoRAConfig, lora_loss_fn
-from jaxgpt.model import (
-    GPT,
-    count_params,
-    init_cache,
-    init_params,
-    logical_axes,
-    validate_ids,
-)
-from jaxgpt.pretrained import load_pretrained, save_pretrained
-from jaxgpt.tasks.classification.model import classify, load_classifier
-from jaxgpt.tokenizer import (
-    EOT_ID,
-    SimpleTokenizerV1,
-    SimpleTokenizerV2,
-    build_vocab,
-    get_tokenizer,
-)
-from jaxgpt.training.checkpoint import load_for_inference
+import importlib
 
-__all__ = [
-    "EOT_ID",
-    "LoRAConfig",
-    "GPT",
-    "GPTConfig",
-    "SimpleTokenizerV1",
-    "SimpleTokenizerV2",
-    "WindowDataset",
-    "batch_indices",
-    "build_vocab",
-    "classify",
-    "count_params",
-    "dataset_path",
-    "generate",
-    "generate_simple",
-    "generate_stream",
-    "get_batch",
-    "get_tokenizer",
-    "init_cache",
-    "init_params",
-    "load_for_inference",
-    "load_classifier",
-    "load_hf_text",
-    "load_pretrained",
-    "load_text",
-    "logical_axes",
-    "lora_loss_fn",
-    "save_pretrained",
-    "sliding_windows",
-    "split_ids",
-    "tokenize_cached",
-    "validate_ids",
-]
+_EXPORTS = {
+    "EOT_ID": "jaxgpt.tokenizer",
+    "GPT": "jaxgpt.model",
+    "GPTConfig": "jaxgpt.config",
+    "LoRAConfig": "jaxgpt.lora",
+    "SimpleTokenizerV1": "jaxgpt.tokenizer",
+    "SimpleTokenizerV2": "jaxgpt.tokenizer",
+    "WindowDataset": "jaxgpt.data",
+    "batch_indices": "jaxgpt.data",
+    "build_vocab": "jaxgpt.tokenizer",
+    "classify": "jaxgpt.tasks.classification.model",
+    "count_params": "jaxgpt.model",
+    "dataset_path": "jaxgpt.corpus",
+    "generate": "jaxgpt.generation",
+    "generate_simple": "jaxgpt.generation",
+    "generate_stream": "jaxgpt.generation",
+    "get_batch": "jaxgpt.data",
+    "get_tokenizer": "jaxgpt.tokenizer",
+    "init_cache": "jaxgpt.model",
+    "init_params": "jaxgpt.model",
+    "load_classifier": "jaxgpt.tasks.classification.model",
+    "load_for_inference": "jaxgpt.training.checkpoint",
+    "load_hf_text": "jaxgpt.corpus",
+    "load_pretrained": "jaxgpt.pretrained",
+    "load_text": "jaxgpt.corpus",
+    "logical_axes": "jaxgpt.model",
+    "lora_loss_fn": "jaxgpt.lora",
+    "save_pretrained": "jaxgpt.pretrained",
+    "sliding_windows": "jaxgpt.data",
+    "split_ids": "jaxgpt.data",
+    "tokenize_cached": "jaxgpt.corpus",
+    "validate_ids": "jaxgpt.model",
+}
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'jaxgpt' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))
+
+__all__ = sorted(_EXPORTS)

@@ -41,6 +41,7 @@ import jax.numpy as jnp
 
 from jaxgpt.kernels.dropout import dropout
 from jaxgpt.model import Dense
+from jaxgpt.sharding import is_boxed, with_axes
 from jaxgpt.trees import flatten as _flat
 from jaxgpt.trees import unflatten as _nest
 
@@ -196,7 +197,13 @@ def unmerge(merged, adapters, config: LoRAConfig):
 
 
 def partition(params, config: LoRAConfig, key: jax.Array) -> tuple[dict, dict]:
-    """(trainable, frozen): {"lora": fresh adapters, "full": leaves trained in full}, the rest."""
+    """(trainable, frozen): {"lora": fresh adapters, "full": leaves trained in full}, the rest.
+
+    Boxed params (leaves with logical axes) give boxed trees; adapters take their weight's axes."""
+    if any(is_boxed(x) for x in jax.tree.leaves(params, is_leaf=is_boxed)):
+        trainable, frozen = partition(nn.meta.unbox(params), config, key)
+        trainable_axes, frozen_axes = boxed_trees(params, config)
+        return with_axes(trainable, trainable_axes), with_axes(frozen, frozen_axes)
     r = roles(params, config)
     flat = _flat(params)
     full = {p: x for p, x in flat.items() if r.get(p) == "full"}

@@ -119,6 +119,17 @@ def boxed_shardings(boxed_tree, mesh: Mesh, rules=RULES):
     return logical_to_shardings(specs, shapes, mesh, rules)
 
 
+def is_boxed(x) -> bool:
+    return isinstance(x, nn.LogicallyPartitioned)
+
+
+def with_axes(tree, axes):
+    """`tree`'s leaves boxed with the logical axis names of `axes`, a boxed tree of the same
+    structure (such as `model.abstract_params(config)`); unboxed leaves of `axes` stay plain."""
+    return jax.tree.map(lambda ax, x: ax.replace_boxed(nn.meta.unbox(x)) if is_boxed(ax) else x,
+                        axes, tree, is_leaf=is_boxed)
+
+
 _active = threading.local()  # (mesh, rules) while a step is being traced
 
 

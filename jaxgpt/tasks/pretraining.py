@@ -7,11 +7,11 @@ import numpy as np
 from jaxgpt.corpus import load_text, tokenize_cached
 from jaxgpt.data import WindowDataset, split_ids
 from jaxgpt.distributed import host_copy
-from jaxgpt.model import abstract_params, init_params
+from jaxgpt.model import init_params
 from jaxgpt.tokenizer import get_tokenizer
 from jaxgpt.training.losses import lm_loss_fn
 from jaxgpt.training.runconfig import RunConfig
-from jaxgpt.training.trainer import FitResult, fit
+from jaxgpt.training.trainer import FitResult, Trainable, fit
 
 
 def window_datasets(cfg: RunConfig) -> tuple[WindowDataset, WindowDataset]:
@@ -35,26 +35,30 @@ def window_datasets(cfg: RunConfig) -> tuple[WindowDataset, WindowDataset]:
 
 
 def sampler(cfg: RunConfig):
-    """on_eval callback: a greedy sample from the fixed prompt (the book's generate_and_print)."""
+    """fit's `sample`: text from the fixed prompt at each evaluation, drawn as the book's
+    chapter 5 does (temperature and top-k; a fixed key per step), so it shows what was learned."""
     if cfg.train.sample_tokens <= 0:
         return None
+    import jax
+
     from jaxgpt.generation import generate
 
     tok = get_tokenizer(cfg.data.tokenizer)
     prompt = np.asarray([tok.encode(cfg.train.sample_prompt)], np.int32)
+    t = cfg.train
 
-    def on_eval(params, step):
+    def sample(params, step):
         params = host_copy(params)  # every process gathers; each samples the same text
-        out = generate(params, cfg.model, prompt, cfg.train.sample_tokens)
+        out = generate(params, cfg.model, prompt, t.sample_tokens, temperature=t.sample_temperature,
+                       top_k=t.sample_top_k, key=jax.random.fold_in(jax.random.key(t.seed), step))
         return {"sample": tok.decode(np.asarray(out)[0].tolist()).replace("\n", " ")}
 
-    return on_eval
+    return sample
 
 
 def pretrain(cfg: RunConfig, **fit_kwargs) -> FitResult:
     """Train cfg.model from scratch on cfg.data (resuming from the run directory if it can)."""
     train, val = window_datasets(cfg)
-    init_fn = lambda key: init_params(cfg.model, key)  # noqa: E731
-    fit_kwargs.setdefault("on_eval", sampler(cfg))
-    return fit(cfg, train, val, loss_fn=lm_loss_fn(cfg.model),
-               boxed_params=abstract_params(cfg.model), init_fn=init_fn, **fit_kwargs)
+    fit_kwargs.setdefault("sample", sampler(cfg))
+    trainable = Trainable(lm_loss_fn(cfg.model), init=lambda key: init_params(cfg.model, key, boxed=True))
+    return fit(cfg, trainable, train, val, **fit_kwargs)

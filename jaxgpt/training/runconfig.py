@@ -56,6 +56,8 @@ class TrainConfig:
     eval_iter: int = 5  # batches per evaluation (the book's eval_iter)
     sample_prompt: str = "Every effort moves you"
     sample_tokens: int = 30
+    sample_temperature: float = 0.0  # 0: greedy
+    sample_top_k: Optional[int] = None
     checkpoint_every: int = 100
     keep_checkpoints: int = 3
     max_consecutive_skips: int = 5  # non-finite updates in a row before the run stops

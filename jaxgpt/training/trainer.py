@@ -1,25 +1,26 @@
-"""The training loop shared by pretraining and finetuning: batches, steps, eval, checkpoints.
+"""The Trainer: set-up or restore, the jitted steps and evaluation; everything periodic is a hook.
 
 The loop is the only impure part: it reads batches (a pure function of seed and step), calls
-the jitted step, and writes metrics and checkpoints. Everything it needs to resume is the train
-state plus the step, so a run killed at any point restarts from its latest complete checkpoint
-and continues exactly as if it had never stopped.
+the jitted step, and hands each step to the hooks (jaxgpt/training/hooks.py), which log,
+evaluate, sample, checkpoint, plot, halt on non-finite updates and honour SIGTERM. Everything
+a run needs to resume is the train state plus the step, so a run killed at any point restarts
+from its latest complete checkpoint and continues exactly as if it had never stopped.
 
-A dataset is anything with `__len__` and `rows(indices) -> dict[str, np.ndarray]` (each array
-[n, ...]); the loss function decides which keys it reads.
+What trains is a `Trainable`: the loss, the initial parameters (or an init function) and an
+optional frozen tree, each leaf boxed with its logical axis names (nn.LogicallyPartitioned, as
+`init_params(..., boxed=True)` returns, or `sharding.with_axes` attaches), so one tree carries
+both the values and how they shard. A dataset is anything with `__len__` and
+`rows(indices) -> dict[str, np.ndarray]` (each array [n, ...]); the loss decides which keys it reads.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-import signal
-import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
+import flax.linen as nn
 import jax
-from tqdm.auto import tqdm
 
 from jaxgpt.data import batch_indices, num_batches
 from jaxgpt.sharding import (
@@ -29,12 +30,14 @@ from jaxgpt.sharding import (
     make_mesh,
     process_rows,
 )
+from jaxgpt.training import hooks as H
 from jaxgpt.training.checkpoint import (
     Checkpointer,
     abstract_with_shardings,
     model_config_diff,
 )
-from jaxgpt.training.metrics import MetricsLog, plot_losses
+from jaxgpt.training.hooks import StepInfo, TrainingHalted  # noqa: F401  (re-exported)
+from jaxgpt.training.metrics import MetricsLog
 from jaxgpt.training.optim import make_optimizer, schedule
 from jaxgpt.training.report import sharding_report
 from jaxgpt.training.runconfig import (
@@ -47,8 +50,24 @@ from jaxgpt.training.state import abstract_state, init_state
 from jaxgpt.training.step import compile_steps
 
 
-class TrainingHalted(RuntimeError):
-    """The run stopped itself (too many non-finite updates in a row)."""
+@dataclasses.dataclass
+class Trainable:
+    """What a task trains. Trees are boxed with logical axes (see the module docstring).
+
+    loss_fn(params, frozen, batch, rng, deterministic) -> (sum of losses, aux);
+    eval_metrics(list of eval_step outputs) -> extra eval fields (e.g. accuracy)."""
+
+    loss_fn: Callable
+    params: Any = None  # initial trainable parameters; None: `init(key)`
+    init: Callable[[jax.Array], Any] | None = None
+    frozen: Any = None  # used by the loss, never trained (sharded, not donated, no optimizer state)
+    eval_metrics: Callable[[list[dict]], dict] | None = None
+
+    def abstract(self) -> Any:
+        """The trainable tree's boxed shapes (nothing allocated)."""
+        if self.params is not None:
+            return jax.eval_shape(lambda: self.params)
+        return jax.eval_shape(self.init, jax.random.key(0))
 
 
 @dataclasses.dataclass
@@ -99,9 +118,8 @@ def _local_rows(dataset, cfg: RunConfig, step: int, seed_offset: int = 0, *, mes
     return {k: v.reshape(idx.shape + v.shape[1:]) for k, v in rows.items()}
 
 
-def _eval_batches(dataset, cfg: RunConfig, n: int, *, mesh) -> list[dict]:
-    """The first `n` unshuffled batches (fixed, so evaluations are comparable over time)."""
-    bs = cfg.train.batch_size // cfg.optim.accum_steps
+def _eval_batches(dataset, bs: int, n: int, *, mesh) -> list[dict]:
+    """The first `n` unshuffled batches of `bs` rows (fixed, so evaluations compare over time)."""
     mine = process_rows(mesh, bs)
     return [dataset.rows(i * bs + mine) for i in range(min(n, len(dataset) // bs))]
 
@@ -123,176 +141,159 @@ def prepare_run_dir(cfg: RunConfig) -> Path:
     return run_dir
 
 
-class _Preemption:
-    """Turns SIGTERM into a flag the loop checks at each step boundary."""
+class Trainer:
+    """One run: set up (or restore) on the configured mesh, then `run()` the steps and hooks."""
 
-    def __init__(self):
-        self.requested = False
-        self._old = None
+    def __init__(self, cfg: RunConfig, trainable: Trainable, train_data, val_data, *, tx=None):
+        self.cfg, self.trainable = cfg, trainable
+        self.mesh = make_mesh(cfg.mesh)
+        validate_run(cfg, len(train_data), len(val_data), self.mesh)
+        self.train_data, self.val_data = train_data, val_data
+        self.steps = total_steps(cfg, len(train_data))
+        self.tx = make_optimizer(cfg.optim, self.steps) if tx is None else tx
+        self.run_dir = prepare_run_dir(cfg)
+        self.is_lead = jax.process_index() == 0
+        self.hooks: list[tuple[Callable, int, int, bool]] = []
+        self.history: list[dict] = []
+        self.stop_requested = False
 
-    def __enter__(self):
-        try:
-            self._old = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread: leave signals alone
-            self._old = None
-        return self
+        boxed = trainable.abstract()
+        self.abstract = abstract_state(boxed, self.tx)
+        self.state_sh = boxed_shardings(self.abstract, self.mesh)
+        self.frozen, frozen_sh = None, None
+        if trainable.frozen is not None:
+            frozen_sh = boxed_shardings(jax.eval_shape(lambda: trainable.frozen), self.mesh)
+            self.frozen = jax.device_put(nn.meta.unbox(trainable.frozen), frozen_sh)
+        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", keep=cfg.train.keep_checkpoints)
+        self.log = MetricsLog(self.run_dir)
+        self.state = self._init_or_restore()
+        self.train_step, self.eval_step = compile_steps(
+            trainable.loss_fn, self.tx, schedule(cfg.optim, self.steps), self.state_sh, self.mesh,
+            frozen_sh)
+        rows = cfg.train.batch_size // cfg.optim.accum_steps
+        self.eval_sets = {name: _eval_batches(data, rows, cfg.train.eval_iter, mesh=self.mesh)
+                          for name, data in (("train", train_data), ("val", val_data))}
 
-    def _handle(self, *_):
-        self.requested = True
+    def _init_or_restore(self):
+        start = self.checkpointer.latest_step()
+        if start is not None:
+            target = abstract_with_shardings(nn.meta.unbox(self.abstract), self.state_sh)
+            state, meta = self.checkpointer.restore(start, target)
+            self.start_step, self.tokens_seen = start, meta["tokens_seen"]
+            self.log.truncate_after(start)
+            return state
+        self.start_step, self.tokens_seen = 0, 0
+        t = self.trainable
+        if t.params is not None:
+            params = jax.device_put(nn.meta.unbox(t.params), self.state_sh.params)
+        else:
+            init = lambda key: nn.meta.unbox(t.init(key))  # noqa: E731
+            params = jax.jit(init, out_shardings=self.state_sh.params)(jax.random.key(self.cfg.train.seed))
+        seed = self.cfg.train.seed
+        return jax.jit(lambda p: init_state(p, self.tx, seed), out_shardings=self.state_sh)(params)
 
-    def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
+    def add_hook(self, hook: Callable[[StepInfo], None], every: int = 1, *, offset: int = 0,
+                 final: bool = False) -> None:
+        """Call `hook` after steps offset, offset + every, ... (every=0: never periodically),
+        and after the run's last step when `final`."""
+        self.hooks.append((hook, every, offset, final))
 
+    def request_stop(self, reason: str = "") -> None:
+        """End the run after the current step's hooks (final hooks run for this step)."""
+        self.stop_requested = True
 
-def fit(
-    cfg: RunConfig,
-    train_data,
-    val_data,
-    *,
-    loss_fn: Callable,
-    boxed_params: Any,
-    init_fn: Callable[[jax.Array], Any] | None = None,
-    params: Any = None,
-    frozen: Any = None,
-    frozen_boxed: Any = None,
-    tx=None,
-    on_eval: Callable[[Any, int], dict | None] | None = None,
-    on_step: Callable[[int], None] | None = None,
-    eval_metrics: Callable[[list[dict]], dict] | None = None,
-) -> FitResult:
-    """Train `params` (or fresh ones from `init_fn`) on `train_data` by `loss_fn`.
+    def batch_at(self, step: int) -> dict:
+        """The global [A, B/A, T] batch of a step (this process reads only its rows)."""
+        a, bs = self.cfg.optim.accum_steps, self.cfg.train.batch_size
+        local = _local_rows(self.train_data, self.cfg, step, mesh=self.mesh)
+        return self._global(local, (a, bs // a))
 
-    `boxed_params`/`frozen_boxed` are abstract trees with logical axis boxes (for shardings).
-    `on_eval(params, step)` may return extra fields for the eval record (e.g. a sample).
-    """
-    mesh = make_mesh(cfg.mesh)
-    validate_run(cfg, len(train_data), len(val_data), mesh)
-    steps = total_steps(cfg, len(train_data))
-    tx = make_optimizer(cfg.optim, steps) if tx is None else tx
-    lr_fn = schedule(cfg.optim, steps)
-    run_dir = prepare_run_dir(cfg)
-
-    abstract = abstract_state(boxed_params, tx)
-    state_sh = boxed_shardings(abstract, mesh)
-    frozen_sh = None if frozen is None else boxed_shardings(frozen_boxed, mesh)
-    if frozen is not None:
-        frozen = jax.device_put(frozen, frozen_sh)
-    ckpt = Checkpointer(run_dir / "checkpoints", keep=cfg.train.keep_checkpoints)
-    log = MetricsLog(run_dir)
-    start = ckpt.latest_step()
-    if start is not None:
-        state, meta = ckpt.restore(start, abstract_with_shardings(_unbox(abstract), state_sh))
-        tokens_seen = meta["tokens_seen"]
-        log.truncate_after(start)
-    else:
-        start, tokens_seen = 0, 0
-        if params is None:
-            params = jax.jit(init_fn, out_shardings=state_sh.params)(jax.random.key(cfg.train.seed))
-        params = jax.device_put(params, state_sh.params)
-        state = jax.jit(lambda p: init_state(p, tx, cfg.train.seed), out_shardings=state_sh)(params)
-    train_step, eval_step = compile_steps(loss_fn, tx, lr_fn, state_sh, mesh, frozen_sh)
-
-    def global_batch(local: dict, lead: tuple) -> dict:
+    def _global(self, local: dict, lead: tuple) -> dict:
         shapes = {k: lead + v.shape[len(lead):] for k, v in local.items()}
-        return make_global_batch(local, mesh, shapes, batch_axis=len(lead) - 1)
+        return make_global_batch(local, self.mesh, shapes, batch_axis=len(lead) - 1)
 
-    a, bs = cfg.optim.accum_steps, cfg.train.batch_size
-
-    def batch_at(step):  # the global [A, B/A, T] batch of a step
-        return global_batch(_local_rows(train_data, cfg, step, mesh=mesh), (a, bs // a))
-
-    if cfg.train.report and start < steps:
-        # Compiling here is no extra work: jit reuses this executable for the first step.
-        compiled = train_step.lower(state, batch_at(start), frozen).compile()
-        if jax.process_index() == 0:
-            print(sharding_report(cfg.model, mesh, tx, compiled=compiled,
-                                  boxed_params=boxed_params), flush=True)
-
-    eval_sets = {"train": _eval_batches(train_data, cfg, cfg.train.eval_iter, mesh=mesh),
-                 "val": _eval_batches(val_data, cfg, cfg.train.eval_iter, mesh=mesh)}
-
-    def evaluate(params) -> dict:
+    def evaluate(self, params) -> dict:
+        """Token-mean losses (and the trainable's eval metrics) on the fixed eval batches."""
+        rows = self.cfg.train.batch_size // self.cfg.optim.accum_steps
         out = {}
-        for name, batches in eval_sets.items():
-            results = [jax.device_get(eval_step(
-                params, global_batch(b, (bs // a,)), frozen))
-                for b in batches]
-            total = sum(float(r["loss_sum"]) for r in results)
+        for name, batches in self.eval_sets.items():
+            results = [jax.device_get(self.eval_step(params, self._global(b, (rows,)), self.frozen))
+                       for b in batches]
             count = sum(int(r["count"]) for r in results)
-            out[f"{name}_loss"] = total / max(count, 1)
-            if eval_metrics is not None:
-                out.update({f"{name}_{k}": v for k, v in eval_metrics(results).items()})
+            out[f"{name}_loss"] = sum(float(r["loss_sum"]) for r in results) / max(count, 1)
+            if self.trainable.eval_metrics is not None:
+                metrics = self.trainable.eval_metrics(results)
+                out.update({f"{name}_{k}": v for k, v in metrics.items()})
         return out
 
-    history = []
-    preempted = False
-    lead = jax.process_index() == 0
-    bar = tqdm(total=steps, initial=start, disable=not cfg.train.progress or not lead,
-               desc=cfg.name, dynamic_ncols=True)
-    t_last = time.perf_counter()
-    with _Preemption() as preemption:
-        batch = batch_at(start) if start < steps else None
-        for step in range(start, steps):
-            state, m = train_step(state, batch, frozen)  # dispatched; runs while we go on
-            # The next batch is built on the host while the step runs on the device (batches
-            # are a pure function of the step, so one built and then not used costs nothing).
-            batch = batch_at(step + 1) if step + 1 < steps else None
+    def print_report(self) -> None:
+        """The sharding and memory report of the compiled step (process 0)."""
+        if self.start_step >= self.steps:
+            return
+        # Compiling here is no extra work: jit reuses this executable for the first step.
+        compiled = self.train_step.lower(self.state, self.batch_at(self.start_step), self.frozen).compile()
+        if self.is_lead:
+            print(sharding_report(self.cfg.model, self.mesh, self.tx, compiled=compiled,
+                                  boxed_params=self.trainable.abstract()), flush=True)
+
+    def run(self) -> FitResult:
+        """Step from the start (or restored) step to the end, calling the hooks after each."""
+        state, batch = self.state, None
+        if self.start_step < self.steps:
+            batch = self.batch_at(self.start_step)
+        for step in range(self.start_step, self.steps):
+            state, m = self.train_step(state, batch, self.frozen)  # dispatched; runs while we go on
+            # The next batch is built on the host while the step runs (batches are a pure
+            # function of the step, so one built and then not used costs nothing).
+            batch = self.batch_at(step + 1) if step + 1 < self.steps else None
             m = jax.device_get(m)
-            tokens_seen += int(m["tokens"])
-            now = time.perf_counter()
-            record = {"kind": "train", "step": step + 1, "tokens_seen": tokens_seen,
+            self.tokens_seen += int(m["tokens"])
+            record = {"kind": "train", "step": step + 1, "tokens_seen": self.tokens_seen,
                       "loss": float(m["loss"]), "learning_rate": float(m["learning_rate"]),
                       "grad_norm": float(m["grad_norm"]), "skipped": int(m["skipped"])}
-            log.write(record)
-            history.append(record)
-            bar.set_postfix(loss=f"{record['loss']:.3f}",
-                            tok_s=f"{m['tokens'] / max(now - t_last, 1e-9):,.0f}")
-            bar.update(1)
-            t_last = now
-            if int(state.skips) >= cfg.train.max_consecutive_skips:
-                raise TrainingHalted(
-                    f"stopping at step {step + 1}: {int(state.skips)} consecutive non-finite "
-                    "losses or gradients (lower optim.learning_rate or set optim.grad_clip)"
-                )
-            if cfg.train.eval_freq > 0 and step % cfg.train.eval_freq == 0:
-                ev = {"kind": "eval", "step": step + 1, "tokens_seen": tokens_seen,
-                      **evaluate(state.params)}
-                if on_eval is not None:
-                    ev.update(on_eval(state.params, step + 1) or {})
-                log.write(ev)
-                history.append(ev)
-                if lead:
-                    bar.write(_format_eval(ev))
-            if on_step is not None:
-                on_step(step + 1)
-            done = step + 1 == steps
-            if done or preemption.requested or (step + 1) % cfg.train.checkpoint_every == 0:
-                ckpt.save(step + 1, state, {"step": step + 1, "tokens_seen": tokens_seen,
-                                            "config": cfg.to_dict()})
-            if preemption.requested and not done:
-                preempted = True
-                if lead:
-                    bar.write(f"SIGTERM: saved checkpoint at step {step + 1}; exiting")
+            self.history.append(record)
+            self.state = state
+            info = StepInfo(self, step + 1, state, record)
+            for hook, every, offset, final in self.hooks:
+                periodic = every > 0 and info.step >= offset and (info.step - offset) % every == 0
+                if periodic or (final and info.final):
+                    hook(info)
+            if self.stop_requested:
                 break
-    bar.close()
-    ckpt.close()
-    log.close()
-    if lead and log.path.exists():
-        plot_losses(log.path, run_dir / "loss.png")
-    return FitResult(state=state, history=history, run_dir=run_dir, preempted=preempted)
+        self.checkpointer.close()
+        self.log.close()
+        return FitResult(state=state, history=self.history, run_dir=self.run_dir,
+                         preempted=self.stop_requested)
 
 
-def _unbox(tree):
-    import flax.linen as nn
+def fit(cfg: RunConfig, trainable: Trainable, train_data, val_data, *, tx=None,
+        sample: Callable[[Any, int], dict | None] | None = None,
+        hooks: Sequence[tuple[Callable[[StepInfo], None], int]] = ()) -> FitResult:
+    """Train `trainable` on `train_data` with the standard hooks, resuming if the run can.
 
-    return nn.meta.unbox(tree)
-
-
-def _format_eval(ev: dict) -> str:
-    parts = [f"step {ev['step']:>6}", f"train loss {ev['train_loss']:.3f}",
-             f"val loss {ev['val_loss']:.3f}"]
-    parts += [f"{k} {v:.3f}" for k, v in ev.items()
-              if isinstance(v, float) and k not in ("train_loss", "val_loss") and math.isfinite(v)]
-    text = " | ".join(parts)
-    return text + (f"\n  sample: {ev['sample']!r}" if "sample" in ev else "")
+    `sample(params, step)` adds fields (e.g. generated text) to each evaluation; `hooks` are
+    extra (hook, every) pairs, run after the standard per-step ones and before the checkpoint."""
+    trainer = Trainer(cfg, trainable, train_data, val_data, tx=tx)
+    t = cfg.train
+    progress = H.Progress(trainer, enabled=t.progress and trainer.is_lead)
+    preemption = H.Preemption().install()
+    trainer.add_hook(H.log_metrics(trainer.log))
+    trainer.add_hook(progress)
+    trainer.add_hook(H.halt_on_nonfinite(t.max_consecutive_skips))
+    if t.eval_freq > 0:  # the book's timing: after the first step, then every eval_freq steps
+        trainer.add_hook(H.evaluation(trainer.log, progress, sample), every=t.eval_freq, offset=1)
+    for hook, every in hooks:
+        trainer.add_hook(hook, every)
+    trainer.add_hook(preemption)
+    trainer.add_hook(H.checkpoint(trainer), every=t.checkpoint_every, final=True)
+    trainer.add_hook(H.plot(trainer.log, trainer.run_dir / "loss.png"), every=0, final=True)
+    try:
+        if t.report:
+            trainer.print_report()
+        result = trainer.run()
+    finally:
+        preemption.close()
+        progress.close()
+    if result.preempted and trainer.is_lead:
+        progress.write(f"SIGTERM: saved checkpoint at step {int(result.state.step)}; exiting")
+    return result

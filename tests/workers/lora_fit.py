@@ -21,13 +21,10 @@ import optax  # noqa: E402
 from jaxgpt import lora  # noqa: E402
 from jaxgpt.config import GPTConfig  # noqa: E402
 from jaxgpt.data import WindowDataset  # noqa: E402
-from jaxgpt.model import (
-    abstract_params,
-    init_params,  # noqa: E402
-)
+from jaxgpt.model import init_params  # noqa: E402
 from jaxgpt.training.losses import lm_loss_fn  # noqa: E402
 from jaxgpt.training.runconfig import MeshConfig, OptimConfig, RunConfig, TrainConfig  # noqa: E402
-from jaxgpt.training.trainer import fit  # noqa: E402
+from jaxgpt.training.trainer import Trainable, fit  # noqa: E402
 
 # emb_dim 24 so that the "embed" axis splits over 8 fsdp devices; other sizes stay odd/distinct.
 MODEL = GPTConfig(vocab_size=67, context_length=11, emb_dim=24, n_heads=3, n_layers=2,
@@ -45,9 +42,8 @@ def datasets():
 
 def lora_fit(runs_dir, fsdp: int = 1):
     """Three LoRA steps (with an evaluation) from fixed base weights and adapters."""
-    base = init_params(MODEL, jax.random.key(0))
+    base = init_params(MODEL, jax.random.key(0), boxed=True)  # values with their logical axes
     trainable, frozen = lora.partition(base, LORA, jax.random.key(1))
-    trainable_boxed, frozen_boxed = lora.boxed_trees(abstract_params(MODEL), LORA)
     mesh = MeshConfig(data=1, fsdp=fsdp) if fsdp > 1 else MeshConfig()
     cfg = RunConfig(
         name="lora", runs_dir=str(runs_dir), model=MODEL, mesh=mesh,
@@ -56,9 +52,8 @@ def lora_fit(runs_dir, fsdp: int = 1):
                           progress=False, sample_tokens=0),
     )
     train, val = datasets()
-    return fit(cfg, train, val, loss_fn=lora.lora_loss_fn(lm_loss_fn(MODEL), LORA),
-               boxed_params=trainable_boxed, params=trainable, frozen=frozen,
-               frozen_boxed=frozen_boxed)
+    loss_fn = lora.lora_loss_fn(lm_loss_fn(MODEL), LORA)
+    return fit(cfg, Trainable(loss_fn, params=trainable, frozen=frozen), train, val)
 
 
 def adam_mu(opt_state):

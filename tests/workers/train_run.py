@@ -34,13 +34,14 @@ def main():
     cfg = load_config(None, TINY_RUN + [f"runs_dir={a.runs_dir}", f"data.source={a.corpus}"]
                       + a.overrides)
 
-    def on_step(step):
+    def on_step(info):  # a hook: runs after each step's metrics are written, before its checkpoint
+        step = info.step
         if step == a.kill_at:
             os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no final save: a hard crash
         if step == a.term_at:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    result = pretrain(cfg, on_step=on_step)
+    result = pretrain(cfg, hooks=[(on_step, 1)])
     print("PREEMPTED" if result.preempted else "DONE", result.state.step)
 
 

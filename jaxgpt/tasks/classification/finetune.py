@@ -15,13 +15,15 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import flax.linen as nn
 import jax
 import numpy as np
 
 from jaxgpt.config import GPTConfig
 from jaxgpt.data import num_batches
 from jaxgpt.distributed import host_copy, is_lead
-from jaxgpt.model import init_params
+from jaxgpt.model import abstract_params, init_params
+from jaxgpt.sharding import with_axes
 from jaxgpt.tasks.classification.data import (
     ClassificationData,
     build_datasets,
@@ -32,7 +34,7 @@ from jaxgpt.tasks.classification.model import (
     Classifier,
     ClassifierRunConfig,
     accuracy,
-    classifier_boxed,
+    head_boxed,
     init_head,
     loss_for,
     merge_trainable,
@@ -45,7 +47,7 @@ from jaxgpt.tasks.classification.model import (
 from jaxgpt.training.checkpoint import complete_steps, load_for_inference
 from jaxgpt.training.metrics import read_metrics
 from jaxgpt.training.runconfig import ConfigError, config_from_yaml
-from jaxgpt.training.trainer import FitResult, fit, prepare_run_dir
+from jaxgpt.training.trainer import FitResult, Trainable, fit, prepare_run_dir
 
 
 @dataclass
@@ -118,22 +120,23 @@ def finetune(cfg: ClassifierRunConfig, **fit_kwargs) -> ClassifierResult:
     k_init, k_head, k_lora = jax.random.split(jax.random.key(cfg.train.seed), 3)
     if gpt_params is None:
         gpt_params = init_params(model_cfg, k_init)
-    params = with_head(gpt_params, init_head(k_head, model_cfg.emb_dim, len(data.classes)))
+    head = with_axes(init_head(k_head, model_cfg.emb_dim, len(data.classes)),
+                     head_boxed(model_cfg.emb_dim, len(data.classes)))
+    params = with_head(with_axes(gpt_params, abstract_params(model_cfg)), head)  # boxed: values + axes
     trainable, frozen = split_trainable(params, model_cfg, cfg.classifier, k_lora)
-    boxed, frozen_boxed = split_trainable(classifier_boxed(model_cfg, len(data.classes)),
-                                          model_cfg, cfg.classifier)
     if frozen is not None:
-        if complete_steps(run_dir / "frozen"):
-            frozen = restore_tree(run_dir / "frozen")  # resuming: exactly the base trained on
+        if complete_steps(run_dir / "frozen"):  # resuming: exactly the base trained on
+            frozen = with_axes(restore_tree(run_dir / "frozen"), frozen)
         else:
-            save_tree(frozen, run_dir / "frozen")
-    result = fit(cfg, data.train, data.validation, loss_fn=loss_for(model_cfg, cfg.classifier),
-                 boxed_params=boxed, params=trainable, frozen=frozen, frozen_boxed=frozen_boxed,
-                 eval_metrics=accuracy, **fit_kwargs)
+            save_tree(nn.meta.unbox(frozen), run_dir / "frozen")
+    trainable = Trainable(loss_for(model_cfg, cfg.classifier), params=trainable, frozen=frozen,
+                          eval_metrics=accuracy)
+    result = fit(cfg, trainable, data.train, data.validation, **fit_kwargs)
     if result.preempted:
         return ClassifierResult(result, None, {})
 
-    full = merge_trainable(host_copy(result.state.params), host_copy(frozen), cfg.classifier)
+    frozen = None if frozen is None else host_copy(nn.meta.unbox(frozen))
+    full = merge_trainable(host_copy(result.state.params), frozen, cfg.classifier)
     model = Classifier(model_cfg, full, tuple(data.classes), cfg.classifier.pooling,
                        data.max_length, cfg.data.tokenizer, cfg.data.pad_id)
     splits = {"train": data.train, "validation": data.validation, "test": data.test}

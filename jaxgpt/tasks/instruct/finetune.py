@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import flax.linen as nn
 import jax
 import numpy as np
 
@@ -30,6 +31,7 @@ from jaxgpt.config import GPTConfig
 from jaxgpt.distributed import host_copy, is_lead
 from jaxgpt.lora import LoRAConfig
 from jaxgpt.model import abstract_params, init_params
+from jaxgpt.sharding import with_axes
 from jaxgpt.tasks.instruct.data import (
     IGNORE,
     InstructDataset,
@@ -42,7 +44,7 @@ from jaxgpt.tokenizer import EOT_ID, get_tokenizer
 from jaxgpt.training.losses import lm_loss_fn
 from jaxgpt.training.runconfig import ConfigError, RunConfig, config_from_yaml
 from jaxgpt.training.step import eval_step
-from jaxgpt.training.trainer import FitResult, fit
+from jaxgpt.training.trainer import FitResult, Trainable, fit
 
 
 @dataclass(frozen=True)
@@ -172,27 +174,26 @@ def finetune(cfg: InstructRunConfig, **fit_kwargs) -> InstructResult:
     if base is None:
         base = init_params(model, jax.random.key(cfg.train.seed))
 
-    loss_fn, boxed = lm_loss_fn(model), abstract_params(model)
+    boxed = with_axes(base, abstract_params(model))  # the weights with their logical axes
     if cfg.lora is None:
-        kwargs, effective = dict(boxed_params=boxed, params=base), lambda p: p
+        trainable, effective = Trainable(lm_loss_fn(model), params=boxed), lambda p: p
     else:
-        trainable, frozen = lora.partition(base, cfg.lora, jax.random.key(cfg.train.seed))
-        trainable_boxed, frozen_boxed = lora.boxed_trees(boxed, cfg.lora)
-        loss_fn = lora.lora_loss_fn(loss_fn, cfg.lora)
-        kwargs = dict(boxed_params=trainable_boxed, params=trainable, frozen=frozen,
-                      frozen_boxed=frozen_boxed)
+        params, frozen = lora.partition(boxed, cfg.lora, jax.random.key(cfg.train.seed))
+        trainable = Trainable(lora.lora_loss_fn(lm_loss_fn(model), cfg.lora), params=params,
+                              frozen=frozen)
+        frozen = nn.meta.unbox(frozen)
         effective = lambda p: lora.combine(p, frozen, cfg.lora)  # noqa: E731
 
     eval_rows = cfg.train.batch_size // cfg.optim.accum_steps
     before = mean_loss(base, model, val, eval_rows) if len(val) else float("nan")
     if cfg.train.sample_tokens > 0 and len(val):
-        def on_eval(params, step):  # the book's generate_and_print_sample on the first val record
+        def sample(params, step):  # the book's generate_and_print_sample on the first val record
             [r] = generate_responses(effective(host_copy(params)), model, val.records[:1], template,
                                      max_new_tokens=cfg.train.sample_tokens, batch_size=1)
             return {"sample": r["model_response"].replace("\n", " ")}
 
-        fit_kwargs.setdefault("on_eval", on_eval)
-    result = fit(cfg, train, val, loss_fn=loss_fn, **kwargs, **fit_kwargs)
+        fit_kwargs.setdefault("sample", sample)
+    result = fit(cfg, trainable, train, val, **fit_kwargs)
     if result.preempted:  # rerunning resumes; the answers come once training is complete
         return InstructResult(result, model, None, {}, [])
 

@@ -1,0 +1,160 @@
+"""Everything a training run does besides stepping: each is a hook the Trainer calls.
+
+A hook is a callable `hook(info: StepInfo)`, added with `trainer.add_hook(hook, every=N)`; it
+runs after every N-th step (counting from `offset`), and after the last step of the run when
+added with `final=True` (the last planned step, or the step at which a stop was requested).
+Hooks run in the order they were added, so a hook that requests a stop (preemption) runs
+before the checkpoint hook that saves because of it. `fit` adds the standard ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import signal
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from tqdm.auto import tqdm
+
+from jaxgpt.training.metrics import MetricsLog, plot_losses
+
+if TYPE_CHECKING:
+    from jaxgpt.training.trainer import Trainer
+
+
+class TrainingHalted(RuntimeError):
+    """The run stopped itself (too many non-finite updates in a row)."""
+
+
+@dataclasses.dataclass
+class StepInfo:
+    """What a hook sees after a step: the step count (1-based), the new state, its record."""
+
+    trainer: "Trainer"
+    step: int
+    state: Any
+    record: dict  # the train record of this step (loss, learning_rate, grad_norm, ...)
+
+    @property
+    def final(self) -> bool:
+        return self.step == self.trainer.steps or self.trainer.stop_requested
+
+
+def log_metrics(log: MetricsLog) -> Callable[[StepInfo], None]:
+    """Append each step's record to metrics.jsonl and TensorBoard (process 0 only)."""
+    return lambda info: log.write(info.record)
+
+
+class Progress:
+    """A tqdm bar over the run's steps with the loss and tokens/s; also prints evaluations."""
+
+    def __init__(self, trainer: "Trainer", enabled: bool):
+        self.bar = tqdm(total=trainer.steps, initial=trainer.start_step, desc=trainer.cfg.name,
+                        disable=not enabled, dynamic_ncols=True)
+        self._last = (time.perf_counter(), trainer.tokens_seen)
+
+    def __call__(self, info: StepInfo) -> None:
+        now, tokens = time.perf_counter(), info.record["tokens_seen"]
+        rate = (tokens - self._last[1]) / max(now - self._last[0], 1e-9)
+        self._last = (now, tokens)
+        self.bar.set_postfix(loss=f"{info.record['loss']:.3f}", tok_s=f"{rate:,.0f}")
+        self.bar.update(1)
+
+    def write(self, text: str) -> None:
+        self.bar.write(text)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def halt_on_nonfinite(max_skips: int) -> Callable[[StepInfo], None]:
+    """Stop the run once `max_skips` updates in a row were skipped as non-finite."""
+
+    def hook(info: StepInfo) -> None:
+        skips = int(info.state.skips)
+        if skips >= max_skips:
+            raise TrainingHalted(
+                f"stopping at step {info.step}: {skips} consecutive non-finite losses or "
+                "gradients (lower optim.learning_rate or set optim.grad_clip)"
+            )
+
+    return hook
+
+
+def evaluation(log: MetricsLog, progress: Progress | None = None,
+               sample: Callable[[Any, int], dict | None] | None = None) -> Callable[[StepInfo], None]:
+    """Losses (and the task's metrics) on the fixed train/val batches, plus an optional sample
+    (`sample(params, step) -> extra fields`), written as an "eval" record."""
+
+    def hook(info: StepInfo) -> None:
+        trainer = info.trainer
+        record = {"kind": "eval", "step": info.step, "tokens_seen": info.record["tokens_seen"],
+                  **trainer.evaluate(info.state.params)}
+        if sample is not None:
+            record.update(sample(info.state.params, info.step) or {})
+        log.write(record)
+        trainer.history.append(record)
+        if progress is not None and trainer.is_lead:
+            progress.write(format_eval(record))
+
+    return hook
+
+
+class Preemption:
+    """Turns SIGTERM into a stop request at the next step boundary (the checkpoint hook added
+    after this one then saves that step)."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = None
+
+    def install(self) -> "Preemption":
+        try:
+            self._old = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: leave signals alone
+            self._old = None
+        return self
+
+    def _handle(self, *_):
+        self.requested = True
+
+    def __call__(self, info: StepInfo) -> None:
+        if self.requested and info.step < info.trainer.steps:
+            info.trainer.request_stop("preempted")
+
+    def close(self) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+            self._old = None
+
+
+def checkpoint(trainer: "Trainer") -> Callable[[StepInfo], None]:
+    """Save the state (asynchronously) with the data position and the run's config."""
+
+    def hook(info: StepInfo) -> None:
+        trainer.checkpointer.save(info.step, info.state, {
+            "step": info.step, "tokens_seen": info.record["tokens_seen"],
+            "config": trainer.cfg.to_dict()})
+
+    return hook
+
+
+def plot(log: MetricsLog, path: Path) -> Callable[[StepInfo], None]:
+    """Draw loss.png from metrics.jsonl (process 0)."""
+
+    def hook(info: StepInfo) -> None:
+        if info.trainer.is_lead and log.path.exists():
+            plot_losses(log.path, path)
+
+    return hook
+
+
+def format_eval(ev: dict) -> str:
+    parts = [f"step {ev['step']:>6}", f"train loss {ev['train_loss']:.3f}",
+             f"val loss {ev['val_loss']:.3f}"]
+    parts += [f"{k} {v:.3f}" for k, v in ev.items()
+              if isinstance(v, float) and k not in ("train_loss", "val_loss") and math.isfinite(v)]
+    text = " | ".join(parts)
+    return text + (f"\n  sample: {ev['sample']!r}" if "sample" in ev else "")

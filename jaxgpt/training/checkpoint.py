@@ -20,24 +20,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxgpt.config import RUNTIME_FIELDS, GPTConfig
-
-_COMMITTED = ("commit_success.txt", "_CHECKPOINT_METADATA")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be written or used, in one line."""
-
-
-def complete_steps(directory: str | Path) -> list[int]:
-    """Steps whose checkpoint directories were fully committed, ascending."""
-    d = Path(directory)
-    if not d.is_dir():
-        return []
-    steps = []
-    for child in d.iterdir():
-        if child.is_dir() and child.name.isdigit() and all((child / f).exists() for f in _COMMITTED):
-            steps.append(int(child.name))
-    return sorted(steps)
+from jaxgpt.restore import CheckpointError, complete_steps
 
 
 def set_aside_incomplete(directory: str | Path) -> list[Path]:

@@ -15,6 +15,7 @@ from jaxgpt.data import (
     split_ids,
 )
 from jaxgpt.generation import generate, generate_simple, generate_stream
+from jaxgpt.loading import load_model
 from jaxgpt.lora import LoRAConfig, lora_loss_fn
 from jaxgpt.model import (
     GPT,
@@ -33,7 +34,6 @@ from jaxgpt.tokenizer import (
     build_vocab,
     get_tokenizer,
 )
-from jaxgpt.training.checkpoint import load_for_inference
 
 __all__ = [
     "EOT_ID",
@@ -55,9 +55,9 @@ __all__ = [
     "get_tokenizer",
     "init_cache",
     "init_params",
-    "load_for_inference",
     "load_classifier",
     "load_hf_text",
+    "load_model",
     "load_pretrained",
     "load_text",
     "logical_axes",

@@ -28,6 +28,7 @@ import optax
 
 from jaxgpt import lora
 from jaxgpt.config import GPTConfig
+from jaxgpt.loading import is_run_dir, read_run_yaml
 from jaxgpt.lora import LoRAConfig
 from jaxgpt.model import GPT
 from jaxgpt.restore import (  # save_tree: finetune.py imports it from here
@@ -213,8 +214,11 @@ class Classifier:
 def load_classifier(run_dir: str | Path) -> Classifier:
     """The classifier of a `finetune` run directory (latest checkpoint, label mapping, settings)."""
     run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
+    if not is_run_dir(run_dir):
         raise CheckpointError(f"{run_dir} is not a run directory (no config.yaml)")
+    if "classifier" not in read_run_yaml(run_dir):  # before the schema names keys it lacks
+        raise CheckpointError(f"{run_dir} is not a classifier run; its model predicts tokens "
+                              "(load it with jaxgpt.load_model)")
     cfg = config_from_yaml(run_dir / "config.yaml", ClassifierRunConfig)
     steps = complete_steps(run_dir / "checkpoints")
     if not steps:

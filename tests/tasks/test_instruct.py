@@ -341,7 +341,8 @@ def test_finetune_script_writes_responses_summary_and_model(tiny_run):
 
 
 def test_chat_answers_each_line_until_exit(tiny_run, monkeypatch, capsys):
-    from jaxgpt import chat, responses
+    from jaxgpt.cli import chat
+    from jaxgpt.tasks.instruct import responses
 
     calls = []
     real = responses.generate_responses

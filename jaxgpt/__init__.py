@@ -29,8 +29,8 @@ _EXPORTS = {
     "init_cache": "jaxgpt.model",
     "init_params": "jaxgpt.model",
     "load_classifier": "jaxgpt.tasks.classification.model",
-    "load_for_inference": "jaxgpt.training.checkpoint",
     "load_hf_text": "jaxgpt.corpus",
+    "load_model": "jaxgpt.loading",
     "load_pretrained": "jaxgpt.pretrained",
     "load_text": "jaxgpt.corpus",
     "logical_axes": "jaxgpt.model",
@@ -53,5 +53,6 @@ def __getattr__(name: str):
 
 def __dir__():
     return sorted(set(globals()) | set(_EXPORTS))
+
 
 __all__ = sorted(_EXPORTS)

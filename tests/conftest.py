@@ -25,3 +25,21 @@ def data_dir():
     if not path or not os.path.isdir(path):
         pytest.skip("JAXGPT_DATA_DIR is not set to the shared data directory")
     return path
+
+
+def write_run(run_dir, run_config, params_by_step: dict):
+    """A run directory as the trainer leaves it: config.yaml and one committed checkpoint of a
+    fresh train state per step, built with the real writers (no training needed)."""
+    import optax
+
+    from jaxgpt.training.checkpoint import Checkpointer
+    from jaxgpt.training.runconfig import save_config
+    from jaxgpt.training.state import init_state
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(run_config, run_dir / "config.yaml")
+    ckpt = Checkpointer(run_dir / "checkpoints", keep=100, async_save=False)  # keep every step
+    for step, params in params_by_step.items():
+        ckpt.save(step, init_state(params, optax.adam(1e-3), 0), {"step": step})
+    ckpt.close()
+    return run_dir

@@ -223,18 +223,18 @@ def test_cli_streams_the_continuation(cli_model, capsys):
     assert capsys.readouterr().out == "Hello there" + tok.decode(new) + "\n"
 
 
-def test_cli_run_directory_and_errors(cli_model, tmp_path, monkeypatch, capsys):
-    import jaxgpt.training.checkpoint
+def test_cli_run_directory_and_errors(cli_model, tmp_path, capsys):
+    from jaxgpt.training.runconfig import RunConfig
+    from tests.conftest import write_run
 
-    _, config, params = cli_model
-    (tmp_path / "config.yaml").write_text("model: {}\n")
-    seen = []
-    monkeypatch.setattr(jaxgpt.training.checkpoint, "load_for_inference",
-                        lambda run_dir: seen.append(run_dir) or (config, params))
+    path, config, params = cli_model
+    run = write_run(tmp_path / "run", RunConfig(model=config), {1: params})
     args = ["--prompt", "Hi", "--max-new-tokens", "2", "--temperature", "0.8", "--top-k", "5"]
-    assert cli.main(["--model", str(tmp_path), *args]) == 0
-    assert seen == [tmp_path] and capsys.readouterr().out.startswith("Hi")
+    assert cli.main(["--model", str(path), *args]) == 0
+    exported = capsys.readouterr().out
+    assert cli.main(["--model", str(run), *args]) == 0
+    assert capsys.readouterr().out == exported  # the same weights, the same seeded sample
     assert cli.main(["--model", str(tmp_path / "missing"), *args]) == 1
     assert "is neither a directory nor one of" in capsys.readouterr().err
-    assert cli.main(["--model", str(tmp_path), "--prompt", "Hi", "--top-p", "1.5"]) == 1
+    assert cli.main(["--model", str(run), "--prompt", "Hi", "--top-p", "1.5"]) == 1
     assert "top_p must be in (0, 1]" in capsys.readouterr().err

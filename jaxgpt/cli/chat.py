@@ -2,34 +2,29 @@
 
   python -m jaxgpt.cli.chat --model RUN_DIR
 
---model is a finished `train/finetune_instruct.py` run directory (its template is used), or
-anything `python -m jaxgpt.cli.generate` takes (then --template picks the prompt format). A line
-"exit", or the end of input, ends the session.
+--model is a `train/finetune_instruct.py` run directory (its template is used unless --template
+names one), or anything else `jaxgpt.load_model` takes (then --template picks the prompt format,
+alpaca by default). A line "exit", or the end of input, ends the session.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import jax
 
 from jaxgpt.hostmem import retain_freed_memory
+from jaxgpt.loading import is_run_dir, load_model, read_run_yaml
 from jaxgpt.tasks.instruct.prompts import TEMPLATES
 
 
 def load_chat_model(name_or_dir: str, template: str | None = None):
-    """(config, params, template name) from an instruction run directory or any model source."""
-    path = Path(name_or_dir)
-    if (path / "model" / "config.json").is_file() and (path / "config.yaml").is_file():
-        from jaxgpt.tasks.instruct.finetune import load_finetuned
-
-        config, params, trained_with = load_finetuned(path)
-        return config, params, template or trained_with
-    from jaxgpt.cli.generate import load_model
-
+    """(config, params, template name): the model from `load_model`; the template named, else
+    the instruction run's (config.yaml's instruct.template), else alpaca."""
     config, params = load_model(name_or_dir)
+    if template is None and is_run_dir(name_or_dir):
+        template = (read_run_yaml(name_or_dir).get("instruct") or {}).get("template")
     return config, params, template or "alpaca"
 
 

@@ -19,8 +19,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", required=True, help="run directory of train/finetune_classifier.py")
     parser.add_argument("texts", nargs="+", help="texts to classify")
     args = parser.parse_args(argv)
+    from jaxgpt.restore import CheckpointError
     from jaxgpt.tasks.classification.model import classify, load_classifier
-    from jaxgpt.training.checkpoint import CheckpointError
 
     try:
         model = load_classifier(args.model)

@@ -2,9 +2,8 @@
 
   python -m jaxgpt.cli.generate --model gpt2 --prompt "Every effort moves you"
 
---model is a GPT-2 name (gpt2, gpt2-medium, gpt2-large, gpt2-xl), a directory holding
-config.json and model.safetensors, or a training run directory (one with config.yaml or
-checkpoints/).
+--model is anything `jaxgpt.load_model` takes: a GPT-2 name (gpt2, gpt2-medium, gpt2-large,
+gpt2-xl), a directory holding config.json and model.safetensors, or a jaxgpt run directory.
 """
 
 from __future__ import annotations
@@ -13,25 +12,12 @@ import argparse
 import codecs
 import itertools
 import sys
-from pathlib import Path
 
 import jax
 
 from jaxgpt.generation import generate_stream
 from jaxgpt.hostmem import retain_freed_memory
-from jaxgpt.pretrained import load_pretrained
-
-
-def load_model(name_or_dir: str):
-    """(config, params) from a GPT-2 name, an exported directory or a training run directory."""
-    path = Path(name_or_dir)
-    if path.is_dir() and ((path / "config.yaml").exists() or (path / "checkpoints").is_dir()):
-        from jaxgpt.training.checkpoint import (
-            load_for_inference,  # training stack only for run dirs
-        )
-
-        return load_for_inference(path)
-    return load_pretrained(name_or_dir)
+from jaxgpt.loading import load_model
 
 
 def parse_args(argv=None) -> argparse.Namespace:

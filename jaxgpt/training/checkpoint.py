@@ -4,7 +4,8 @@ A checkpoint holds the full train state (params, optimizer state, step, RNG) plu
 of the run (its configuration and the data position, which is just the step because batches are
 a pure function of seed and step). Saves are asynchronous. A step directory counts only when
 Orbax has committed it (`commit_success.txt`); anything else (a crash mid-write, a copy gone
-wrong) is moved aside on start, never loaded and never deleted.
+wrong) is moved aside on start, never loaded and never deleted. Reading a run's model without
+resuming it is `jaxgpt.loading.load_model`, which changes nothing on disk.
 """
 
 from __future__ import annotations
@@ -13,31 +14,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxgpt.config import RUNTIME_FIELDS, GPTConfig
-
-_COMMITTED = ("commit_success.txt", "_CHECKPOINT_METADATA")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be written or used, in one line."""
-
-
-def complete_steps(directory: str | Path) -> list[int]:
-    """Steps whose checkpoint directories were fully committed, ascending."""
-    d = Path(directory)
-    if not d.is_dir():
-        return []
-    steps = []
-    for child in d.iterdir():
-        if child.is_dir() and child.name.isdigit() and all((child / f).exists() for f in _COMMITTED):
-            steps.append(int(child.name))
-    return sorted(steps)
+from jaxgpt.restore import CheckpointError, complete_steps
 
 
 def set_aside_incomplete(directory: str | Path) -> list[Path]:
@@ -125,44 +107,3 @@ def model_config_diff(saved: dict, current: GPTConfig) -> list[str]:
     now = current.to_dict()
     return [f"{k}: {saved.get(k)!r} != {now[k]!r}" for k in now if saved.get(k) != now[k]
             and k not in RUNTIME_FIELDS]
-
-
-def load_for_inference(run_dir: str | Path, step: int | None = None, mesh=None):
-    """(GPTConfig, params) from a run directory's latest complete checkpoint: on one device, or
-    split over `mesh` by the logical axis rules (any mesh, whatever the run was trained on)."""
-    import yaml
-
-    from jaxgpt.model import abstract_params
-    from jaxgpt.sharding import logical_to_shardings
-
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").exists():
-        raise CheckpointError(f"{run_dir} is not a run directory (no config.yaml)")
-    # Only the model section matters here, so runs of any recipe (pretraining, classifier,
-    # instruction tuning) with their own config sections load the same way.
-    model = GPTConfig.from_dict(yaml.safe_load((run_dir / "config.yaml").read_text())["model"])
-    ckpt = Checkpointer(run_dir / "checkpoints", async_save=False)
-    step = ckpt.latest_step() if step is None else step
-    if step is None:
-        raise CheckpointError(f"{run_dir} has no complete checkpoint")
-    ckpt.close()
-    # A manager told the handlers reads the saved tree's metadata and a partial tree: only the
-    # parameters are read; the optimizer state, twice their size, stays on disk.
-    reader = ocp.CheckpointManager(ckpt.directory, item_handlers={
-        "state": ocp.PyTreeCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
-    saved = reader.item_metadata(step)["state"]["params"]
-    shapes = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), np.dtype(m.dtype)), saved)
-    if mesh is None:
-        one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        shardings = jax.tree.map(lambda _: one, shapes)
-    else:
-        boxed = abstract_params(model)
-        if jax.tree.structure(nn.meta.unbox(boxed)) != jax.tree.structure(shapes):
-            raise CheckpointError(f"checkpoint {step} in {run_dir} does not hold a GPT of its config")
-        shardings = logical_to_shardings(nn.get_partition_spec(boxed), shapes, mesh)
-    target = {"params": abstract_with_shardings(shapes, shardings)}
-    restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding), target)
-    out = reader.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item=target, restore_args=restore_args, partial_restore=True)))
-    reader.close()
-    return model, out["state"]["params"]

@@ -10,7 +10,8 @@ import jax
 import numpy as np
 import pytest
 
-from jaxgpt.training.checkpoint import Checkpointer, complete_steps, load_for_inference
+from jaxgpt.loading import load_model
+from jaxgpt.training.checkpoint import Checkpointer, complete_steps
 from jaxgpt.training.metrics import read_metrics
 from jaxgpt.training.runconfig import ConfigError, load_config
 
@@ -73,8 +74,8 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, corpus, uninterrupte
     assert max(r["step"] for r in _train_records(run)) == 5
     _run(tmp_path, corpus)
     assert _train_records(run) == _train_records(uninterrupted)  # bitwise-equal float history
-    _, resumed = load_for_inference(run)
-    _, full = load_for_inference(uninterrupted)
+    _, resumed = load_model(run)
+    _, full = load_model(uninterrupted)
     jax.tree.map(np.testing.assert_array_equal, resumed, full)
 
 
@@ -107,7 +108,7 @@ def test_nan_updates_are_skipped_then_halt(tmp_path, corpus):
     assert any(r["kind"] == "train" and r["skipped"] == 1 for r in records)
     # No checkpoint written after the model went non-finite.
     for step in complete_steps(tmp_path / "default" / "checkpoints"):
-        _, params = load_for_inference(tmp_path / "default", step)
+        _, params = load_model(tmp_path / "default", step=step)
         assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
 
 

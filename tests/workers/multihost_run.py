@@ -6,7 +6,7 @@
 
 Writes OUT_DIR/process<I>.json (losses, the dataset rows this process read at each step) and,
 from process 0, OUT_DIR/params.npz (the final parameters, gathered from every process). Each
---load restores a checkpoint of the run with `load_for_inference` onto a (data, fsdp, tensor)
+--load restores a checkpoint of the run with `load_model` onto a (data, fsdp, tensor)
 mesh (or one device) and saves it as OUT_DIR/load-STEP.npz. --die crashes right after joining.
 """
 
@@ -41,8 +41,8 @@ def main():
 
     import jaxgpt.tasks.pretraining as pretraining
     from jaxgpt.distributed import host_copy, maybe_initialize
+    from jaxgpt.loading import load_model
     from jaxgpt.sharding import make_mesh
-    from jaxgpt.training.checkpoint import load_for_inference
     from jaxgpt.training.runconfig import MeshConfig, load_config
 
     dist = []
@@ -91,7 +91,7 @@ def main():
     for spec in a.load:
         step, shape = spec.split(":")
         mesh = None if shape == "one" else make_mesh(MeshConfig(*map(int, shape.split(","))))
-        _, loaded = load_for_inference(Path(a.runs_dir) / cfg.name, int(step), mesh=mesh)
+        _, loaded = load_model(Path(a.runs_dir) / cfg.name, step=int(step), mesh=mesh)
         record[f"load-{step}"] = {
             jax.tree_util.keystr(k): list(map(str, getattr(v.sharding, "spec", ())))
             for k, v in jax.tree_util.tree_flatten_with_path(loaded)[0]}

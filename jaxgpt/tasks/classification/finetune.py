@@ -22,6 +22,7 @@ import numpy as np
 from jaxgpt.config import GPTConfig
 from jaxgpt.data import num_batches
 from jaxgpt.distributed import host_copy, is_lead
+from jaxgpt.loading import load_model
 from jaxgpt.model import abstract_params, init_params
 from jaxgpt.sharding import with_axes
 from jaxgpt.tasks.classification.data import (
@@ -44,7 +45,7 @@ from jaxgpt.tasks.classification.model import (
     split_trainable,
     with_head,
 )
-from jaxgpt.training.checkpoint import complete_steps, load_for_inference
+from jaxgpt.training.checkpoint import complete_steps
 from jaxgpt.training.metrics import read_metrics
 from jaxgpt.training.runconfig import ConfigError, config_from_yaml
 from jaxgpt.training.trainer import FitResult, Trainable, fit, prepare_run_dir
@@ -62,13 +63,8 @@ def init_backbone(cfg: ClassifierRunConfig) -> tuple[GPTConfig, dict | None]:
     source = cfg.classifier.init_from
     if source == "scratch":
         return cfg.model, None
-    runtime = cfg.model.runtime()
-    if (Path(source) / "config.yaml").is_file():  # a jaxgpt pretraining run directory
-        config, params = load_for_inference(source)
-        return config.replace(**runtime), jax.device_get(params)
-    from jaxgpt.pretrained import load_pretrained
-
-    return load_pretrained(source, **runtime)
+    config, params = load_model(source, **cfg.model.runtime())
+    return config, jax.device_get(params)  # host arrays: fit places them on its mesh
 
 
 def evaluate(model: Classifier, dataset, limit: int | None = None) -> dict:

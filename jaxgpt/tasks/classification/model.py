@@ -28,8 +28,15 @@ import optax
 
 from jaxgpt import lora
 from jaxgpt.config import GPTConfig
+from jaxgpt.loading import is_run_dir, read_run_yaml
 from jaxgpt.lora import LoRAConfig
 from jaxgpt.model import GPT
+from jaxgpt.restore import (  # save_tree: finetune.py imports it from here
+    CheckpointError,
+    complete_steps,
+    restore_tree,
+    save_tree,  # noqa: F401
+)
 from jaxgpt.tasks.classification.data import (
     ClassifierDataConfig,
     encode_texts,
@@ -191,35 +198,6 @@ def loss_for(config: GPTConfig, cfg: ClassifierConfig):
 # ---- saved classifiers ---------------------------------------------------------------------
 
 
-def save_tree(tree, directory: str | Path) -> None:
-    """Write a parameter tree as a one-step Orbax checkpoint (the frozen part of a classifier)."""
-    import orbax.checkpoint as ocp
-
-    options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False)
-    with ocp.CheckpointManager(Path(directory).absolute(), options=options) as mgr:
-        mgr.save(0, args=ocp.args.Composite(tree=ocp.args.StandardSave(tree)))
-
-
-def restore_tree(directory: str | Path, step: int = 0, item: str = "tree", key: str | None = None):
-    """One item (or its `key` subtree) of an Orbax checkpoint step, restored onto one device."""
-    import orbax.checkpoint as ocp
-
-    directory = Path(directory).absolute()
-    one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    # The shapes come from a manager told the item's handler (without it Orbax reports no
-    # metadata); the restore uses a fresh one, which accepts a partial PyTree restore.
-    with ocp.CheckpointManager(directory, item_handlers={item: ocp.StandardCheckpointHandler()}) as mgr:
-        meta = mgr.item_metadata(step)[item]
-    meta = meta if key is None else {key: meta[key]}  # only this part is read from disk
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), np.dtype(m.dtype),
-                                                         sharding=one), meta)
-    args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=one), target)
-    with ocp.CheckpointManager(directory) as mgr:
-        out = mgr.restore(step, args=ocp.args.Composite(**{item: ocp.args.PyTreeRestore(
-            item=target, restore_args=args, partial_restore=True)}))[item]
-    return out if key is None else out[key]
-
-
 @dataclass(frozen=True)
 class Classifier:
     """A trained classifier ready for `classify`."""
@@ -235,11 +213,12 @@ class Classifier:
 
 def load_classifier(run_dir: str | Path) -> Classifier:
     """The classifier of a `finetune` run directory (latest checkpoint, label mapping, settings)."""
-    from jaxgpt.training.checkpoint import CheckpointError, complete_steps
-
     run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
+    if not is_run_dir(run_dir):
         raise CheckpointError(f"{run_dir} is not a run directory (no config.yaml)")
+    if "classifier" not in read_run_yaml(run_dir):  # before the schema names keys it lacks
+        raise CheckpointError(f"{run_dir} is not a classifier run; its model predicts tokens "
+                              "(load it with jaxgpt.load_model)")
     cfg = config_from_yaml(run_dir / "config.yaml", ClassifierRunConfig)
     steps = complete_steps(run_dir / "checkpoints")
     if not steps:

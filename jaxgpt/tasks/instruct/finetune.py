@@ -29,6 +29,7 @@ import numpy as np
 from jaxgpt import lora
 from jaxgpt.config import GPTConfig
 from jaxgpt.distributed import host_copy, is_lead
+from jaxgpt.loading import load_model, start_overrides
 from jaxgpt.lora import LoRAConfig
 from jaxgpt.model import abstract_params, init_params
 from jaxgpt.sharding import with_axes
@@ -42,7 +43,7 @@ from jaxgpt.tasks.instruct.prompts import get_template
 from jaxgpt.tasks.instruct.responses import generate_responses
 from jaxgpt.tokenizer import EOT_ID, get_tokenizer
 from jaxgpt.training.losses import lm_loss_fn
-from jaxgpt.training.runconfig import ConfigError, RunConfig, config_from_yaml
+from jaxgpt.training.runconfig import ConfigError, RunConfig
 from jaxgpt.training.step import eval_step
 from jaxgpt.training.trainer import FitResult, Trainable, fit
 
@@ -94,36 +95,8 @@ def load_start(init_from: str, model: GPTConfig) -> tuple[GPTConfig, dict | None
     """(config, params) to finetune; params is None for "scratch" (model is used as it is)."""
     if init_from == "scratch":
         return model, None
-    runtime = model.runtime()
-    path = Path(init_from)
-    if (path / "model" / "config.json").is_file():  # a run that exported its model
-        return _load_pretrained(path / "model", **runtime)
-    if (path / "config.yaml").is_file():
-        from jaxgpt.training.checkpoint import load_for_inference
-
-        config, params = load_for_inference(path)
-        return config.replace(**runtime), jax.device_get(params)
-    return _load_pretrained(init_from, **runtime, scan_layers=model.scan_layers,
-                            tie_embeddings=model.tie_embeddings)
-
-
-def _load_pretrained(name_or_path, **overrides):
-    from jaxgpt.pretrained import (
-        load_pretrained,  # safetensors reading; not needed from scratch
-    )
-
-    return load_pretrained(name_or_path, **overrides)
-
-
-def load_finetuned(run_dir: str | Path) -> tuple[GPTConfig, dict, str]:
-    """(config, params, template name) of a finished instruction run's exported model."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "model" / "config.json").is_file():
-        raise FileNotFoundError(f"{run_dir} has no exported model/ (an unfinished run, or one "
-                                "with instruct.export=false)")
-    cfg = config_from_yaml(run_dir / "config.yaml", InstructRunConfig)
-    config, params = _load_pretrained(run_dir / "model")
-    return config, params, cfg.instruct.template
+    config, params = load_model(init_from, **start_overrides(init_from, model))
+    return config, jax.device_get(params)  # host arrays: fit places them on its mesh
 
 
 def _datasets(cfg: InstructRunConfig, max_length: int):

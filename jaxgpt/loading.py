@@ -17,6 +17,7 @@ Reading never changes a run directory (see jaxgpt.restore).
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,13 @@ from jaxgpt import lora
 from jaxgpt.config import RUNTIME_FIELDS, GPTConfig
 from jaxgpt.model import abstract_params
 from jaxgpt.pretrained import load_pretrained
-from jaxgpt.restore import CheckpointError, complete_steps, restore_tree, tree_shapes
+from jaxgpt.restore import (
+    CheckpointError,
+    CorruptCheckpoint,
+    complete_steps,
+    read_verified,
+    tree_shapes,
+)
 from jaxgpt.sharding import boxed_shardings
 
 CLASSIFIER_HEAD = "cls_head"  # the classifier's parameter key (tasks/classification/model.py)
@@ -99,21 +106,42 @@ def _load_run(run_dir: Path, step: int | None, mesh, overrides: dict) -> tuple[G
     steps = complete_steps(ckpts)
     if not steps:
         raise CheckpointError(f"{run_dir} has no complete checkpoint")
-    if step is None:
-        step = steps[-1]
-    elif step not in steps:
+    if step is not None and step not in steps:
         raise CheckpointError(f"{run_dir} has no complete checkpoint {step} (it has {steps})")
+    _note_uncommitted(ckpts, steps[-1])
+    candidates = [step] if step is not None else steps[::-1]
+    for i, s in enumerate(candidates):
+        try:
+            return model, _load_step(run_dir, raw, model, s, mesh)
+        except CorruptCheckpoint as err:
+            if i + 1 == len(candidates):
+                raise
+            # A reader never repairs a run directory: it says so and serves the step before.
+            print(f"warning: {err}; loading step {candidates[i + 1]} instead", file=sys.stderr)
+    raise AssertionError("unreachable")
+
+
+def _note_uncommitted(ckpts: Path, latest: int) -> None:
+    newer = sorted(int(c.name) for c in ckpts.iterdir()
+                   if c.is_dir() and c.name.isdigit() and int(c.name) > latest)
+    if newer:
+        print(f"note: step {newer[-1]} in {ckpts} is not committed (being written, or a write "
+              f"that died); loading step {latest}", file=sys.stderr)
+
+
+def _load_step(run_dir: Path, raw: dict, model: GPTConfig, step: int, mesh):
+    ckpts = run_dir / "checkpoints"
     shapes = tree_shapes(ckpts, step, "state", "params")
     if CLASSIFIER_HEAD in shapes:
         _refuse_classifier(run_dir)
     if raw.get("lora") is not None:
-        return model, place(model, _merge_lora_run(run_dir, raw, model, step), mesh)
+        return place(model, _merge_lora_run(run_dir, raw, model, step), mesh)
     expected = abstract_params(model, boxed=False)
     if (jax.tree.structure(expected) != jax.tree.structure(shapes)
             or any(e.shape != s.shape for e, s in zip(jax.tree.leaves(expected), jax.tree.leaves(shapes)))):
         raise CheckpointError(f"checkpoint {step} in {run_dir} does not hold a GPT of its config")
     shardings = None if mesh is None else (lambda _: _shardings(model, mesh))
-    return model, restore_tree(ckpts, step, "state", "params", shardings=shardings)
+    return read_verified(ckpts, step, "params", shardings=shardings)
 
 
 def _merge_lora_run(run_dir: Path, raw: dict, model: GPTConfig, step: int):
@@ -132,7 +160,7 @@ def _merge_lora_run(run_dir: Path, raw: dict, model: GPTConfig, step: int):
     if differ:
         raise CheckpointError(f"{run_dir} is a LoRA run whose base {base_source!r} is another model "
                               f"({', '.join(differ)} differ)")
-    trainable = restore_tree(run_dir / "checkpoints", step, "state", "params")
+    trainable = read_verified(run_dir / "checkpoints", step, "params")
     # An empty "full" (no leaf trained in full) may not survive the round trip through Orbax.
     trainable = {"lora": trainable.get("lora", {}), "full": trainable.get("full", {})}
     return lora.combine(trainable, base, lora.LoRAConfig.from_dict(raw["lora"]))

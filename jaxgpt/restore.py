@@ -8,18 +8,32 @@ asking for the parameters of a train state leaves the optimizer state, twice the
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+
+from jaxgpt.trees import flatten
 
 COMMITTED = ("commit_success.txt", "_CHECKPOINT_METADATA")
 
 
 class CheckpointError(ValueError):
     """A checkpoint or run directory that cannot be written or used, in one line."""
+
+
+class CorruptCheckpoint(CheckpointError):
+    """A committed step whose files cannot be read or do not hold what was written: an older
+    complete step may still be good."""
+
+
+def first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return (text.splitlines()[0] if text else type(err).__name__)[:300]
 
 
 def complete_steps(directory: str | Path) -> list[int]:
@@ -84,3 +98,82 @@ def save_tree(tree, directory: str | Path) -> None:
     options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False)
     with ocp.CheckpointManager(Path(directory).absolute(), options=options) as mgr:
         mgr.save(0, args=ocp.args.Composite(tree=ocp.args.StandardSave(tree)))
+
+
+# ---- integrity ----------------------------------------------------------------------------------
+# A checkpoint's meta records two wrapping uint32 sums per array: of its bits, and of its bits
+# times a per-position odd weight (so moved or swapped values change it too). Integer sums mod
+# 2^32 are exact in any order, so the figures are the same whatever the sharding, and they are
+# computed on the device: nothing is copied to the host to check a multi-gigabyte state.
+
+
+def _bits(x: jax.Array) -> jax.Array:
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32).reshape(-1)
+    width = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
+    return jax.lax.bitcast_convert_type(x, width).astype(jnp.uint32).reshape(-1)
+
+
+@jax.jit
+def _checksums(leaves: list) -> tuple[jax.Array, jax.Array]:
+    sums, finite = [], []
+    for x in leaves:
+        u = _bits(x)
+        weight = jnp.arange(u.size, dtype=jnp.uint32) * jnp.uint32(2654435761) + jnp.uint32(1)
+        sums.append(jnp.stack([jnp.sum(u, dtype=jnp.uint32), jnp.sum(u * weight, dtype=jnp.uint32)]))
+        finite.append(jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.floating)
+                      else jnp.array(True))
+    return jnp.stack(sums), jnp.stack(finite)
+
+
+def checksums(tree) -> tuple[dict[str, list[int]], list[str]]:
+    """({path: [sum, weighted sum]} of every array, [paths of floating arrays with NaN or inf])."""
+    flat = flatten(tree)
+    if not flat:
+        return {}, []
+    sums, finite = jax.device_get(_checksums(list(flat.values())))
+    paths = list(flat)
+    return ({p: [int(a), int(b)] for p, (a, b) in zip(paths, sums)},
+            [p for p, ok in zip(paths, finite) if not ok])
+
+
+def verify(tree, expected: dict | None, where: str, prefix: str = "") -> None:
+    """Raise CheckpointError naming the first array of `tree` whose values are not finite or do
+    not match `expected` (the sums written with it; paths under `prefix`). None: finiteness only."""
+    sums, not_finite = checksums(tree)
+    if not_finite:
+        raise CorruptCheckpoint(f"{where}: array {prefix}{not_finite[0]} holds NaN or inf")
+    if expected is None:
+        return
+    for path, got in sums.items():
+        want = expected.get(prefix + path)
+        if want is not None and list(want) != got:
+            raise CorruptCheckpoint(f"{where}: array {prefix}{path} does not match the checksum "
+                                    "written with it (the file is corrupted)")
+
+
+def read_meta(directory: str | Path, step: int) -> dict:
+    """The JSON record saved beside a train state (step, tokens_seen, config, checksums)."""
+    path = Path(directory) / str(step) / "meta" / "metadata"
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise CorruptCheckpoint(f"{path} cannot be read: {first_line(err)}") from None
+    if not isinstance(meta, dict):
+        raise CorruptCheckpoint(f"{path} is not a JSON object")
+    return meta
+
+
+def read_verified(directory: str | Path, step: int, key: str = "params",
+                  shardings: Callable[[Any], Any] | None = None):
+    """The `key` part of a train-state checkpoint, checked against the sums saved with it
+    (checkpoints written before sums existed get the finiteness check only)."""
+    where = f"checkpoint step {step} in {directory}"
+    try:
+        tree = restore_tree(directory, step, "state", key, shardings=shardings)
+    except CheckpointError:
+        raise
+    except Exception as err:  # Orbax/TensorStore on a truncated or damaged file
+        raise CorruptCheckpoint(f"{where} cannot be read: {first_line(err)}") from err
+    verify(tree, read_meta(directory, step).get("checksums"), where, prefix=f"{key}/")
+    return tree

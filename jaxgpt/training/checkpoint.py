@@ -10,16 +10,23 @@ resuming it is `jaxgpt.loading.load_model`, which changes nothing on disk.
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from jaxgpt.config import RUNTIME_FIELDS, GPTConfig
-from jaxgpt.restore import CheckpointError, complete_steps
+from jaxgpt.restore import (
+    CheckpointError,
+    CorruptCheckpoint,
+    checksums,
+    complete_steps,
+    first_line,
+    verify,
+)
 
 
 def set_aside_incomplete(directory: str | Path) -> list[Path]:
@@ -35,13 +42,6 @@ def set_aside_incomplete(directory: str | Path) -> list[Path]:
             child.rename(target)
             moved.append(target)
     return moved
-
-
-@jax.jit
-def _all_finite(tree) -> jax.Array:
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
-              if jnp.issubdtype(x.dtype, jnp.floating)]
-    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
 class Checkpointer:
@@ -66,33 +66,81 @@ class Checkpointer:
         return steps[-1] if steps else None
 
     def save(self, step: int, state: Any, meta: dict) -> None:
-        """Save asynchronously; a state with a non-finite value is refused, never written."""
-        if not bool(_all_finite(state)):
-            raise CheckpointError(f"refusing to write checkpoint {step}: the state has NaN or inf")
-        self.manager.save(
-            step,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-            force=True,
-        )
+        """Save asynchronously, with a checksum of every array in the meta record; a state with
+        a non-finite value is refused, never written."""
+        sums, not_finite = checksums(state)
+        if not_finite:
+            raise CheckpointError(f"refusing to write checkpoint {step}: array {not_finite[0]} of "
+                                  "the train state holds NaN or inf")
+        self._check(lambda: self.manager.save(step, force=True, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave({**meta, "checksums": sums}))),
+            f"writing checkpoint {step}")
 
     def restore(self, step: int, target: Any) -> tuple[Any, dict]:
-        """Restore onto `target`: abstract arrays (jax.ShapeDtypeStruct) carrying shardings."""
-        out = self.manager.restore(
-            step,
-            args=ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()),
-        )
+        """Restore onto `target` (abstract arrays carrying shardings) and check every array
+        against the checksums written with it; CorruptCheckpoint names the first that differs."""
+        where = f"checkpoint step {step} in {self.directory}"
+        try:
+            out = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+        except Exception as err:  # Orbax/TensorStore on a truncated or damaged file
+            raise CorruptCheckpoint(f"{where} cannot be read: {first_line(err)}") from err
+        verify(out["state"], out["meta"].get("checksums"), where)
         return out["state"], out["meta"]
+
+    def restore_latest(self, target: Any) -> tuple[Any, dict, int] | None:
+        """(state, meta, step) of the newest complete step that reads back intact, or None when
+        there is no step. A damaged newer step is named on stderr and moved aside (never
+        deleted); the run then redoes its steps, which gives the same result."""
+        bad = []
+        for step in reversed(complete_steps(self.directory)):
+            try:
+                state, meta = self.restore(step, target)
+            except CorruptCheckpoint as err:
+                bad.append(step)
+                print(f"warning: {err}; trying the step before", file=sys.stderr, flush=True)
+                continue
+            if bad:
+                self._set_aside(bad, "corrupt")
+            return state, meta, step
+        if bad:
+            raise CheckpointError(f"no checkpoint in {self.directory} reads back intact (steps "
+                                  f"{sorted(bad)}); move the directory aside to start afresh")
+        return None
+
+    def _set_aside(self, steps: list[int], why: str) -> None:
+        if jax.process_index() == 0:
+            for step in steps:
+                (self.directory / str(step)).rename(
+                    self.directory.parent / f"{why}-{step}-{int(time.time())}")
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"jaxgpt-checkpoint-{why}:{self.directory}")
+        self.manager.reload()
+
+    def _check(self, action, what: str):
+        """Run an Orbax call; its failures (a full disk, a lost directory, an earlier
+        asynchronous write that failed) become one CheckpointError line."""
+        try:
+            return action()
+        except CheckpointError:
+            raise
+        except Exception as err:
+            raise CheckpointError(f"{what} in {self.directory} failed: {first_line(err)}") from err
 
     def read_meta(self, step: int) -> dict:
         out = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         return out["meta"]
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        self._check(self.manager.wait_until_finished, "a checkpoint write")
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.wait()
+        finally:
+            self.manager.close()
 
 
 def abstract_with_shardings(shapes: Any, shardings: Any) -> Any:

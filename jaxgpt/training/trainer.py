@@ -34,7 +34,6 @@ from jaxgpt.training import hooks as H
 from jaxgpt.training.checkpoint import (
     Checkpointer,
     abstract_with_shardings,
-    model_config_diff,
 )
 from jaxgpt.training.hooks import StepInfo, TrainingHalted  # noqa: F401  (re-exported)
 from jaxgpt.training.metrics import MetricsLog
@@ -43,9 +42,8 @@ from jaxgpt.training.report import sharding_report
 from jaxgpt.training.runconfig import (
     ConfigError,
     RunConfig,
-    config_from_yaml,
-    save_config,
 )
+from jaxgpt.training.rundir import prepare_run_dir, release
 from jaxgpt.training.state import abstract_state, init_state
 from jaxgpt.training.step import compile_steps
 
@@ -124,22 +122,6 @@ def _eval_batches(dataset, bs: int, n: int, *, mesh) -> list[dict]:
     return [dataset.rows(i * bs + mine) for i in range(min(n, len(dataset) // bs))]
 
 
-def prepare_run_dir(cfg: RunConfig) -> Path:
-    """Create the run directory, refusing one that belongs to a different model."""
-    run_dir = cfg.run_dir
-    saved = run_dir / "config.yaml"
-    if saved.exists():
-        diff = model_config_diff(config_from_yaml(saved, type(cfg)).model.to_dict(), cfg.model)
-        if diff:
-            raise ConfigError(
-                f"run directory {run_dir} holds a different model ({'; '.join(diff)}); "
-                "choose another name or runs_dir"
-            )
-    if jax.process_index() == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, saved)
-    return run_dir
-
 
 class Trainer:
     """One run: set up (or restore) on the configured mesh, then `run()` the steps and hooks."""
@@ -156,6 +138,7 @@ class Trainer:
         self.hooks: list[tuple[Callable, int, int, bool]] = []
         self.history: list[dict] = []
         self.stop_requested = False
+        self._closed = False
 
         boxed = trainable.abstract()
         self.abstract = abstract_state(boxed, self.tx)
@@ -175,10 +158,10 @@ class Trainer:
                           for name, data in (("train", train_data), ("val", val_data))}
 
     def _init_or_restore(self):
-        start = self.checkpointer.latest_step()
-        if start is not None:
-            target = abstract_with_shardings(nn.meta.unbox(self.abstract), self.state_sh)
-            state, meta = self.checkpointer.restore(start, target)
+        target = abstract_with_shardings(nn.meta.unbox(self.abstract), self.state_sh)
+        restored = self.checkpointer.restore_latest(target)
+        if restored is not None:
+            state, meta, start = restored
             self.start_step, self.tokens_seen = start, meta["tokens_seen"]
             self.log.truncate_after(start)
             return state
@@ -236,6 +219,17 @@ class Trainer:
             print(sharding_report(self.cfg.model, self.mesh, self.tx, compiled=compiled,
                                   boxed_params=self.trainable.abstract()), flush=True)
 
+    def close(self) -> None:
+        """Wait for pending checkpoint writes, close the logs and give up the run directory."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.checkpointer.close()
+        finally:
+            self.log.close()
+            release(self.run_dir)
+
     def run(self) -> FitResult:
         """Step from the start (or restored) step to the end, calling the hooks after each."""
         state, batch = self.state, None
@@ -260,8 +254,7 @@ class Trainer:
                     hook(info)
             if self.stop_requested:
                 break
-        self.checkpointer.close()
-        self.log.close()
+        self.close()
         return FitResult(state=state, history=self.history, run_dir=self.run_dir,
                          preempted=self.stop_requested)
 
@@ -294,6 +287,7 @@ def fit(cfg: RunConfig, trainable: Trainable, train_data, val_data, *, tx=None,
     finally:
         preemption.close()
         progress.close()
+        trainer.close()  # also on errors: pending writes finish and the run directory is free
     if result.preempted and trainer.is_lead:
         progress.write(f"SIGTERM: saved checkpoint at step {int(result.state.step)}; exiting")
     return result

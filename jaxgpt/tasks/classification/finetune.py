@@ -48,7 +48,8 @@ from jaxgpt.tasks.classification.model import (
 from jaxgpt.training.checkpoint import complete_steps
 from jaxgpt.training.metrics import read_metrics
 from jaxgpt.training.runconfig import ConfigError, config_from_yaml
-from jaxgpt.training.trainer import FitResult, Trainable, fit, prepare_run_dir
+from jaxgpt.training.rundir import prepare_run_dir, release
+from jaxgpt.training.trainer import FitResult, Trainable, fit
 
 
 @dataclass
@@ -110,42 +111,45 @@ def finetune(cfg: ClassifierRunConfig, **fit_kwargs) -> ClassifierResult:
                               data=dataclasses.replace(cfg.data, max_length=data.max_length))
     _check_run_dir(cfg, data.classes)
     run_dir = prepare_run_dir(cfg)
-    if is_lead():
-        save_labels(data.classes, run_dir / "labels.json")
+    try:  # this process writes the run directory until it is done
+        if is_lead():
+            save_labels(data.classes, run_dir / "labels.json")
 
-    k_init, k_head, k_lora = jax.random.split(jax.random.key(cfg.train.seed), 3)
-    if gpt_params is None:
-        gpt_params = init_params(model_cfg, k_init)
-    head = with_axes(init_head(k_head, model_cfg.emb_dim, len(data.classes)),
-                     head_boxed(model_cfg.emb_dim, len(data.classes)))
-    params = with_head(with_axes(gpt_params, abstract_params(model_cfg)), head)  # boxed: values + axes
-    trainable, frozen = split_trainable(params, model_cfg, cfg.classifier, k_lora)
-    if frozen is not None:
-        if complete_steps(run_dir / "frozen"):  # resuming: exactly the base trained on
-            frozen = with_axes(restore_tree(run_dir / "frozen"), frozen)
-        else:
-            save_tree(nn.meta.unbox(frozen), run_dir / "frozen")
-    trainable = Trainable(loss_for(model_cfg, cfg.classifier), params=trainable, frozen=frozen,
-                          eval_metrics=accuracy)
-    result = fit(cfg, trainable, data.train, data.validation, **fit_kwargs)
-    if result.preempted:
-        return ClassifierResult(result, None, {})
+        k_init, k_head, k_lora = jax.random.split(jax.random.key(cfg.train.seed), 3)
+        if gpt_params is None:
+            gpt_params = init_params(model_cfg, k_init)
+        head = with_axes(init_head(k_head, model_cfg.emb_dim, len(data.classes)),
+                         head_boxed(model_cfg.emb_dim, len(data.classes)))
+        params = with_head(with_axes(gpt_params, abstract_params(model_cfg)), head)  # boxed: values + axes
+        trainable, frozen = split_trainable(params, model_cfg, cfg.classifier, k_lora)
+        if frozen is not None:
+            if complete_steps(run_dir / "frozen"):  # resuming: exactly the base trained on
+                frozen = with_axes(restore_tree(run_dir / "frozen"), frozen)
+            else:
+                save_tree(nn.meta.unbox(frozen), run_dir / "frozen")
+        trainable = Trainable(loss_for(model_cfg, cfg.classifier), params=trainable, frozen=frozen,
+                              eval_metrics=accuracy)
+        result = fit(cfg, trainable, data.train, data.validation, **fit_kwargs)
+        if result.preempted:
+            return ClassifierResult(result, None, {})
 
-    frozen = None if frozen is None else host_copy(nn.meta.unbox(frozen))
-    full = merge_trainable(host_copy(result.state.params), frozen, cfg.classifier)
-    model = Classifier(model_cfg, full, tuple(data.classes), cfg.classifier.pooling,
-                       data.max_length, cfg.data.tokenizer, cfg.data.pad_id)
-    splits = {"train": data.train, "validation": data.validation, "test": data.test}
-    scores = {name: evaluate(model, d) for name, d in splits.items()}
-    if is_lead():
-        (run_dir / "results.json").write_text(json.dumps(scores, indent=1) + "\n")
-        # The last point of the curves: the final model on the rows fit evaluates on.
-        rows = cfg.train.eval_iter * (cfg.train.batch_size // cfg.optim.accum_steps)
-        last = {f"{s}_{k}": v for s, d in (("train", data.train), ("val", data.validation))
-                for k, v in evaluate(model, d, rows).items() if k != "count"}
-        steps = int(jax.device_get(result.state.step))
-        plot_curves(run_dir, per_epoch, {"step": steps, "tokens_seen": steps * cfg.train.batch_size, **last})
-    return ClassifierResult(result, model, scores)
+        frozen = None if frozen is None else host_copy(nn.meta.unbox(frozen))
+        full = merge_trainable(host_copy(result.state.params), frozen, cfg.classifier)
+        model = Classifier(model_cfg, full, tuple(data.classes), cfg.classifier.pooling,
+                           data.max_length, cfg.data.tokenizer, cfg.data.pad_id)
+        splits = {"train": data.train, "validation": data.validation, "test": data.test}
+        scores = {name: evaluate(model, d) for name, d in splits.items()}
+        if is_lead():
+            (run_dir / "results.json").write_text(json.dumps(scores, indent=1) + "\n")
+            # The last point of the curves: the final model on the rows fit evaluates on.
+            rows = cfg.train.eval_iter * (cfg.train.batch_size // cfg.optim.accum_steps)
+            last = {f"{s}_{k}": v for s, d in (("train", data.train), ("val", data.validation))
+                    for k, v in evaluate(model, d, rows).items() if k != "count"}
+            steps = int(jax.device_get(result.state.step))
+            plot_curves(run_dir, per_epoch, {"step": steps, "tokens_seen": steps * cfg.train.batch_size, **last})
+        return ClassifierResult(result, model, scores)
+    finally:
+        release(run_dir)
 
 
 def plot_curves(run_dir: str | Path, steps_per_epoch: int, last: dict | None = None) -> list[Path]:

@@ -105,6 +105,9 @@ def _start(params, prompt, prompt_mask, key, opts, *, config, max_new_tokens, gr
         "step": jnp.int32(1),  # tokens generated so far; the newest is fed next
         "done": done,  # [B] rows that have emitted eos_id
         "key": key,  # step s samples with fold_in(key, s)
+        # Whether the prompt's logits are finite: NaN or inf weights would otherwise decode
+        # as token 0 forever (argmax of NaN), silently.
+        "finite": jnp.all(jnp.isfinite(logits)),
     }
 
 
@@ -269,6 +272,9 @@ def _run(params, config, ids, mask, max_new_tokens, temperature, top_k, top_p, e
             "eos_id": jnp.int32(0 if eos_id is None else eos_id)}
     key = jax.random.key(0) if key is None else key  # unused when greedy
     state = _start(params, jnp.asarray(prompt), jnp.asarray(real), key, opts, **static)
+    if not bool(state["finite"]):
+        raise ValueError("the model's logits for the prompt are NaN or infinite: its parameters "
+                         "are not finite or overflow in this dtype (check the weights it loaded)")
     produced = 1
     yield state, P, P + 1
     while produced < max_new_tokens and not bool(state["done"].all()):

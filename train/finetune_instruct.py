@@ -16,9 +16,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 
-from jaxgpt.hostmem import retain_freed_memory  # noqa: E402
+from jaxgpt.entry import setup_process  # noqa: E402
 
-retain_freed_memory()  # before the first JAX computation (jaxgpt/hostmem.py)
+setup_process()  # malloc retention, quiet background logs; before any JAX computation
 
 from jaxgpt.distributed import is_lead, maybe_initialize  # noqa: E402
 from jaxgpt.tasks.instruct.finetune import InstructRunConfig, finetune  # noqa: E402

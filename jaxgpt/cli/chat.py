@@ -14,7 +14,7 @@ import sys
 
 import jax
 
-from jaxgpt.hostmem import retain_freed_memory
+from jaxgpt.entry import setup_process
 from jaxgpt.loading import is_run_dir, load_model, read_run_yaml
 from jaxgpt.tasks.instruct.prompts import TEMPLATES
 
@@ -42,7 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    retain_freed_memory()  # this process's setting, before any JAX computation
+    setup_process()  # this process's settings (jaxgpt/entry.py), before any JAX computation
     args = parse_args(argv)
     from jaxgpt.tasks.instruct.responses import generate_responses
 

@@ -15,8 +15,8 @@ import sys
 
 import jax
 
+from jaxgpt.entry import setup_process
 from jaxgpt.generation import generate_stream
-from jaxgpt.hostmem import retain_freed_memory
 from jaxgpt.loading import load_model
 
 
@@ -35,7 +35,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    retain_freed_memory()  # this process's setting, before any JAX computation
+    setup_process()  # this process's settings (jaxgpt/entry.py), before any JAX computation
     args = parse_args(argv)
     from jaxgpt.tokenizer import get_tokenizer
 

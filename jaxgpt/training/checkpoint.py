@@ -127,7 +127,11 @@ class Checkpointer:
         except CheckpointError:
             raise
         except Exception as err:
-            raise CheckpointError(f"{what} in {self.directory} failed: {first_line(err)}") from err
+            text = str(err)
+            # TensorStore's message leads with the array and a long path; the cause comes last.
+            reason = ("No space left on device" if "No space left on device" in text
+                      or "os_error_code='28'" in text else first_line(err))
+            raise CheckpointError(f"{what} in {self.directory} failed: {reason}") from err
 
     def read_meta(self, step: int) -> dict:
         out = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))

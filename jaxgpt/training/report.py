@@ -81,12 +81,16 @@ def sharding_report(
     compiled=None,
     boxed_params=None,
     rules=RULES,
+    table: bool | None = None,
 ) -> str:
     """The report as text; compiles the LM train step on shapes unless `compiled` is given.
 
     `tx` defaults to the library's AdamW (`make_optimizer(OptimConfig(), 1)`); `boxed_params`
-    (abstract, with logical boxes) defaults to the parameters of GPT(config).
+    (abstract, with logical boxes) defaults to the parameters of GPT(config). The per-parameter
+    table is shown when `table`, or by default when the mesh has more than one device (on one
+    device every row says the same: everything is whole); the totals are always shown.
     """
+    table = mesh.size > 1 if table is None else table
     tx = make_optimizer(OptimConfig(), 1) if tx is None else tx
     boxed = abstract_params(config) if boxed_params is None else boxed_params
     specs = nn.get_partition_spec(boxed)
@@ -121,9 +125,7 @@ def sharding_report(
     lines = [
         f"sharding report: mesh {axes} ({mesh.size} devices, {jax.process_count()} process(es)); "
         f"params {'/'.join(dtypes)}, compute {config.compute_dtype.name}",
-        fmt(header),
-        fmt(tuple("-" * w for w in widths)),
-        *map(fmt, rows),
+        *([fmt(header), fmt(tuple("-" * w for w in widths)), *map(fmt, rows)] if table else []),
         f"parameters: {n_params:,} = {_bytes(param_global)}, {_bytes(param_device)} per device",
         f"optimizer state: {_bytes(opt_global)}, {_bytes(opt_device)} per device",
     ]

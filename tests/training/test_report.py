@@ -15,7 +15,7 @@ from tests.conftest import TINY
 def report():
     cfg = GPTConfig(**TINY)
     mesh = make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
-    return cfg, sharding_report(cfg, mesh, batch_size=6, accum_steps=2)
+    return cfg, sharding_report(cfg, mesh, batch_size=6, accum_steps=2, table=True)
 
 
 def test_every_parameter_has_a_row(report):
@@ -39,3 +39,13 @@ def test_totals_and_memory(report):
     assert "optimizer state:" in text
     assert "(batch 6 x 11 tokens, 2 micro-batch(es))" in text and "peak about" in text
     assert text.startswith("sharding report: mesh data=1 fsdp=1 tensor=1 (1 devices")
+
+
+def test_one_device_shows_the_totals_only_unless_asked():
+    cfg = GPTConfig(**TINY)
+    mesh = make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
+    text = sharding_report(cfg, mesh, batch_size=6, accum_steps=2)
+    lines = text.splitlines()
+    assert not any(line.startswith(("h_0/", "wte/")) for line in lines)
+    assert lines[0].startswith("sharding report: mesh data=1") and len(lines) <= 6
+    assert any(line.startswith("parameters: ") for line in lines)

@@ -1,53 +1,21 @@
 """End-to-end behaviour of the training loop: resume, preemption, faults, artifacts."""
 
-import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
+from train_run import TINY_RUN  # noqa: E402  (tests/workers is on sys.path via the conftest)
 
 from jaxgpt.loading import load_model
 from jaxgpt.training.checkpoint import Checkpointer, complete_steps
 from jaxgpt.training.metrics import read_metrics
 from jaxgpt.training.runconfig import ConfigError, load_config
-
-ROOT = Path(__file__).resolve().parents[2]
-WORKER = ROOT / "tests" / "workers" / "train_run.py"
-sys.path.insert(0, str(WORKER.parent))
-from train_run import TINY_RUN  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    rng = np.random.default_rng(0)
-    words = "the quick brown fox jumps over a lazy dog while cats sleep in warm sun".split()
-    text = "\n".join(" ".join(rng.choice(words, 12)) + "." for _ in range(300))
-    path = tmp_path_factory.mktemp("corpus") / "text.txt"
-    path.write_text(text)
-    return str(path)
-
-
-def _run(runs_dir, corpus, *extra, expect_rc=0):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, str(WORKER), str(runs_dir), corpus, *extra],
-                          capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == expect_rc, proc.stderr[-3000:]
-    return proc
-
-
-def _train_records(run_dir):
-    return [{k: v for k, v in r.items()} for r in read_metrics(run_dir / "metrics.jsonl")]
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, corpus):
-    runs = tmp_path_factory.mktemp("full")
-    _run(runs, corpus)
-    return runs / "default"
+from tests.training.conftest import ROOT, WORKER
+from tests.training.conftest import run_worker as _run
+from tests.training.conftest import train_records as _train_records
 
 
 def test_run_writes_artifacts(uninterrupted):

@@ -95,22 +95,72 @@ def save_adapters(directory: str | os.PathLike, trainable, config: LoRAConfig, b
     return directory
 
 
+def _read_meta(path: Path) -> tuple[dict, LoRAConfig]:
+    """lora.json's checked contents and LoRAConfig; any damage is one line naming the file."""
+    try:
+        meta = json.loads(path.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path} holds {type(meta).__name__}, not a JSON object")
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path} has format {meta.get('format')!r}, expected {FORMAT!r}")
+    if meta.get("version") != 1:
+        raise ValueError(f"{path} has version {meta.get('version')!r}; this jaxgpt reads version 1")
+    lacking = [k for k in ("lora_config", "base_sha256", "shapes") if k not in meta]
+    if lacking:
+        raise ValueError(f"{path} lacks {', '.join(lacking)}")
+    if not isinstance(meta["base_sha256"], str) or not re.fullmatch(r"[0-9a-f]{64}", meta["base_sha256"]):
+        raise ValueError(f"{path} has base_sha256={meta['base_sha256']!r}; expected 64 hex digits")
+    shapes = meta["shapes"]
+    if not isinstance(shapes, dict) or not all(_is_shape_entry(v) for v in shapes.values()):
+        raise ValueError(f"{path} has no shapes object of path -> [[dims...], dtype]")
+    if not isinstance(meta["lora_config"], dict):
+        raise ValueError(f"{path} has lora_config={meta['lora_config']!r}; expected an object")
+    try:
+        config = LoRAConfig.from_dict(meta["lora_config"])
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path}: {err}") from None
+    return meta, config
+
+
+def _is_shape_entry(entry) -> bool:
+    if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], list)
+            and isinstance(entry[1], str)):
+        return False
+    if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in entry[0]):
+        return False
+    try:
+        np.dtype(entry[1])
+    except TypeError:
+        return False
+    return True
+
+
 def load_adapters(directory: str | os.PathLike, base_params, shardings=None):
     """(trainable, LoRAConfig) from `save_adapters`; refuses a base other than the one trained on.
 
     `shardings` is one Sharding or a tree of them (default: the first device).
     """
     directory = Path(directory).absolute()
-    if not (directory / META).is_file():
+    meta_path = directory / META
+    if not meta_path.is_file():
         raise FileNotFoundError(f"{directory} is not a LoRA adapters checkpoint (no {META})")
-    meta = json.loads((directory / META).read_text())
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{directory / META} has format {meta.get('format')!r}, expected {FORMAT!r}")
-    config = LoRAConfig.from_dict(meta["lora_config"])
+    meta, config = _read_meta(meta_path)
     found = base_fingerprint(base_params, config)
     if found != meta["base_sha256"]:
-        raise ValueError(f"adapters in {directory} were trained on other base weights "
+        raise ValueError(f"{meta_path}: these adapters were trained on other base weights "
                          f"(sha256 {meta['base_sha256'][:12]}..., given {found[:12]}...)")
+    # The recorded adapter shapes must be what the config makes of this (same) base.
+    adapters_only = dataclasses.replace(config, trainable=())
+    expected = jax.eval_shape(lambda p: init(p, adapters_only, jax.random.key(0)), base_params)
+    recorded = {p.removeprefix("lora/"): v for p, v in meta["shapes"].items() if p.startswith("lora/")}
+    if _shapes(expected) != recorded:
+        raise ValueError(f"{meta_path} records adapter shapes that its LoRA config does not make "
+                         "of these base params")
+    adapters = directory / ADAPTERS
+    if not adapters.is_dir():
+        raise FileNotFoundError(f"{adapters} is missing: the adapters checkpoint is incomplete")
     shardings = jax.sharding.SingleDeviceSharding(jax.devices()[0]) if shardings is None else shardings
     target = unflatten({p: jax.ShapeDtypeStruct(tuple(shape), np.dtype(dtype))
                     for p, (shape, dtype) in meta["shapes"].items()})
@@ -121,7 +171,11 @@ def load_adapters(directory: str | os.PathLike, base_params, shardings=None):
                           target, shardings)
     ckpt = ocp.StandardCheckpointer()
     try:
-        trainable = ckpt.restore(directory / ADAPTERS, target)
+        trainable = ckpt.restore(adapters, target)
+    except Exception as err:  # Orbax and tensorstore raise many kinds, each pages long
+        lines = str(err).strip().splitlines() or [type(err).__name__]
+        raise ValueError(f"{adapters} cannot be restored (missing or damaged files): "
+                         f"{lines[0][:300]}") from None
     finally:
         ckpt.close()
     return trainable, config

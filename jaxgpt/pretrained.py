@@ -27,7 +27,7 @@ from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from jaxgpt.config import GPTConfig
@@ -97,28 +97,48 @@ def _to_jaxgpt(name: str, x: np.ndarray, config: GPTConfig) -> dict[tuple, np.nd
     return {(block, *_SAME_LAYOUT[suffix]): x}
 
 
+_SIZES = ("vocab_size", "n_positions", "n_embd", "n_head", "n_layer")
 
-def config_from_hf(hf: dict, **overrides) -> GPTConfig:
-    """A GPTConfig from a GPT-2 config.json dict (checked for features jaxgpt lacks)."""
-    lacking = [k for k in ("vocab_size", "n_positions", "n_embd", "n_head", "n_layer") if k not in hf]
+
+def config_from_hf(hf: dict, source: str | os.PathLike = "config.json", **overrides) -> GPTConfig:
+    """A GPTConfig from a GPT-2 config.json dict (checked for features jaxgpt lacks).
+
+    Errors in the dict name `source`, the file it was read from."""
+    if not isinstance(hf, dict):
+        kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
+        kind = kind.get(type(hf), "a number")
+        raise ValueError(f"{source} holds {kind}, not a JSON object of settings")
+    lacking = [k for k in _SIZES if k not in hf]
     if lacking:
-        raise ValueError(f"config.json lacks {', '.join(lacking)}")
+        raise ValueError(f"{source} lacks {', '.join(lacking)}")
+    for key in _SIZES:
+        if not isinstance(hf[key], int) or isinstance(hf[key], bool) or hf[key] <= 0:
+            raise ValueError(f"{source} has {key}={hf[key]!r}; expected a positive integer")
+    eps = hf.get("layer_norm_epsilon", 1e-5)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+        raise ValueError(f"{source} has layer_norm_epsilon={eps!r}; expected a small positive number")
+    if not isinstance(hf.get("tie_word_embeddings", True), bool):
+        raise ValueError(f"{source} has tie_word_embeddings={hf['tie_word_embeddings']!r}; "
+                         "expected true or false")
     if hf.get("model_type", "gpt2") != "gpt2":
-        raise ValueError(f"config.json has model_type={hf['model_type']!r}; only 'gpt2' is supported")
+        raise ValueError(f"{source} has model_type={hf['model_type']!r}; only 'gpt2' is supported")
     act = hf.get("activation_function", "gelu_new")
     if act not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise ValueError(f"config.json activation_function={act!r}; jaxgpt uses the tanh GELU (gelu_new)")
+        raise ValueError(f"{source} activation_function={act!r}; jaxgpt uses the tanh GELU (gelu_new)")
     n_embd = hf["n_embd"]
     if hf.get("n_inner") not in (None, 4 * n_embd):
-        raise ValueError(f"config.json n_inner={hf['n_inner']}; jaxgpt's MLP width is 4 * n_embd")
+        raise ValueError(f"{source} n_inner={hf['n_inner']!r}; jaxgpt's MLP width is 4 * n_embd")
     for flag, ok in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
                      ("add_cross_attention", False)):
         if hf.get(flag, ok) != ok:
-            raise ValueError(f"config.json {flag}={hf[flag]} is not supported")
+            raise ValueError(f"{source} {flag}={hf[flag]!r} is not supported")
     base = dict(vocab_size=hf["vocab_size"], context_length=hf["n_positions"], emb_dim=n_embd,
                 n_heads=hf["n_head"], n_layers=hf["n_layer"], qkv_bias=True, drop_rate=0.0,
-                ln_eps=hf.get("layer_norm_epsilon", 1e-5),
-                tie_embeddings=hf.get("tie_word_embeddings", True))
+                ln_eps=eps, tie_embeddings=hf.get("tie_word_embeddings", True))
+    try:  # what the file alone describes must be a valid model (e.g. n_embd divisible by n_head)
+        GPTConfig.from_dict(base)
+    except ValueError as err:
+        raise ValueError(f"{source}: {err}") from None
     for name, value in overrides.items():
         if name in _FIXED and value != base[name]:
             raise ValueError(f"cannot override {name}={value!r}: the checkpoint fixes it to {base[name]!r}")
@@ -146,14 +166,29 @@ def _resolve(name_or_path: str | os.PathLike) -> Path:
     raise FileNotFoundError(f"{str(name_or_path)!r} is neither a directory nor one of {sorted(HUB_MODELS)}")
 
 
+def _read_json(path: Path):
+    """A JSON file's value; a file that is not JSON is one line naming it."""
+    try:
+        return json.loads(path.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from None
+
+
 def _weight_files(directory: Path) -> list[Path]:
-    if (directory / INDEX).is_file():
-        weight_map = json.loads((directory / INDEX).read_text())["weight_map"]
-        files = [directory / f for f in sorted(set(weight_map.values()))]
-        missing = [f.name for f in files if not f.is_file()]
+    index = directory / INDEX
+    if index.is_file():
+        weight_map = _read_json(index)
+        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ValueError(f"{index} has no weight_map object of tensor name -> shard file name")
+        names = sorted(set(weight_map.values()))
+        outside = [n for n in names if Path(n).name != n or n in ("", ".", "..")]
+        if outside:  # a shard is a file beside the index, never a path elsewhere
+            raise ValueError(f"{index} names shard(s) outside its directory: {', '.join(outside)}")
+        missing = [n for n in names if not (directory / n).is_file()]
         if missing:
-            raise FileNotFoundError(f"{INDEX} names shard(s) missing from {directory}: {', '.join(missing)}")
-        return files
+            raise FileNotFoundError(f"{index} names shard(s) missing from {directory}: {', '.join(missing)}")
+        return [directory / n for n in names]
     if (directory / WEIGHTS).is_file():
         return [directory / WEIGHTS]
     pickles = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
@@ -167,35 +202,53 @@ def _headers(files: list[Path]) -> dict[str, tuple[Path, str, tuple]]:
     """HF name (prefix stripped) -> (file, key as stored, shape), buffers left out."""
     found = {}
     for file in files:
-        with safe_open(file, framework="numpy") as f:
+        with _open(file) as f:
             for key in f.keys():  # noqa: SIM118 (a safe_open handle, not a dict)
                 name = key.removeprefix("transformer.")
                 if _BUFFER.fullmatch(name):
                     continue
                 if name in found:
-                    raise ValueError(f"tensor {name} appears twice (as {found[name][1]} and {key})")
+                    raise ValueError(f"tensor {name} appears twice (as {found[name][1]} in "
+                                     f"{found[name][0]} and {key} in {file})")
                 found[name] = (file, key, tuple(f.get_slice(key).get_shape()))
     return found
 
 
+def _open(file: Path):
+    """safe_open, with a truncated or foreign file refused in one line that names it."""
+    try:
+        return safe_open(file, framework="numpy")
+    except SafetensorError as err:  # safetensors checks the header and that the data covers it
+        raise ValueError(f"{file} is not a readable safetensors file ({err})") from None
+
+
+def _tensor(f, file: Path, key: str) -> np.ndarray:
+    try:
+        return f.get_tensor(key)
+    except (SafetensorError, TypeError) as err:  # TypeError: a dtype numpy lacks, e.g. bfloat16
+        raise ValueError(f"{file}: cannot read tensor {key} ({err})") from None
+
+
 def _read(entry) -> np.ndarray:
     file, key, _ = entry
-    with safe_open(file, framework="numpy") as f:
-        return f.get_tensor(key)
+    with _open(file) as f:
+        return _tensor(f, file, key)
 
 
 def load_pretrained(name_or_path: str | os.PathLike, **config_overrides) -> tuple[GPTConfig, dict]:
     """(config, float32 params) from a GPT-2 name (gpt2, gpt2-medium/-large/-xl) or a local dir."""
     directory = _resolve(name_or_path)
-    if not (directory / "config.json").is_file():
+    source = directory / "config.json"
+    if not source.is_file():
         raise FileNotFoundError(f"{directory} has no config.json")
-    hf = json.loads((directory / "config.json").read_text())
+    hf = _read_json(source)
+    config_from_hf(hf, source)  # the file's own problems first, named as the file's
     headers = _headers(_weight_files(directory))
     if (hf.get("tie_word_embeddings", True) and {"lm_head.weight", "wte.weight"} <= set(headers)
             and not np.array_equal(_read(headers["lm_head.weight"]), _read(headers["wte.weight"]))):
         hf = {**hf, "tie_word_embeddings": False}  # a head that differs was trained untied: keep it
-    file_config = config_from_hf(hf)  # what the tensors hold; `config` is what the caller asked
-    config = config_from_hf(hf, **config_overrides)
+    file_config = config_from_hf(hf, source)  # what the tensors hold; `config` is what the caller asked
+    config = config_from_hf(hf, source, **config_overrides)
     if not file_config.tie_embeddings and config.tie_embeddings:
         raise ValueError("cannot override tie_embeddings=True: the checkpoint has its own lm_head.weight")
 
@@ -214,13 +267,13 @@ def load_pretrained(name_or_path: str | os.PathLike, **config_overrides) -> tupl
 
     flat: dict[tuple, np.ndarray] = {}
     for file in dict.fromkeys(entry[0] for entry in headers.values()):
-        with safe_open(file, framework="numpy") as f:  # one shard open at a time
+        with _open(file) as f:  # one shard open at a time
             for name, (_, key, _) in headers.items():
                 if headers[name][0] != file or name not in expected:
                     continue
-                x = f.get_tensor(key)
+                x = _tensor(f, file, key)
                 if not np.isfinite(x).all():
-                    raise ValueError(f"tensor {name} holds NaN or infinite values")
+                    raise ValueError(f"{file}: tensor {name} holds NaN or infinite values")
                 if name == "wpe.weight":
                     x = x[: config.context_length]  # a shorter context keeps the first positions
                 for path, y in _to_jaxgpt(name, x.astype(np.float32, copy=False), config).items():

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -296,6 +297,71 @@ def test_adapter_checkpoint_restores_and_refuses_another_base(unrolled, tmp_path
     load_adapters(tmp_path / "ad", {**params, "ln_f": jax.tree.map(jnp.zeros_like, params["ln_f"])})
     with pytest.raises(FileNotFoundError, match="not a LoRA adapters checkpoint"):
         load_adapters(tmp_path, params)
+
+
+@pytest.fixture(scope="module")
+def saved(unrolled, tmp_path_factory):
+    """An adapters checkpoint of `unrolled`, to copy and damage."""
+    cfg, params, trainable, _, _ = unrolled
+    return save_adapters(tmp_path_factory.mktemp("saved") / "ad", _randomize(trainable), CFG, params)
+
+
+def _meta_with(**changes):
+    def change(meta):
+        for key, value in changes.items():
+            if value is None:
+                meta.pop(key)
+            else:
+                meta[key] = value(meta[key]) if callable(value) else value
+        return json.dumps(meta)
+    return change
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda meta: "{not json", "is not valid JSON"),
+    (lambda meta: b"\xff\x00", "is not valid JSON"),
+    (lambda meta: "[1, 2]", "holds list, not a JSON object"),
+    (lambda meta: "3", "holds int, not a JSON object"),
+    (_meta_with(lora_config=None, shapes=None), "lacks lora_config, shapes"),
+    (_meta_with(version=2), "has version 2; this jaxgpt reads version 1"),
+    (_meta_with(lora_config=[3]), r"has lora_config=\[3\]; expected an object"),
+    (_meta_with(lora_config=lambda c: {**c, "rank": "3"}), "LoRAConfig.rank must be a positive integer"),
+    (_meta_with(lora_config=lambda c: {**c, "bogus": 1}), r"unknown LoRAConfig field\(s\): bogus"),
+    (_meta_with(base_sha256=5), "has base_sha256=5; expected 64 hex digits"),
+    (_meta_with(shapes=[1]), "has no shapes object"),
+    (_meta_with(shapes=lambda s: {p: [d, "floatx"] for p, (d, _) in s.items()}), "has no shapes object"),
+    (_meta_with(shapes=lambda s: {p: [[n + 1 for n in d], t] for p, (d, t) in s.items()}),
+     "records adapter shapes that its LoRA config does not make"),
+    (_meta_with(base_sha256="0" * 64), "trained on other base weights"),
+], ids=["not-json", "not-utf8", "array", "number", "lacks-keys", "version", "config-array",
+        "config-type", "config-unknown", "sha-type", "shapes-array", "shapes-dtype", "shapes-wrong",
+        "other-base"])
+def test_damaged_lora_json_is_one_line_naming_it(unrolled, saved, tmp_path, change, message):
+    bad = Path(shutil.copytree(saved, tmp_path / "ad"))
+    text = change(json.loads((bad / "lora.json").read_text()))
+    (bad / "lora.json").write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(ValueError, match=message) as err:
+        load_adapters(bad, unrolled[1])
+    assert str(bad / "lora.json") in str(err.value) and "\n" not in str(err.value)
+
+
+def _largest_data_file(adapters):
+    return max((p for p in (adapters / "d").iterdir()), key=lambda p: p.stat().st_size)
+
+
+@pytest.mark.parametrize("damage, error", [
+    (lambda a: shutil.rmtree(a), FileNotFoundError),
+    (lambda a: (a / "manifest.ocdbt").unlink(), ValueError),
+    (lambda a: _largest_data_file(a).write_bytes(_largest_data_file(a).read_bytes()[:100]), ValueError),
+    (lambda a: _largest_data_file(a).unlink(), ValueError),
+    (lambda a: (a / "_METADATA").write_text((a / "_METADATA").read_text()[:50]), ValueError),
+], ids=["no-adapters", "no-manifest", "truncated-data", "missing-data", "truncated-metadata"])
+def test_missing_or_truncated_adapter_files_are_one_line(unrolled, saved, tmp_path, damage, error):
+    bad = Path(shutil.copytree(saved, tmp_path / "ad"))
+    damage(bad / "adapters")
+    with pytest.raises(error, match="adapters (is missing|cannot be restored)") as err:
+        load_adapters(bad, unrolled[1])
+    assert str(bad / "adapters") in str(err.value) and "\n" not in str(err.value)
 
 
 # ---- parity with transformers and peft (PyTorch) ------------------------------------------------

@@ -223,6 +223,75 @@ def test_bad_checkpoints_name_the_problem(checkpoints, tmp_path, change, message
         load_pretrained(bad)
 
 
+def _one_line_naming(err, path):
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.mark.parametrize("damage", [
+    lambda b: b[:-7],  # the last tensor cut short
+    lambda b: b[:5],  # the 8-byte header length cut short
+    lambda b: b"",
+    lambda b: np.random.default_rng(0).bytes(len(b)),  # random bytes of the same size
+], ids=["truncated", "cut-header", "empty", "random"])
+def test_corrupt_weights_file_is_one_line_naming_it(checkpoints, tmp_path, damage):
+    bad = _copy(checkpoints["small"][0], tmp_path / "bad")
+    weights = bad / "model.safetensors"
+    weights.write_bytes(damage(weights.read_bytes()))
+    with pytest.raises(ValueError, match="is not a readable safetensors file") as err:
+        load_pretrained(bad)
+    _one_line_naming(err, weights)
+
+
+@pytest.mark.parametrize("index, error, message", [
+    ("{not json", ValueError, "is not valid JSON"),
+    ("[1, 2]", ValueError, "has no weight_map object"),
+    ('{"metadata": {}}', ValueError, "has no weight_map object"),
+    ('{"weight_map": {"wte.weight": 3}}', ValueError, "has no weight_map object"),
+    ('{"weight_map": {"wte.weight": "../small/model.safetensors"}}', ValueError,
+     r"shard\(s\) outside its directory: \.\./small/model\.safetensors"),
+    ('{"weight_map": {"wte.weight": "model-00002-of-00002.safetensors"}}', FileNotFoundError,
+     r"shard\(s\) missing from .*: model-00002-of-00002\.safetensors"),
+], ids=["not-json", "array", "no-weight-map", "non-string-shard", "outside", "missing-shard"])
+def test_bad_shard_index_is_one_line_naming_it(checkpoints, tmp_path, index, error, message):
+    src = checkpoints["small"][0]
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    shutil.copy(src / "config.json", bad / "config.json")
+    shutil.copy(src / "model.safetensors", bad / "model-00001-of-00002.safetensors")
+    (bad / "model.safetensors.index.json").write_text(index)
+    with pytest.raises(error, match=message) as err:
+        load_pretrained(bad)
+    _one_line_naming(err, bad / "model.safetensors.index.json")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("{oops", "is not valid JSON"),
+    (b"\xff\xfe\x00", "is not valid JSON"),
+    ("[1, 2]", "holds an array, not a JSON object"),
+    ("42", "holds a number, not a JSON object"),
+    ("{}", "lacks vocab_size, n_positions, n_embd, n_head, n_layer"),
+    ({"n_embd": "20"}, "has n_embd='20'; expected a positive integer"),
+    ({"n_layer": 2.5}, "has n_layer=2.5; expected a positive integer"),
+    ({"tie_word_embeddings": "false"}, "has tie_word_embeddings='false'; expected true or false"),
+    ({"n_head": 3}, "emb_dim=20 is not divisible by n_heads=3"),  # the file contradicts itself
+], ids=["not-json", "not-utf8", "array", "number", "empty", "string-size", "float-size",
+        "string-flag", "indivisible"])
+def test_bad_config_json_is_one_line_naming_it(checkpoints, tmp_path, text, message):
+    src = checkpoints["small"][0]
+    bad = _copy(src, tmp_path / "bad")
+    if isinstance(text, dict):
+        text = json.dumps({**json.loads((src / "config.json").read_text()), **text})
+    (bad / "config.json").write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(ValueError, match=message) as err:
+        load_pretrained(bad)
+    _one_line_naming(err, bad / "config.json")
+
+
 def test_pickle_checkpoints_are_refused_unread(checkpoints, tmp_path, monkeypatch):
     path, model = checkpoints["small"]
     shutil.copy(path / "config.json", tmp_path / "config.json")

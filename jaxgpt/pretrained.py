@@ -21,31 +21,28 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import tempfile
 from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
-from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from jaxgpt.config import GPTConfig
+from jaxgpt.hf_files import (
+    WEIGHTS,
+    open_file,
+    read_entry,
+    read_json,
+    read_tensor,
+    replace_atomically,
+    resolve,
+    tensor_index,
+    weight_files,
+)
 from jaxgpt.model import abstract_params
 from jaxgpt.trees import flatten, unflatten
 
-HUB_MODELS = {
-    "gpt2": "openai-community/gpt2",
-    "gpt2-small": "openai-community/gpt2",
-    "gpt2-medium": "openai-community/gpt2-medium",
-    "gpt2-large": "openai-community/gpt2-large",
-    "gpt2-xl": "openai-community/gpt2-xl",
-}
-_HUB_FILES = ["config.json", "model.safetensors", "model.safetensors.index.json", "model-*.safetensors"]
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
-WEIGHTS, INDEX = "model.safetensors", "model.safetensors.index.json"
 # Causal-mask buffers that old GPT-2 checkpoints store beside the weights.
-_BUFFER = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)$")
 # Block tensors whose layout jaxgpt shares with GPT-2: HF suffix -> jaxgpt path inside h_<i>.
 _SAME_LAYOUT = {
     "ln_1.weight": ("ln_1", "scale"), "ln_1.bias": ("ln_1", "bias"),
@@ -148,104 +145,17 @@ def config_from_hf(hf: dict, source: str | os.PathLike = "config.json", **overri
     return GPTConfig.from_dict({**base, **overrides})
 
 
-def _resolve(name_or_path: str | os.PathLike) -> Path:
-    path = Path(name_or_path).expanduser()
-    if path.is_file() and path.suffix in PICKLE_SUFFIXES:
-        raise ValueError(f"{path} is a pickle checkpoint; jaxgpt loads only safetensors (pickle can "
-                         "run code): convert it to model.safetensors")
-    if path.is_dir():
-        return path
-    if str(name_or_path) in HUB_MODELS:
-        from huggingface_hub import snapshot_download  # the network is needed only here
-
-        repo = HUB_MODELS[str(name_or_path)]
-        try:
-            return Path(snapshot_download(repo, allow_patterns=_HUB_FILES))
-        except Exception as err:  # offline with an empty cache, or the Hub is unreachable
-            raise OSError(f"could not download or find a cached copy of {repo}: {err}") from err
-    raise FileNotFoundError(f"{str(name_or_path)!r} is neither a directory nor one of {sorted(HUB_MODELS)}")
-
-
-def _read_json(path: Path):
-    """A JSON file's value; a file that is not JSON is one line naming it."""
-    try:
-        return json.loads(path.read_bytes())
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from None
-
-
-def _weight_files(directory: Path) -> list[Path]:
-    index = directory / INDEX
-    if index.is_file():
-        weight_map = _read_json(index)
-        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
-        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-            raise ValueError(f"{index} has no weight_map object of tensor name -> shard file name")
-        names = sorted(set(weight_map.values()))
-        outside = [n for n in names if Path(n).name != n or n in ("", ".", "..")]
-        if outside:  # a shard is a file beside the index, never a path elsewhere
-            raise ValueError(f"{index} names shard(s) outside its directory: {', '.join(outside)}")
-        missing = [n for n in names if not (directory / n).is_file()]
-        if missing:
-            raise FileNotFoundError(f"{index} names shard(s) missing from {directory}: {', '.join(missing)}")
-        return [directory / n for n in names]
-    if (directory / WEIGHTS).is_file():
-        return [directory / WEIGHTS]
-    pickles = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
-    if pickles:
-        raise ValueError(f"{directory} holds only pickle checkpoint(s) ({', '.join(pickles)}); jaxgpt "
-                         f"loads only {WEIGHTS} (pickle can run code): re-save with safetensors")
-    raise FileNotFoundError(f"{directory} has no {WEIGHTS} or {INDEX}")
-
-
-def _headers(files: list[Path]) -> dict[str, tuple[Path, str, tuple]]:
-    """HF name (prefix stripped) -> (file, key as stored, shape), buffers left out."""
-    found = {}
-    for file in files:
-        with _open(file) as f:
-            for key in f.keys():  # noqa: SIM118 (a safe_open handle, not a dict)
-                name = key.removeprefix("transformer.")
-                if _BUFFER.fullmatch(name):
-                    continue
-                if name in found:
-                    raise ValueError(f"tensor {name} appears twice (as {found[name][1]} in "
-                                     f"{found[name][0]} and {key} in {file})")
-                found[name] = (file, key, tuple(f.get_slice(key).get_shape()))
-    return found
-
-
-def _open(file: Path):
-    """safe_open, with a truncated or foreign file refused in one line that names it."""
-    try:
-        return safe_open(file, framework="numpy")
-    except SafetensorError as err:  # safetensors checks the header and that the data covers it
-        raise ValueError(f"{file} is not a readable safetensors file ({err})") from None
-
-
-def _tensor(f, file: Path, key: str) -> np.ndarray:
-    try:
-        return f.get_tensor(key)
-    except (SafetensorError, TypeError) as err:  # TypeError: a dtype numpy lacks, e.g. bfloat16
-        raise ValueError(f"{file}: cannot read tensor {key} ({err})") from None
-
-
-def _read(entry) -> np.ndarray:
-    file, key, _ = entry
-    with _open(file) as f:
-        return _tensor(f, file, key)
-
-
 def load_pretrained(name_or_path: str | os.PathLike, **config_overrides) -> tuple[GPTConfig, dict]:
     """(config, float32 params) from a GPT-2 name (gpt2, gpt2-medium/-large/-xl) or a local dir."""
-    directory = _resolve(name_or_path)
+    directory = resolve(name_or_path)
     source = directory / "config.json"
     if not source.is_file():
         raise FileNotFoundError(f"{directory} has no config.json")
-    hf = _read_json(source)
+    hf = read_json(source)
     config_from_hf(hf, source)  # the file's own problems first, named as the file's
-    headers = _headers(_weight_files(directory))
+    headers = tensor_index(weight_files(directory))
     if (hf.get("tie_word_embeddings", True) and {"lm_head.weight", "wte.weight"} <= set(headers)
-            and not np.array_equal(_read(headers["lm_head.weight"]), _read(headers["wte.weight"]))):
+            and not np.array_equal(read_entry(headers["lm_head.weight"]), read_entry(headers["wte.weight"]))):
         hf = {**hf, "tie_word_embeddings": False}  # a head that differs was trained untied: keep it
     file_config = config_from_hf(hf, source)  # what the tensors hold; `config` is what the caller asked
     config = config_from_hf(hf, source, **config_overrides)
@@ -267,11 +177,11 @@ def load_pretrained(name_or_path: str | os.PathLike, **config_overrides) -> tupl
 
     flat: dict[tuple, np.ndarray] = {}
     for file in dict.fromkeys(entry[0] for entry in headers.values()):
-        with _open(file) as f:  # one shard open at a time
+        with open_file(file) as f:  # one shard open at a time
             for name, (_, key, _) in headers.items():
                 if headers[name][0] != file or name not in expected:
                     continue
-                x = _tensor(f, file, key)
+                x = read_tensor(f, file, key)
                 if not np.isfinite(x).all():
                     raise ValueError(f"{file}: tensor {name} holds NaN or infinite values")
                 if name == "wpe.weight":
@@ -345,23 +255,12 @@ def hf_config(config: GPTConfig) -> dict:
     }
 
 
-def _replace_atomically(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)  # readers see the old file or the new one, never half of one
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def save_pretrained(config: GPTConfig, params, directory: str | os.PathLike) -> Path:
     """Write config.json and model.safetensors that transformers' GPT2LMHeadModel loads."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = to_hf_tensors(config, params)
-    _replace_atomically(directory / WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    replace_atomically(directory / WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     text = json.dumps(hf_config(config), indent=2) + "\n"
-    _replace_atomically(directory / "config.json", lambda tmp: Path(tmp).write_text(text))
+    replace_atomically(directory / "config.json", lambda tmp: Path(tmp).write_text(text))
     return directory

@@ -2,6 +2,7 @@
 
 import os
 
+import numpy as np
 import pytest
 
 from jaxgpt.config import GPTConfig
@@ -43,3 +44,14 @@ def write_run(run_dir, run_config, params_by_step: dict):
         ckpt.save(step, init_state(params, optax.adam(1e-3), 0), {"step": step})
     ckpt.close()
     return run_dir
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """A small text file of random sentences (a corpus for tiny training runs)."""
+    rng = np.random.default_rng(0)
+    words = "the quick brown fox jumps over a lazy dog while cats sleep in warm sun".split()
+    text = "\n".join(" ".join(rng.choice(words, 12)) + "." for _ in range(300))
+    path = tmp_path_factory.mktemp("corpus") / "text.txt"
+    path.write_text(text)
+    return str(path)

@@ -89,16 +89,6 @@ def _npz(path: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    rng = np.random.default_rng(0)
-    words = "the quick brown fox jumps over a lazy dog while cats sleep in warm sun".split()
-    text = "\n".join(" ".join(rng.choice(words, 12)) + "." for _ in range(300))
-    path = tmp_path_factory.mktemp("corpus") / "text.txt"
-    path.write_text(text)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
 def runs(tmp_path_factory, corpus):
     """two: 2 processes x 2 devices, 3 steps. one: 1 process x 4 devices, 5 steps, same mesh.
     moved: run `two` resumed to step 5 by 1 process on 2 devices with a data=2 mesh."""

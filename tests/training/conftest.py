@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from jaxgpt.training.metrics import read_metrics
@@ -17,16 +16,6 @@ from jaxgpt.training.metrics import read_metrics
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = ROOT / "tests" / "workers" / "train_run.py"
 sys.path.insert(0, str(WORKER.parent))
-
-
-@pytest.fixture(scope="session")
-def corpus(tmp_path_factory):
-    rng = np.random.default_rng(0)
-    words = "the quick brown fox jumps over a lazy dog while cats sleep in warm sun".split()
-    text = "\n".join(" ".join(rng.choice(words, 12)) + "." for _ in range(300))
-    path = tmp_path_factory.mktemp("corpus") / "text.txt"
-    path.write_text(text)
-    return str(path)
 
 
 def run_worker(runs_dir, corpus, *extra, expect_rc=0, timeout=300):

@@ -9,6 +9,7 @@ asking for the parameters of a train state leaves the optimizer state, twice the
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -177,3 +178,19 @@ def read_verified(directory: str | Path, step: int, key: str = "params",
         raise CorruptCheckpoint(f"{where} cannot be read: {first_line(err)}") from err
     verify(tree, read_meta(directory, step).get("checksums"), where, prefix=f"{key}/")
     return tree
+
+
+def read_latest_verified(directory: str | Path, key: str = "params"):
+    """(tree, step): `read_verified` of the newest complete step that reads back intact; a
+    damaged newer step is named on stderr and skipped (the directory is not changed)."""
+    steps = complete_steps(directory)
+    if not steps:
+        raise CheckpointError(f"{directory} has no complete checkpoint")
+    for i, step in enumerate(reversed(steps)):
+        try:
+            return read_verified(directory, step, key), step
+        except CorruptCheckpoint as err:
+            if i + 1 == len(steps):
+                raise
+            print(f"warning: {err}; loading step {steps[-2 - i]} instead", file=sys.stderr)
+    raise AssertionError("unreachable")

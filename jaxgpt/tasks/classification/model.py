@@ -33,9 +33,10 @@ from jaxgpt.lora import LoRAConfig
 from jaxgpt.model import GPT
 from jaxgpt.restore import (  # save_tree: finetune.py imports it from here
     CheckpointError,
-    complete_steps,
+    read_latest_verified,
     restore_tree,
     save_tree,  # noqa: F401
+    verify,
 )
 from jaxgpt.tasks.classification.data import (
     ClassifierDataConfig,
@@ -220,11 +221,11 @@ def load_classifier(run_dir: str | Path) -> Classifier:
         raise CheckpointError(f"{run_dir} is not a classifier run; its model predicts tokens "
                               "(load it with jaxgpt.load_model)")
     cfg = config_from_yaml(run_dir / "config.yaml", ClassifierRunConfig)
-    steps = complete_steps(run_dir / "checkpoints")
-    if not steps:
-        raise CheckpointError(f"{run_dir} has no complete checkpoint")
-    trainable = restore_tree(run_dir / "checkpoints", steps[-1], "state", "params")
-    frozen = restore_tree(run_dir / "frozen") if (run_dir / "frozen").is_dir() else None
+    trainable, _ = read_latest_verified(run_dir / "checkpoints")
+    frozen = None
+    if (run_dir / "frozen").is_dir():
+        frozen = restore_tree(run_dir / "frozen")
+        verify(frozen, None, f"the frozen base in {run_dir / 'frozen'}")
     params = merge_trainable(trainable, frozen, cfg.classifier)
     return Classifier(cfg.model, params, tuple(load_labels(run_dir / "labels.json")),
                       cfg.classifier.pooling, cfg.data.max_length or cfg.model.context_length,

@@ -26,6 +26,14 @@ from typing import Optional
 
 import numpy as np
 
+from jaxgpt.checks import (
+    FRACTION,
+    NON_EMPTY,
+    NON_NEGATIVE_INT,
+    POSITIVE_INT,
+    check_fields,
+    optional,
+)
 from jaxgpt.tokenizer import EOT_ID, get_tokenizer
 
 Rows = tuple[list[str], list[str]]  # (texts, labels)
@@ -47,6 +55,19 @@ class ClassifierDataConfig:
     tokenizer: str = "gpt2"
     pad_id: int = EOT_ID
     seed: int = 123
+
+    def __post_init__(self):
+        check_fields(self, {"source": NON_EMPTY, "train_fraction": FRACTION,
+                            "validation_fraction": FRACTION, "max_length": optional(POSITIVE_INT),
+                            "pad_id": NON_NEGATIVE_INT, "seed": NON_NEGATIVE_INT})
+        if self.train_fraction + self.validation_fraction >= 1:
+            raise ValueError(f"ClassifierDataConfig.validation_fraction={self.validation_fraction} "
+                             f"plus train_fraction={self.train_fraction} must be below 1 (the test "
+                             "split takes the rest)")
+        if self.labels is not None and (len(set(map(str, self.labels))) != len(self.labels)
+                                        or len(self.labels) < 2):
+            raise ValueError("ClassifierDataConfig.labels must name at least two distinct classes, "
+                             f"got {list(self.labels)}")
 
 
 # ---- reading -------------------------------------------------------------------------------
@@ -181,10 +202,7 @@ def random_split(rows: Rows, fractions: list[float], seed: int = 123) -> list[Ro
 
 def load_splits(cfg: ClassifierDataConfig) -> dict[str, Rows]:
     """Train/validation/test rows: the splits the source gives, the missing ones carved from train."""
-    f_train, f_val = cfg.train_fraction, cfg.validation_fraction
-    if not (0 < f_train < 1 and 0 < f_val < 1 and f_train + f_val < 1):
-        raise ValueError(f"data.train_fraction={f_train} and data.validation_fraction={f_val} must "
-                         "be positive and sum to less than 1 (the test split takes the rest)")
+    f_train, f_val = cfg.train_fraction, cfg.validation_fraction  # checked by the config
     splits = read_source(cfg.source, cfg.text_column, cfg.label_column)
     for name in ("validation", "test"):
         extra = getattr(cfg, name)

@@ -254,3 +254,18 @@ def test_cli_run_directory_and_errors(cli_model, tmp_path, capsys):
     assert "is neither a directory nor one of" in capsys.readouterr().err
     assert cli.main(["--model", str(run), "--prompt", "Hi", "--top-p", "1.5"]) == 1
     assert "top_p must be in (0, 1]" in capsys.readouterr().err
+
+
+def test_cli_zero_new_tokens_prints_the_prompt(cli_model, capsys):
+    path, _, _ = cli_model
+    assert cli.main(["--model", str(path), "--prompt", "Hello there", "--max-new-tokens", "0"]) == 0
+    assert capsys.readouterr() == ("Hello there\n", "")
+
+
+def test_cli_refuses_a_huge_request_before_loading_the_model(tmp_path, capsys):
+    missing = str(tmp_path / "no-such-model")  # never read: the options are refused first
+    assert cli.main(["--model", missing, "--prompt", "Hi", "--max-new-tokens", str(10**9)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: max_new_tokens=1000000000 is too many") and err.count("\n") == 1
+    assert cli.main(["--model", missing, "--prompt", "Hi", "--max-new-tokens", "-1"]) == 1
+    assert "max_new_tokens must be a non-negative integer" in capsys.readouterr().err

@@ -20,9 +20,10 @@ from jaxgpt.hostmem import retain_freed_memory  # noqa: E402
 
 retain_freed_memory()  # before the first JAX computation (jaxgpt/hostmem.py)
 
+from jaxgpt.cli.common import USER_ERRORS, fail  # noqa: E402
 from jaxgpt.distributed import is_lead, maybe_initialize  # noqa: E402
 from jaxgpt.tasks.instruct.finetune import InstructRunConfig, finetune  # noqa: E402
-from jaxgpt.training.runconfig import ConfigError, load_config  # noqa: E402
+from jaxgpt.training.runconfig import load_config  # noqa: E402
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "instruct_book.yaml"
 
@@ -38,9 +39,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(config_path, args.overrides, schema=InstructRunConfig)
         maybe_initialize(cfg)  # before any JAX computation: a multi-process run joins here
         result = finetune(cfg)
-    except (ConfigError, ValueError, OSError, RuntimeError) as e:  # OSError: files, downloads
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as e:  # one line; JAXGPT_DEBUG=1 for the trace
+        return fail(e, 2)
     if is_lead() and result.fit.preempted:
         print(f"preempted; rerun to resume in {result.fit.run_dir}")
     elif is_lead():

@@ -10,24 +10,24 @@ from __future__ import annotations
 import argparse
 import sys
 
+from jaxgpt.cli.common import USER_ERRORS, fail, quiet_libraries
 from jaxgpt.hostmem import retain_freed_memory
 
 
 def main(argv: list[str] | None = None) -> int:
     retain_freed_memory()  # this process's setting, before any JAX computation
+    quiet_libraries()  # stdout holds only the results
     parser = argparse.ArgumentParser(prog="python -m jaxgpt.cli.classify", description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="run directory of train/finetune_classifier.py")
     parser.add_argument("texts", nargs="+", help="texts to classify")
     args = parser.parse_args(argv)
-    from jaxgpt.restore import CheckpointError
     from jaxgpt.tasks.classification.model import classify, load_classifier
 
     try:
         model = load_classifier(args.model)
         labels, probs = classify(model, args.texts)
-    except (CheckpointError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as e:  # CheckpointError (not a classifier run, no checkpoint) included
+        return fail(e, 2)
     for text, label, p in zip(args.texts, labels, probs):
         print(f"{label}\t{p.max():.3f}\t{text}")
     return 0

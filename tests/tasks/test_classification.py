@@ -435,6 +435,7 @@ def test_classify_cli(book_run):
                            "win cash now", "see you later"], capture_output=True, text=True,
                           timeout=300, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stderr == ""  # no absl/Orbax warnings: stderr holds only real errors
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 2 and lines[1].endswith("\tsee you later")
     label, prob, _ = lines[0].split("\t")

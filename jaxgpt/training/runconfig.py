@@ -207,7 +207,7 @@ def _build(node: DictConfig, prefix: str, where):
             _build(child, f"{prefix}{key}.", where)
     try:
         return OmegaConf.to_object(node)
-    except ValueError as e:
+    except (ValueError, TypeError) as e:
         if isinstance(e, ConfigError):
             raise
         name, message = OmegaConf.get_type(node).__name__ + ".", str(e)

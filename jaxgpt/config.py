@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import jax.numpy as jnp
 
+from jaxgpt.checks import FRACTION, POSITIVE_INT, PROBABILITY, check_fields, one_of
 from jaxgpt.kernels import KERNEL_SETS, auto_compute_dtype
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -56,25 +57,10 @@ class GPTConfig:
     init: str = "gpt2"
 
     def __post_init__(self):
-        for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
+        check_fields(self, _RULES)
         if self.emb_dim % self.n_heads:
             raise ValueError(
                 f"GPTConfig.emb_dim={self.emb_dim} is not divisible by n_heads={self.n_heads}"
-            )
-        if not 0.0 <= self.drop_rate < 1.0:
-            raise ValueError(f"GPTConfig.drop_rate must be in [0, 1), got {self.drop_rate!r}")
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"GPTConfig.dtype must be one of {_DTYPES}, got {self.dtype!r}")
-        if self.kernels not in KERNEL_SETS:
-            raise ValueError(f"GPTConfig.kernels must be one of {KERNEL_SETS}, got {self.kernels!r}")
-        if self.init not in ("gpt2", "torch"):
-            raise ValueError(f"GPTConfig.init must be 'gpt2' or 'torch', got {self.init!r}")
-        if self.remat_policy not in _REMAT_POLICIES:
-            raise ValueError(
-                f"GPTConfig.remat_policy must be one of {_REMAT_POLICIES}, got {self.remat_policy!r}"
             )
 
     @property
@@ -113,3 +99,14 @@ class GPTConfig:
         if key not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
         return cls.from_dict({**PRESETS[key], **overrides})
+
+
+_RULES = {
+    **dict.fromkeys(("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"), POSITIVE_INT),
+    "drop_rate": PROBABILITY,
+    "ln_eps": FRACTION,  # added to a variance: 0 divides by zero, 1 or more flattens every norm
+    "dtype": one_of(*_DTYPES),
+    "kernels": one_of(*KERNEL_SETS),
+    "remat_policy": one_of(*_REMAT_POLICIES),
+    "init": one_of("gpt2", "torch"),
+}

@@ -136,10 +136,23 @@ def _default_text() -> str:
     return DOC_SEPARATOR.join(topics[key] for key in sorted(topics))
 
 
+def _read_file(path: str | os.PathLike) -> str:
+    """A UTF-8 text file; any failure is one line naming the file."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory, not a text file")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except OSError as e:
+        raise OSError(f"cannot read {path}: {e.strerror or e}") from None
+
+
 def _read_files(paths: Sequence[str | os.PathLike], source: object) -> str:
     if not paths:
         raise ValueError(f"no text files found for {source!r}")
-    return DOC_SEPARATOR.join(Path(p).read_text(encoding="utf-8") for p in paths)
+    return DOC_SEPARATOR.join(_read_file(p) for p in paths)
 
 
 def load_hf_text(
@@ -175,12 +188,12 @@ def load_text(source: str | os.PathLike | Sequence[str | os.PathLike]) -> str:
             path, _, config = source[3:].partition(":")
             return load_hf_text(path, name=config or None)
         if source in DATASETS:
-            return dataset_path(source).read_text(encoding="utf-8")
+            return _read_file(dataset_path(source))
     path = Path(source)
     if path.is_file():
-        return path.read_text(encoding="utf-8")
-    if path.is_dir():
-        return _read_files(sorted(path.glob("*.txt")), source)
+        return _read_file(path)
+    if path.is_dir():  # a subdirectory named like a text file is not one
+        return _read_files(sorted(p for p in path.glob("*.txt") if not p.is_dir()), source)
     if globlib.has_magic(str(source)):
         matches = globlib.glob(str(source), recursive=True)
         return _read_files(sorted(p for p in matches if os.path.isfile(p)), source)

@@ -19,6 +19,8 @@ from typing import Optional
 import jax
 import numpy as np
 
+from jaxgpt.checks import NON_NEGATIVE_INT, POSITIVE_INT, check_fields, optional
+
 
 @dataclass(frozen=True)
 class DistributedConfig:
@@ -31,6 +33,11 @@ class DistributedConfig:
     num_processes: Optional[int] = None
     process_id: Optional[int] = None
     initialization_timeout: int = 300  # seconds to wait for every process to join
+
+    def __post_init__(self):
+        check_fields(self, {"num_processes": optional(POSITIVE_INT),
+                            "process_id": optional(NON_NEGATIVE_INT),
+                            "initialization_timeout": POSITIVE_INT})
 
 
 def _int_env(name: str) -> int | None:

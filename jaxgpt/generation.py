@@ -38,6 +38,12 @@ from jaxgpt.config import GPTConfig
 from jaxgpt.model import GPT, init_cache, validate_ids
 
 MIN_BUCKET = 16
+# generate keeps every row's tokens and a real-token mask as [B, prompt bucket + max_new_tokens]
+# buffers (an int32 id and a bool per cell, on the device and again on the host), which grow
+# with max_new_tokens; the KV cache stops growing at the context. A request whose buffers pass
+# this bound is refused on the host, before anything is allocated, rather than run out of memory.
+MAX_BUFFER_BYTES = 256 << 20
+_CELL_BYTES = 4 + 1  # int32 token id + bool mask
 
 
 def prompt_bucket(length: int, context_length: int) -> int:
@@ -185,16 +191,40 @@ def _as_prompts(prompt_ids, prompt_mask, pad_id: int) -> tuple[np.ndarray, np.nd
     return ids, mask
 
 
-def _check_options(config, max_new_tokens, temperature, top_k, top_p, eos_id, key):
-    V = config.vocab_size
-    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
+def check_sampling(max_new_tokens, temperature=0.0, top_k=None, top_p=None,
+                   vocab_size: int | None = None) -> None:
+    """Refuse generation options no model could take (ValueError, one line naming the option)."""
+    if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) \
+            or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
     if not np.isfinite(temperature) or temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature!r}")
-    if top_k is not None and not (isinstance(top_k, (int, np.integer)) and 1 <= top_k <= V):
-        raise ValueError(f"top_k must be an integer in [1, {V}], got {top_k!r}")
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+    top = "" if vocab_size is None else f", {vocab_size}"
+    if top_k is not None and not (isinstance(top_k, (int, np.integer)) and top_k >= 1
+                                  and (vocab_size is None or top_k <= vocab_size)):
+        raise ValueError(f"top_k must be an integer in [1{top}], got {top_k!r}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+
+
+def check_size(batch: int, prompt_len: int, max_new_tokens: int,
+               context_length: int | None = None) -> None:
+    """Refuse a request whose token buffers would pass MAX_BUFFER_BYTES. Without the model's
+    context_length the prompt counts unpadded: a lower bound that callers can check early."""
+    width = max(prompt_len, 1)
+    if context_length is not None:
+        width = prompt_bucket(min(width, context_length), context_length)
+    need = batch * (width + int(max_new_tokens)) * _CELL_BYTES
+    if need > MAX_BUFFER_BYTES:
+        raise ValueError(
+            f"max_new_tokens={max_new_tokens} is too many: {batch} row(s) of {width} prompt + "
+            f"{max_new_tokens} new tokens need {need / 2**20:,.0f} MiB of token buffers, over the "
+            f"{MAX_BUFFER_BYTES >> 20} MiB bound (jaxgpt.generation.MAX_BUFFER_BYTES)")
+
+
+def _check_options(config, max_new_tokens, temperature, top_k, top_p, eos_id, key):
+    V = config.vocab_size
+    check_sampling(max_new_tokens, temperature, top_k, top_p, V)
     if eos_id is not None and not 0 <= eos_id < V:
         raise ValueError(f"eos_id {eos_id} is outside the vocabulary [0, {V})")
     if temperature > 0 and key is None:
@@ -254,11 +284,12 @@ def _run(params, config, ids, mask, max_new_tokens, temperature, top_k, top_p, e
     """Yield (state, lo, hi) after each compiled call: its new tokens are tokens[:, lo:hi]."""
     _check_options(config, max_new_tokens, temperature, top_k, top_p, eos_id, key)
     _check_prompts(ids, mask, config)
+    # The book's cut: only the last context_length tokens are ever seen.
+    width = min(int(mask.sum(axis=1).max()), config.context_length)
+    check_size(ids.shape[0], width, max_new_tokens, config.context_length)
     if max_new_tokens == 0:
         return
     params = jax.device_put(params)  # host arrays would otherwise be copied on every call
-    # The book's cut: only the last context_length tokens are ever seen.
-    width = min(int(mask.sum(axis=1).max()), config.context_length)
     P = prompt_bucket(width, config.context_length)
     prompt = np.zeros((ids.shape[0], P), np.int32)  # padding may hold any id; the model sees 0
     real = np.zeros((ids.shape[0], P), bool)

@@ -61,6 +61,9 @@ def tree_shapes(directory: str | Path, step: int = 0, item: str = "tree", key: s
     handler = ocp.PyTreeCheckpointHandler()
     try:
         meta = handler.metadata(path).tree
+    except Exception as err:  # TensorStore on damaged metadata files
+        raise CorruptCheckpoint(f"checkpoint step {step} in {directory} cannot be read: "
+                                f"{first_line(err)}") from err
     finally:
         handler.close()
     if key is not None:

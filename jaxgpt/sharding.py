@@ -31,6 +31,8 @@ from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxgpt.checks import POSITIVE_INT, Rule, check_fields
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 RULES: tuple[tuple[str, tuple[str, ...] | str | None], ...] = (
@@ -52,6 +54,17 @@ class MeshConfig:
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
+
+    def __post_init__(self):
+        check_fields(self, _MESH_RULES)
+        rest = [a for a in MESH_AXES if getattr(self, a) == -1]
+        if len(rest) > 1:
+            raise ValueError(f"MeshConfig.{rest[1]} cannot be -1 as well as {rest[0]}: only one "
+                             "axis takes the remaining devices")
+
+
+_MESH_RULES = dict.fromkeys(MESH_AXES, Rule("a positive integer or -1 (all remaining devices)",
+                                            lambda v: POSITIVE_INT.test(v) or v == -1))
 
 
 def make_mesh(cfg: MeshConfig = MeshConfig(), devices=None) -> Mesh:

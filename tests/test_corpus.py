@@ -307,3 +307,29 @@ def test_token_cache_unknown_tokenizer(tmp_path):
     with pytest.raises(ValueError, match="unknown tokenizer 'gpt5'"):
         tokenize_cached("hello", tokenizer_name="gpt5", cache_dir=tmp_path)
     assert not (tmp_path / "tokens").exists()
+
+
+def test_a_subdirectory_named_like_a_text_file_is_skipped(tmp_path):
+    (tmp_path / "a.txt").write_text("alpha")
+    (tmp_path / "notes.txt").mkdir()  # a directory, not a document
+    assert load_text(tmp_path) == "alpha"
+    with pytest.raises(ValueError, match=r"notes.txt is a directory, not a text file"):
+        load_text([tmp_path / "a.txt", tmp_path / "notes.txt"])
+
+
+def test_an_unreadable_file_in_a_corpus_is_named(tmp_path, monkeypatch):
+    (tmp_path / "a.txt").write_text("alpha")
+    (tmp_path / "b.txt").write_bytes(b"caf\xe9 latin-1")
+    with pytest.raises(ValueError, match=r"b.txt is not UTF-8 text \(byte 3"):
+        load_text(tmp_path)
+    (tmp_path / "b.txt").write_text("beta")
+    read = Path.read_text
+
+    def denied(self, *args, **kwargs):
+        if self.name == "b.txt":
+            raise PermissionError(13, "Permission denied")
+        return read(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", denied)
+    with pytest.raises(OSError, match=r"^cannot read .*b.txt: Permission denied$"):
+        load_text(str(tmp_path / "*.txt"))

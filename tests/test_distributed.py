@@ -53,11 +53,18 @@ def test_cluster_launchers_are_left_to_jax(monkeypatch, name, value):
     (DistributedConfig(num_processes=2, coordinator_address="h:1"), "process_id"),
     (DistributedConfig(num_processes=2, process_id=2, coordinator_address="h:1"),
      r"process_id=2 is outside \[0, 2\)"),
-    (DistributedConfig(num_processes=0), "num_processes must be at least 1"),
 ])
 def test_incomplete_groups_are_named(cfg, message):
     with pytest.raises(ValueError, match=message):
         plan(cfg)
+
+
+def test_impossible_counts_are_refused_when_built(monkeypatch):
+    with pytest.raises(ValueError, match="num_processes must be a positive integer or null, got 0"):
+        DistributedConfig(num_processes=0)
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "0")  # the environment's value is checked by plan
+    with pytest.raises(ValueError, match="num_processes must be at least 1"):
+        plan(DistributedConfig())
 
 
 def test_bad_environment_value_is_named(monkeypatch):

@@ -10,7 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from jaxgpt import GPTConfig, init_params
+from jaxgpt import GPTConfig, generation, init_params
 from jaxgpt.generation import (
     _filter_logits,
     _start,
@@ -192,7 +192,8 @@ def test_no_new_tokens_returns_the_prompt(model):
     (np.array([[1, 2, 3]]), dict(prompt_mask=np.array([[1, 0, 1]])), "row 0 is not left padding"),
     ([[1]], dict(top_k=0), "top_k must be an integer in"),
     ([[1]], dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
-    ([[1]], dict(temperature=-1.0), "temperature must be >= 0"),
+    ([[1]], dict(temperature=-1.0), "temperature must be a finite number >= 0"),
+    ([[1]], dict(temperature=float("nan")), "temperature must be a finite number >= 0"),
     ([[1]], dict(temperature=0.5), "needs a PRNG key"),
     ([[1]], dict(eos_id=67), "eos_id 67 is outside"),
 ])
@@ -200,6 +201,21 @@ def test_bad_inputs_are_named(model, prompts, kwargs, message):
     _, config, params = model
     with pytest.raises(ValueError, match=message):
         generate(params, config, prompts, 3, **kwargs)
+
+
+def test_buffers_past_the_bound_are_refused_before_anything_is_compiled(model, monkeypatch):
+    _, config, params = model
+    with pytest.raises(ValueError, match=r"max_new_tokens=1000000000 is too many: .* over the 256 MiB"):
+        generate(params, config, [[1, 2]], 10**9)
+    with pytest.raises(ValueError, match="too many"):
+        next(generate_stream(params, config, [[1, 2]], 10**9))
+    # The bound is what generate keeps: [B, prompt bucket + new] int32 ids and bool mask.
+    B, bucket, new = 2, prompt_bucket(2, config.context_length), 3
+    monkeypatch.setattr(generation, "MAX_BUFFER_BYTES", B * (bucket + new) * 5)
+    assert generate(params, config, [[1, 2], [3]], new).shape == (B, 2 + new)
+    monkeypatch.setattr(generation, "_start", None)  # refused before the first compiled call
+    with pytest.raises(ValueError, match="too many"):
+        generate(params, config, [[1, 2], [3]], new + 1)
 
 
 @pytest.fixture(scope="module")
@@ -238,3 +254,18 @@ def test_cli_run_directory_and_errors(cli_model, tmp_path, capsys):
     assert "is neither a directory nor one of" in capsys.readouterr().err
     assert cli.main(["--model", str(run), "--prompt", "Hi", "--top-p", "1.5"]) == 1
     assert "top_p must be in (0, 1]" in capsys.readouterr().err
+
+
+def test_cli_zero_new_tokens_prints_the_prompt(cli_model, capsys):
+    path, _, _ = cli_model
+    assert cli.main(["--model", str(path), "--prompt", "Hello there", "--max-new-tokens", "0"]) == 0
+    assert capsys.readouterr() == ("Hello there\n", "")
+
+
+def test_cli_refuses_a_huge_request_before_loading_the_model(tmp_path, capsys):
+    missing = str(tmp_path / "no-such-model")  # never read: the options are refused first
+    assert cli.main(["--model", missing, "--prompt", "Hi", "--max-new-tokens", str(10**9)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: max_new_tokens=1000000000 is too many") and err.count("\n") == 1
+    assert cli.main(["--model", missing, "--prompt", "Hi", "--max-new-tokens", "-1"]) == 1
+    assert "max_new_tokens must be a non-negative integer" in capsys.readouterr().err

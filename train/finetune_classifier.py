@@ -17,14 +17,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 
-from jaxgpt.entry import setup_process  # noqa: E402
+from jaxgpt.cli.common import USER_ERRORS, fail, setup_process  # noqa: E402
 
-setup_process()  # malloc retention, quiet background logs; before any JAX computation
+setup_process()  # malloc retention, quiet library logs; before any JAX computation
 
 from jaxgpt.distributed import is_lead, maybe_initialize  # noqa: E402
 from jaxgpt.tasks.classification.finetune import finetune  # noqa: E402
 from jaxgpt.tasks.classification.model import ClassifierRunConfig  # noqa: E402
-from jaxgpt.training.runconfig import ConfigError, load_config  # noqa: E402
+from jaxgpt.training.runconfig import load_config  # noqa: E402
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "cls_spam_book.yaml"
 
@@ -38,9 +38,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides, schema=ClassifierRunConfig)
         maybe_initialize(cfg)  # before any JAX computation: a multi-process run joins here
         result = finetune(cfg)
-    except (ConfigError, ValueError, OSError, RuntimeError) as e:  # OSError: weights not found
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as e:  # one line; JAXGPT_DEBUG=1 for the trace
+        return fail(e, 2)
     if not is_lead():
         return 0
     if result.classifier is None:

@@ -15,13 +15,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 
-from jaxgpt.entry import setup_process  # noqa: E402
+from jaxgpt.cli.common import USER_ERRORS, fail, setup_process  # noqa: E402
 
-setup_process()  # malloc retention, quiet background logs; before any JAX computation
+setup_process()  # malloc retention, quiet library logs; before any JAX computation
 
 from jaxgpt.distributed import is_lead, maybe_initialize  # noqa: E402
 from jaxgpt.tasks.pretraining import pretrain  # noqa: E402
-from jaxgpt.training.runconfig import ConfigError, load_config  # noqa: E402
+from jaxgpt.training.runconfig import load_config  # noqa: E402
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 
@@ -36,9 +36,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(config_path, args.overrides)
         maybe_initialize(cfg)  # before any JAX computation: a multi-process run joins here
         result = pretrain(cfg)
-    except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as e:  # one line; JAXGPT_DEBUG=1 for the trace
+        return fail(e, 2)
     status = "preempted; rerun to resume" if result.preempted else "done"
     if is_lead():
         print(f"{status}: checkpoints, metrics.jsonl and loss.png in {result.run_dir}")

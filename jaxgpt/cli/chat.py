@@ -14,7 +14,8 @@ import sys
 
 import jax
 
-from jaxgpt.entry import setup_process
+from jaxgpt.cli.common import USER_ERRORS, fail, setup_process
+from jaxgpt.generation import check_sampling, check_size
 from jaxgpt.loading import is_run_dir, load_model, read_run_yaml
 from jaxgpt.tasks.instruct.prompts import TEMPLATES
 
@@ -42,15 +43,19 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    setup_process()  # this process's settings (jaxgpt/entry.py), before any JAX computation
+    setup_process()  # this process's settings (jaxgpt/cli/common.py), before any JAX computation
     args = parse_args(argv)
     from jaxgpt.tasks.instruct.responses import generate_responses
 
     try:
+        # Options first: a request no model could take is refused before the weights load.
+        if args.max_new_tokens < 1:
+            raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+        check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+        check_size(1, 1, args.max_new_tokens)
         config, params, template = load_chat_model(args.model, args.template)
-    except (ValueError, OSError, RuntimeError) as err:  # a bad path or checkpoint: one line
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    except USER_ERRORS as err:  # a bad option, path or checkpoint: one line
+        return fail(err, 1)
     interactive = sys.stdin.isatty()
     key = jax.random.key(args.seed)
     for turn, line in enumerate(iter(lambda: _read(interactive), None)):
@@ -65,8 +70,7 @@ def main(argv=None) -> int:
                 max_new_tokens=args.max_new_tokens, batch_size=1, temperature=args.temperature,
                 top_k=args.top_k, top_p=args.top_p, key=jax.random.fold_in(key, turn))
         except ValueError as err:  # options the model cannot take
-            print(f"error: {err}", file=sys.stderr)
-            return 1
+            return fail(err, 1)
         print(reply["model_response"], flush=True)
     return 0
 

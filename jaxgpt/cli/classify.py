@@ -10,24 +10,22 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jaxgpt.entry import setup_process
+from jaxgpt.cli.common import USER_ERRORS, fail, setup_process
 
 
 def main(argv: list[str] | None = None) -> int:
-    setup_process()  # this process's settings (jaxgpt/entry.py), before any JAX computation
+    setup_process()  # this process's settings (jaxgpt/cli/common.py), before any JAX computation
     parser = argparse.ArgumentParser(prog="python -m jaxgpt.cli.classify", description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="run directory of train/finetune_classifier.py")
     parser.add_argument("texts", nargs="+", help="texts to classify")
     args = parser.parse_args(argv)
-    from jaxgpt.restore import CheckpointError
     from jaxgpt.tasks.classification.model import classify, load_classifier
 
     try:
         model = load_classifier(args.model)
         labels, probs = classify(model, args.texts)
-    except (CheckpointError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as e:  # CheckpointError (not a classifier run, no checkpoint) included
+        return fail(e, 2)
     for text, label, p in zip(args.texts, labels, probs):
         print(f"{label}\t{p.max():.3f}\t{text}")
     return 0

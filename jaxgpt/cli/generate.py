@@ -15,8 +15,8 @@ import sys
 
 import jax
 
-from jaxgpt.entry import setup_process
-from jaxgpt.generation import generate_stream
+from jaxgpt.cli.common import USER_ERRORS, fail, setup_process
+from jaxgpt.generation import check_sampling, check_size, generate_stream
 from jaxgpt.loading import load_model
 
 
@@ -35,17 +35,19 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    setup_process()  # this process's settings (jaxgpt/entry.py), before any JAX computation
+    setup_process()  # this process's settings (jaxgpt/cli/common.py), before any JAX computation
     args = parse_args(argv)
     from jaxgpt.tokenizer import get_tokenizer
 
     tokenizer = get_tokenizer("gpt2")
-    try:
-        config, params = load_model(args.model)
-    except (ValueError, OSError, RuntimeError) as err:  # a bad path or checkpoint: one line
-        print(f"error: {err}", file=sys.stderr)
-        return 1
     ids = tokenizer.encode(args.prompt, allowed_special={"<|endoftext|>"})
+    try:
+        # Options first: a request no model could take is refused before the weights load.
+        check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+        check_size(1, len(ids), args.max_new_tokens)
+        config, params = load_model(args.model)
+    except USER_ERRORS as err:  # a bad option, path or checkpoint: one line
+        return fail(err, 1)
     eot = tokenizer.eot_token if args.stop_at_eot and tokenizer.eot_token < config.vocab_size else None
     stream = generate_stream(
         params, config, [ids], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
@@ -54,12 +56,11 @@ def main(argv=None) -> int:
     # A token can end inside a UTF-8 character; the incremental decoder waits for the rest.
     text = codecs.getincrementaldecoder("utf-8")(errors="replace")
     try:
-        first = next(stream)  # options and prompt are checked before anything is printed
+        first = next(stream, None)  # options and prompt are checked before anything is printed
     except ValueError as err:  # options or prompt the model cannot take
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    sys.stdout.write(args.prompt)
-    for chunk in itertools.chain([first], stream):
+        return fail(err, 1)
+    sys.stdout.write(args.prompt)  # with --max-new-tokens 0, all there is
+    for chunk in itertools.chain([] if first is None else [first], stream):
         for token in chunk[0].tolist():
             if token == eot:
                 break

@@ -1,9 +1,15 @@
-"""Run metrics: `metrics.jsonl` (one JSON record a line), TensorBoard events, and the loss plot."""
+"""Run metrics: `metrics.jsonl` (one JSON record a line), TensorBoard events, and the loss plot.
+
+A run killed mid-write leaves a partial last line. Readers drop it (a resumed run says so once
+on stderr, and cuts it off before appending, so the next record starts a line of its own); any
+other line that is not a JSON object is an error naming the file and line.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import jax
@@ -17,10 +23,30 @@ class MetricsLog:
         self.path = self.run_dir / "metrics.jsonl"
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self._tb = None
+        if self.enabled and self.path.exists():
+            self._drop_partial_line()
         if self.enabled and tensorboard:
             from tensorboardX import SummaryWriter
 
             self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+
+    def _drop_partial_line(self) -> None:
+        """Cut off a last line with no newline, so the next record starts a line of its own."""
+        data = self.path.read_bytes()
+        if not data or data.endswith(b"\n"):
+            return
+        cut = data.rfind(b"\n") + 1
+        try:
+            json.loads(data[cut:])
+        except ValueError:
+            line = data.count(b"\n") + 1
+            print(f"{self.path}: dropped a partial last line (line {line}, left by a run "
+                  "stopped mid-write)", file=sys.stderr)
+            with self.path.open("r+b") as f:
+                f.truncate(cut)
+            return
+        with self.path.open("ab") as f:  # a whole record that only lacks its newline
+            f.write(b"\n")
 
     def truncate_after(self, step: int) -> None:
         """Drop records past `step` (left by a run that died after its last checkpoint)."""
@@ -48,7 +74,22 @@ class MetricsLog:
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The records of a metrics.jsonl; a partial last line (a run killed mid-write) is dropped."""
+    lines = Path(path).read_text(encoding="utf-8", errors="replace").split("\n")
+    records = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            if n == len(lines):  # no newline after it: the write was cut short
+                break
+            raise ValueError(f"{path} line {n} is not a JSON record ({e.msg})") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path} line {n} is not a JSON object")
+        records.append(record)
+    return records
 
 
 def plot_losses(metrics_path: str | Path, out_png: str | Path) -> Path | None:

@@ -1,20 +1,37 @@
 """Typed run configuration: frozen dataclasses, YAML files and dotted command-line overrides.
 
 OmegaConf does the typing: an unknown key or a value of the wrong type is an error that names
-the key. A `model_preset` (e.g. gpt2-small) is laid under the YAML's `model` section, so a file
-only states what it changes.
+the key. Each dataclass checks its values against its table of rules (jaxgpt/checks.py) when it
+is built; `load_config` builds the sections one by one, so a broken rule is reported with the
+dotted key (`train.batch_size must be a positive integer, got 0`) and, when the value came from
+the YAML file, the file and line. A `model_preset` (e.g. gpt2-small) is laid under the YAML's
+`model` section, so a file only states what it changes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from omegaconf import OmegaConf
+import yaml
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from jaxgpt.checks import (
+    FRACTION,
+    NON_EMPTY,
+    NON_NEGATIVE,
+    NON_NEGATIVE_INT,
+    POSITIVE,
+    POSITIVE_INT,
+    PROBABILITY,
+    check_fields,
+    one_of,
+    optional,
+)
 from jaxgpt.config import PRESET_ALIASES, PRESETS, GPTConfig
 from jaxgpt.distributed import DistributedConfig
 from jaxgpt.sharding import MeshConfig
@@ -36,6 +53,13 @@ class OptimConfig:
     grad_clip: Optional[float] = None  # global-norm clipping threshold
     accum_steps: int = 1  # micro-batches per step; batch_size must divide by it
 
+    def __post_init__(self):
+        check_fields(self, {
+            "learning_rate": POSITIVE, "init_lr": NON_NEGATIVE, "min_lr": NON_NEGATIVE,
+            "warmup_steps": NON_NEGATIVE_INT, "decay": one_of("constant", "cosine"),
+            "weight_decay": NON_NEGATIVE, "b1": PROBABILITY, "b2": PROBABILITY, "eps": POSITIVE,
+            "grad_clip": optional(POSITIVE), "accum_steps": POSITIVE_INT})
+
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -44,6 +68,10 @@ class DataConfig:
     tokenizer: str = "gpt2"
     train_ratio: float = 0.9
     stride: Optional[int] = None  # defaults to the model's context length
+
+    def __post_init__(self):
+        check_fields(self, {"source": NON_EMPTY, "tokenizer": NON_EMPTY, "train_ratio": FRACTION,
+                            "stride": optional(POSITIVE_INT)})
 
 
 @dataclass(frozen=True)
@@ -63,6 +91,18 @@ class TrainConfig:
     max_consecutive_skips: int = 5  # non-finite updates in a row before the run stops
     progress: bool = True
     report: bool = True  # print the sharding and memory report before the first step
+    report_table: bool = False  # the per-parameter table even on one device
+
+    def __post_init__(self):
+        check_fields(self, {
+            "batch_size": POSITIVE_INT, "epochs": POSITIVE_INT, "max_steps": optional(POSITIVE_INT),
+            "seed": NON_NEGATIVE_INT,  # numpy's generators take no negative seed
+            "eval_freq": NON_NEGATIVE_INT,  # 0: no evaluation
+            "eval_iter": POSITIVE_INT, "sample_tokens": NON_NEGATIVE_INT,  # 0: no samples
+            "sample_temperature": NON_NEGATIVE, "sample_top_k": optional(POSITIVE_INT),
+            "checkpoint_every": POSITIVE_INT,
+            "keep_checkpoints": POSITIVE_INT,  # Orbax takes 0 as "keep none": a run would end with no checkpoint
+            "max_consecutive_skips": POSITIVE_INT})
 
 
 @dataclass(frozen=True)
@@ -76,6 +116,9 @@ class RunConfig:
     mesh: MeshConfig = field(default_factory=MeshConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+    def __post_init__(self):
+        check_fields(self, {"name": NON_EMPTY, "runs_dir": NON_EMPTY})
 
     @property
     def run_dir(self) -> Path:
@@ -91,28 +134,89 @@ class ConfigError(ValueError):
 
 def load_config(path: str | Path | None = None, overrides: list[str] = (), schema=RunConfig):
     """Build a run configuration from an optional YAML file and `key=value` overrides."""
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"override {bad[0]!r} is not of the form key=value")
+    from_file = _read_yaml(Path(path)) if path else None
+    given = {o.split("=", 1)[0].strip() for o in overrides}
+
+    def where(key: str) -> str:  # "FILE line N: " when the value came from the file
+        if key in given or from_file is None:
+            return ""
+        line = _yaml_line(Path(path), key)
+        return f"{path} line {line}: " if line else ""
+
     try:
         base = OmegaConf.structured(schema)
         OmegaConf.set_readonly(base, False)
-        layers = [OmegaConf.load(path)] if path else []
-        bad = [o for o in overrides if "=" not in o]
-        if bad:
-            raise ConfigError(f"override {bad[0]!r} is not of the form key=value")
-        layers.append(OmegaConf.from_dotlist(list(overrides)))
-        user = OmegaConf.merge(*layers) if layers else OmegaConf.create({})
+        layers = [x for x in (from_file, OmegaConf.from_dotlist(list(overrides))) if x is not None]
+        user = OmegaConf.merge(*layers)
         preset = user.get("model_preset")
         if preset:
             key = PRESET_ALIASES.get(preset, preset)
             if key not in PRESETS:
-                raise ConfigError(f"model_preset {preset!r} is unknown; choose from {sorted(PRESETS)}")
+                raise ConfigError(f"{where('model_preset')}model_preset {preset!r} is unknown; "
+                                  f"choose from {sorted(PRESETS)}")
             base = OmegaConf.merge(base, {"model": PRESETS[key]})
-        return OmegaConf.to_object(OmegaConf.merge(base, user))
+        return _build(OmegaConf.merge(base, user), "", where)
     except OmegaConfBaseException as e:
-        raise ConfigError(f"config error: {str(e).splitlines()[0]}") from None
+        key = getattr(e, "full_key", None)
+        named = f"{where(key)}{key}: " if key else ""
+        raise ConfigError(f"{named}{str(e).splitlines()[0]}") from None
+
+
+def _read_yaml(path: Path) -> DictConfig:
+    """The file's mapping, or a one-line ConfigError naming the file."""
+    if not path.is_file():
+        what = "is a directory" if path.is_dir() else "does not exist"
+        raise ConfigError(f"config file {path} {what}; --config takes a YAML file")
+    try:
+        loaded = OmegaConf.load(path)
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {path} cannot be read: {e}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}{at}: not valid YAML ({problem})") from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"{path} must hold a mapping of sections (model:, train:, ...), "
+                          "not a list")
+    return loaded
+
+
+def _yaml_line(path: Path, key: str) -> int | None:
+    """The 1-based line of a dotted key in a YAML file, if the file states it."""
+    node = yaml.compose(path.read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
+    line = None
+    for part in key.split("."):
+        if not isinstance(node, yaml.MappingNode):
+            return None
+        match = next(((k, v) for k, v in node.value if k.value == part), None)
+        if match is None:
+            return None
+        line, node = match[0].start_mark.line + 1, match[1]
+    return line
+
+
+def _build(node: DictConfig, prefix: str, where):
+    """OmegaConf.to_object, sections first: a section's "ClassName.field ..." error is reported
+    as the dotted key the user writes ("train.batch_size ...")."""
+    for key in node:
+        child = node[key]
+        if isinstance(child, DictConfig) and dataclasses.is_dataclass(OmegaConf.get_type(child)):
+            _build(child, f"{prefix}{key}.", where)
+    try:
+        return OmegaConf.to_object(node)
     except (ValueError, TypeError) as e:
         if isinstance(e, ConfigError):
             raise
-        raise ConfigError(f"config error: {e}") from None
+        name, message = OmegaConf.get_type(node).__name__ + ".", str(e)
+        if not message.startswith(name):
+            raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {message}") from None
+        message = prefix + message[len(name):]
+        key = re.match(r"[\w.]+", message).group(0)
+        raise ConfigError(where(key) + message) from None
 
 
 def save_config(config, path: str | Path) -> None:

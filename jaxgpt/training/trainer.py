@@ -217,7 +217,8 @@ class Trainer:
         compiled = self.train_step.lower(self.state, self.batch_at(self.start_step), self.frozen).compile()
         if self.is_lead:
             print(sharding_report(self.cfg.model, self.mesh, self.tx, compiled=compiled,
-                                  boxed_params=self.trainable.abstract()), flush=True)
+                                  boxed_params=self.trainable.abstract(),
+                                  table=True if self.cfg.train.report_table else None), flush=True)
 
     def close(self) -> None:
         """Wait for pending checkpoint writes, close the logs and give up the run directory."""

@@ -26,6 +26,14 @@ from typing import Optional
 
 import numpy as np
 
+from jaxgpt.checks import (
+    FRACTION,
+    NON_EMPTY,
+    NON_NEGATIVE_INT,
+    POSITIVE_INT,
+    check_fields,
+    optional,
+)
 from jaxgpt.tokenizer import EOT_ID, get_tokenizer
 
 Rows = tuple[list[str], list[str]]  # (texts, labels)
@@ -48,6 +56,19 @@ class ClassifierDataConfig:
     pad_id: int = EOT_ID
     seed: int = 123
 
+    def __post_init__(self):
+        check_fields(self, {"source": NON_EMPTY, "train_fraction": FRACTION,
+                            "validation_fraction": FRACTION, "max_length": optional(POSITIVE_INT),
+                            "pad_id": NON_NEGATIVE_INT, "seed": NON_NEGATIVE_INT})
+        if self.train_fraction + self.validation_fraction >= 1:
+            raise ValueError(f"ClassifierDataConfig.validation_fraction={self.validation_fraction} "
+                             f"plus train_fraction={self.train_fraction} must be below 1 (the test "
+                             "split takes the rest)")
+        if self.labels is not None and (len(set(map(str, self.labels))) != len(self.labels)
+                                        or len(self.labels) < 2):
+            raise ValueError("ClassifierDataConfig.labels must name at least two distinct classes, "
+                             f"got {list(self.labels)}")
+
 
 # ---- reading -------------------------------------------------------------------------------
 
@@ -56,54 +77,123 @@ def read_sms_spam(path: str | Path) -> Rows:
     """(texts, labels) of SMSSpamCollection, one example per line (see the module docstring)."""
     texts, labels = [], []
     # split("\n"), not splitlines(): the latter also breaks at form feeds and other separators.
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").split("\n"), 1):
+    for n, line in enumerate(_read_text(path).split("\n"), 1):
         line = line.rstrip("\r")
         if not line:
             continue
-        label, tab, text = line.partition("\t")
-        if not tab:
-            raise ValueError(f"{path} line {n} has no tab between label and text")
+        fields = line.split("\t")
+        if len(fields) != 2:  # a tab-separated field cannot hold a tab: a third field is a mistake
+            what = "no tab between label and text" if len(fields) == 1 else \
+                f"{len(fields)} tab-separated fields; expected label<TAB>text"
+            raise ValueError(f"{path} line {n} has {what}")
+        text, label = _example({"label": fields[0], "text": fields[1]}, "text", "label",
+                               f"{path} line {n}")
         labels.append(label)
         texts.append(text)
     return texts, labels
 
 
-def _columns(records: list[dict], text_column: str, label_column: str, where: str) -> Rows:
+def _read_text(path: str | Path) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+
+
+def _example(record, text_column: str, label_column: str, where: str) -> tuple[str, str]:
+    """(text, label) of one record; a missing, null, empty or nested value names `where`."""
+    if not isinstance(record, dict):
+        raise ValueError(f"{where} is a {type(record).__name__}, not an object with "
+                         f"{text_column!r} and {label_column!r}")
+    out = []
+    for column, what in ((text_column, "text"), (label_column, "label")):
+        if column not in record:
+            raise ValueError(f"{where} has no {column!r} field")
+        value = record[column]
+        if isinstance(value, (list, dict)):
+            raise ValueError(f"{where} has a {type(value).__name__} as its {what} ({column!r})")
+        if value is None or not str(value).strip():
+            kind = "a null" if value is None else "an empty"
+            raise ValueError(f"{where} has {kind} {what} ({column!r})")
+        out.append(str(value))
+    return out[0], out[1]
+
+
+def _columns(records: list, text_column: str, label_column: str, where: str,
+             places: list[str] | None = None) -> Rows:
+    """(texts, labels) of records; `places` names each record in errors ("FILE line 5")."""
     if not records:
         raise ValueError(f"{where} holds no examples")
-    for column in (text_column, label_column):
-        if column not in records[0]:
-            raise ValueError(f"column {column!r} not in {where}; available: {', '.join(map(str, records[0]))}")
-    for i, r in enumerate(records):
-        if text_column not in r or label_column not in r:
-            raise ValueError(f"row {i} of {where} lacks column {text_column!r} or {label_column!r}")
-    return [str(r[text_column]) for r in records], [str(r[label_column]) for r in records]
+    if isinstance(records[0], dict):
+        for column in (text_column, label_column):
+            if column not in records[0]:
+                raise ValueError(f"column {column!r} not in {where}; available: "
+                                 f"{', '.join(map(str, records[0]))}")
+    places = places or [f"{where} record {i + 1} of {len(records)}" for i in range(len(records))]
+    pairs = [_example(r, text_column, label_column, at) for r, at in zip(records, places)]
+    return [t for t, _ in pairs], [lab for _, lab in pairs]
+
+
+def _read_delimited(path: Path, delimiter: str, quoting: int) -> tuple[list[dict], list[str]]:
+    """Records of a CSV/TSV file with a header, and the line each starts on; a row with more or
+    fewer fields than the header is an error naming its line."""
+    records, places = [], []
+    with path.open(encoding="utf-8", newline="") as f:
+        reader = csv.reader(f, delimiter=delimiter, quoting=quoting)
+        try:
+            header = next(reader, None)
+            line = reader.line_num + 1
+            for row in reader:
+                start, line = line, reader.line_num + 1  # a quoted field may span lines
+                if not row:
+                    continue
+                if len(row) != len(header):
+                    more = "extra" if len(row) > len(header) else "missing"
+                    raise ValueError(f"{path} line {start} has {len(row)} field(s) where the "
+                                     f"header has {len(header)} ({more} fields)")
+                records.append(dict(zip(header, row)))
+                places.append(f"{path} line {start}")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+        except csv.Error as e:
+            raise ValueError(f"{path} line {reader.line_num}: {e}") from None
+    return records, places
 
 
 def read_table(path: str | Path, text_column: str = "text", label_column: str = "label") -> Rows:
     """(texts, labels) from a .csv, .tsv, .json (list of objects) or .jsonl file; any other file
-    is read as headerless `label<TAB>text` lines, the format of SMSSpamCollection."""
+    is read as headerless `label<TAB>text` lines, the format of SMSSpamCollection. A record with
+    a missing, null or empty field, or a row with extra fields, is an error naming its line."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no data file {path}")
-    suffix = path.suffix.lower()
+    suffix, places = path.suffix.lower(), None
     if suffix in (".csv", ".tsv"):
-        with path.open(encoding="utf-8", newline="") as f:
-            quoting = csv.QUOTE_NONE if suffix == ".tsv" else csv.QUOTE_MINIMAL
-            records = list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",", quoting=quoting))
+        quoting = csv.QUOTE_NONE if suffix == ".tsv" else csv.QUOTE_MINIMAL
+        records, places = _read_delimited(path, "\t" if suffix == ".tsv" else ",", quoting)
     elif suffix == ".json":
-        records = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            records = json.loads(_read_text(path))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} line {e.lineno} is not valid JSON ({e.msg})") from None
         if not isinstance(records, list):
             raise ValueError(f"{path} must hold a JSON list of objects")
     elif suffix == ".jsonl":
-        lines = path.read_text(encoding="utf-8").splitlines()
-        records = [json.loads(line) for line in lines if line.strip()]
+        records, places = [], []
+        for n, line in enumerate(_read_text(path).split("\n"), 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} line {n} is not valid JSON ({e.msg})") from None
+            places.append(f"{path} line {n}")
     else:  # SMSSpamCollection's own format: headerless label<TAB>text lines
         texts, labels = read_sms_spam(path)
         if not texts:
             raise ValueError(f"{path} holds no examples")
         return texts, labels
-    return _columns(records, text_column, label_column, str(path))
+    return _columns(records, text_column, label_column, str(path), places)
 
 
 def read_hf(source: str, text_column: str = "text", label_column: str = "label") -> dict[str, Rows]:
@@ -133,14 +223,9 @@ def read_source(source: str, text_column: str = "text", label_column: str = "lab
         from jaxgpt.corpus import dataset_path
 
         source = str(dataset_path("sms-spam"))
-    splits = (read_hf(source, text_column, label_column) if source.startswith("hf:")
-              else {"train": read_table(source, text_column, label_column)})
-    for split, (texts, _) in splits.items():
-        empty = next((i for i, t in enumerate(texts) if not t.strip()), None)
-        if empty is not None:
-            where = source if len(splits) == 1 else f"{source} split {split!r}"
-            raise ValueError(f"example {empty} of {where} has an empty text (counting from 0)")
-    return splits
+    # Every reader refuses an empty text or label, naming its line or record.
+    return (read_hf(source, text_column, label_column) if source.startswith("hf:")
+            else {"train": read_table(source, text_column, label_column)})
 
 
 # ---- balancing and splitting ---------------------------------------------------------------
@@ -181,10 +266,7 @@ def random_split(rows: Rows, fractions: list[float], seed: int = 123) -> list[Ro
 
 def load_splits(cfg: ClassifierDataConfig) -> dict[str, Rows]:
     """Train/validation/test rows: the splits the source gives, the missing ones carved from train."""
-    f_train, f_val = cfg.train_fraction, cfg.validation_fraction
-    if not (0 < f_train < 1 and 0 < f_val < 1 and f_train + f_val < 1):
-        raise ValueError(f"data.train_fraction={f_train} and data.validation_fraction={f_val} must "
-                         "be positive and sum to less than 1 (the test split takes the rest)")
+    f_train, f_val = cfg.train_fraction, cfg.validation_fraction  # checked by the config
     splits = read_source(cfg.source, cfg.text_column, cfg.label_column)
     for name in ("validation", "test"):
         extra = getattr(cfg, name)

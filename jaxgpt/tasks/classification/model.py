@@ -27,6 +27,7 @@ import numpy as np
 import optax
 
 from jaxgpt import lora
+from jaxgpt.checks import NON_EMPTY, check_fields, one_of
 from jaxgpt.config import GPTConfig
 from jaxgpt.loading import is_run_dir, read_run_yaml
 from jaxgpt.lora import LoRAConfig
@@ -62,10 +63,8 @@ class ClassifierConfig:
     eval_each_epoch: bool = True  # evaluate once per epoch (sets train.eval_freq to an epoch)
 
     def __post_init__(self):
-        if self.pooling not in POOLINGS:
-            raise ConfigError(f"classifier.pooling must be one of {POOLINGS}, got {self.pooling!r}")
-        if self.trainable not in TRAINABLE:
-            raise ConfigError(f"classifier.trainable must be one of {TRAINABLE}, got {self.trainable!r}")
+        check_fields(self, {"init_from": NON_EMPTY, "pooling": one_of(*POOLINGS),
+                            "trainable": one_of(*TRAINABLE)})
 
 
 @dataclass(frozen=True)

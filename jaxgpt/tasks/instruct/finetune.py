@@ -27,6 +27,16 @@ import jax
 import numpy as np
 
 from jaxgpt import lora
+from jaxgpt.checks import (
+    FRACTION,
+    NON_EMPTY,
+    NON_NEGATIVE_INT,
+    POSITIVE_INT,
+    Rule,
+    check_fields,
+    one_of,
+    optional,
+)
 from jaxgpt.config import GPTConfig
 from jaxgpt.distributed import host_copy, is_lead
 from jaxgpt.loading import load_model, start_overrides
@@ -39,7 +49,7 @@ from jaxgpt.tasks.instruct.data import (
     load_records,
     split_records,
 )
-from jaxgpt.tasks.instruct.prompts import get_template
+from jaxgpt.tasks.instruct.prompts import TEMPLATES, get_template
 from jaxgpt.tasks.instruct.responses import generate_responses
 from jaxgpt.tokenizer import EOT_ID, get_tokenizer
 from jaxgpt.training.losses import lm_loss_fn
@@ -70,6 +80,19 @@ class InstructConfig:
     response_batch_size: int = 8
     max_test_records: Optional[int] = None  # answer only the first n test records
     export: bool = True  # write the finetuned (merged) model to RUN_DIR/model
+
+    def __post_init__(self):
+        check_fields(self, {
+            "init_from": NON_EMPTY, "data": NON_EMPTY, "template": one_of(*TEMPLATES),
+            "train_frac": Rule("a number in (0, 1]", lambda v: FRACTION.test(v) or v == 1),
+            "test_frac": Rule("a number in [0, 1)", lambda v: v == 0 or FRACTION.test(v)),
+            "split_seed": NON_NEGATIVE_INT, "allowed_max_length": optional(POSITIVE_INT),
+            "bucket": optional(POSITIVE_INT), "max_new_tokens": POSITIVE_INT,
+            "response_batch_size": POSITIVE_INT,
+            "max_test_records": optional(NON_NEGATIVE_INT)})  # 0: answer none
+        if self.train_frac + self.test_frac > 1:
+            raise ValueError(f"InstructConfig.test_frac={self.test_frac} plus train_frac="
+                             f"{self.train_frac} exceeds 1")
 
 
 @dataclass(frozen=True)

@@ -232,7 +232,8 @@ def test_cli_streams_the_continuation(cli_model, capsys):
     from jaxgpt.tokenizer import get_tokenizer
 
     path, config, params = cli_model
-    assert cli.main(["--model", str(path), "--prompt", "Hello there", "--max-new-tokens", "5"]) == 0
+    assert cli.main(["--model", str(path), "--prompt", "Hello there", "--max-new-tokens", "5",
+                     "--temperature", "0"]) == 0
     tok = get_tokenizer("gpt2")
     new = generate(params, config, [tok.encode("Hello there")], 5, eos_id=tok.eot_token)[0, -5:].tolist()
     new = new[: new.index(tok.eot_token)] if tok.eot_token in new else new

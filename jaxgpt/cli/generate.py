@@ -2,7 +2,8 @@
 
   python -m jaxgpt.cli.generate --model gpt2 --prompt "Every effort moves you"
 
---model is anything `jaxgpt.load_model` takes: a GPT-2 name (gpt2, gpt2-medium, gpt2-large,
+It samples as the book's chapter 5 does (temperature 0.8, top-k 40; --seed fixes the draw);
+--temperature 0 decodes greedily. --model is anything `jaxgpt.load_model` takes: a GPT-2 name (gpt2, gpt2-medium, gpt2-large,
 gpt2-xl), a directory holding config.json and model.safetensors, or a jaxgpt run directory.
 """
 
@@ -19,14 +20,17 @@ from jaxgpt.cli.common import USER_ERRORS, fail, setup_process
 from jaxgpt.generation import check_sampling, check_size, generate_stream
 from jaxgpt.loading import load_model
 
+DEFAULT_TOP_K = 40
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m jaxgpt.cli.generate", description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help="gpt2[-medium|-large|-xl], an export dir or a run dir")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=50)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 decodes greedily")
-    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 decodes greedily")
+    p.add_argument("--top-k", type=int, default=None,
+                   help=f"keep the k most likely tokens (default {DEFAULT_TOP_K} when sampling)")
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop-at-eot", action=argparse.BooleanOptionalAction, default=True,
@@ -49,8 +53,11 @@ def main(argv=None) -> int:
     except USER_ERRORS as err:  # a bad option, path or checkpoint: one line
         return fail(err, 1)
     eot = tokenizer.eot_token if args.stop_at_eot and tokenizer.eot_token < config.vocab_size else None
+    top_k = args.top_k
+    if top_k is None and args.temperature > 0:  # the book's chapter 5 sampling: temperature, top-k
+        top_k = min(DEFAULT_TOP_K, config.vocab_size)
     stream = generate_stream(
-        params, config, [ids], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+        params, config, [ids], args.max_new_tokens, temperature=args.temperature, top_k=top_k,
         top_p=args.top_p, eos_id=eot, key=jax.random.key(args.seed), chunk_size=1,
     )
     # A token can end inside a UTF-8 character; the incremental decoder waits for the rest.

@@ -54,6 +54,7 @@ from jaxgpt.tasks.instruct.responses import generate_responses
 from jaxgpt.tokenizer import EOT_ID, get_tokenizer
 from jaxgpt.training.losses import lm_loss_fn
 from jaxgpt.training.runconfig import ConfigError, RunConfig
+from jaxgpt.training.rundir import acquire, release
 from jaxgpt.training.step import eval_step
 from jaxgpt.training.trainer import FitResult, Trainable, fit
 
@@ -152,6 +153,17 @@ def mean_loss(params, config: GPTConfig, dataset: InstructDataset, batch_size: i
 
 def finetune(cfg: InstructRunConfig, **fit_kwargs) -> InstructResult:
     """Finetune on cfg.instruct.data, then export the model and answer the test split."""
+    run_dir = cfg.run_dir
+    if jax.process_index() == 0:  # this process writes the run directory until it is done
+        run_dir.mkdir(parents=True, exist_ok=True)
+        acquire(run_dir)
+    try:
+        return _finetune(cfg, **fit_kwargs)
+    finally:
+        release(run_dir)
+
+
+def _finetune(cfg: InstructRunConfig, **fit_kwargs) -> InstructResult:
     ic = cfg.instruct
     template = get_template(ic.template)
     model, base = load_start(ic.init_from, cfg.model)

@@ -144,14 +144,24 @@ def _load_step(run_dir: Path, raw: dict, model: GPTConfig, step: int, mesh):
     return read_verified(ckpts, step, "params", shardings=shardings)
 
 
+_merging: set[Path] = set()  # LoRA runs whose bases are being loaded (a cycle guard)
+
+
 def _merge_lora_run(run_dir: Path, raw: dict, model: GPTConfig, step: int):
     """The effective params of a LoRA run's checkpoint: its base with the adapters merged."""
     base_source = (raw.get("instruct") or {}).get("init_from")
+    key = run_dir.resolve()
     try:
         if base_source in (None, "scratch"):
             raise CheckpointError("its random initial weights were never saved")
-        # The base exactly as the run started from it (tasks/instruct/finetune.py:load_start).
-        base_config, base = load_model(base_source, **start_overrides(base_source, model))
+        if key in _merging:  # A's base is B whose base is A: no weights at the bottom
+            raise CheckpointError("its chain of bases leads back to itself")
+        _merging.add(key)
+        try:
+            # The base exactly as the run started from it (tasks/instruct/finetune.py:load_start).
+            base_config, base = load_model(base_source, **start_overrides(base_source, model))
+        finally:
+            _merging.discard(key)
     except (ValueError, OSError) as err:
         raise CheckpointError(f"{run_dir} is a LoRA run whose base {base_source!r} could not be "
                               f"loaded: {err}") from None

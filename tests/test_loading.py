@@ -123,6 +123,14 @@ def test_unfinished_lora_run_merges_its_adapters_into_its_base(tmp_path, hf_dir)
             load_model(orphan)
         assert "\n" not in str(err.value)
 
+    # A run whose base is itself (or a chain back to it) is refused, not recursed into.
+    loop = write_run(tmp_path / "loop", InstructRunConfig(
+        model=config, instruct=InstructConfig(init_from=str(tmp_path / "loop")), lora=lcfg),
+        {2: trainable})
+    with pytest.raises(CheckpointError, match="leads back to itself") as err:
+        load_model(loop)
+    assert "\n" not in str(err.value)
+
 
 def test_classifier_run_is_refused_and_a_language_model_is_not_a_classifier(tmp_path, params,
                                                                               pretraining_run):

@@ -31,8 +31,8 @@ from jaxgpt.model import abstract_params
 from jaxgpt.pretrained import load_pretrained
 from jaxgpt.restore import (
     CheckpointError,
-    CorruptCheckpoint,
     complete_steps,
+    newest_intact,
     read_verified,
     tree_shapes,
 )
@@ -109,16 +109,8 @@ def _load_run(run_dir: Path, step: int | None, mesh, overrides: dict) -> tuple[G
     if step is not None and step not in steps:
         raise CheckpointError(f"{run_dir} has no complete checkpoint {step} (it has {steps})")
     _note_uncommitted(ckpts, steps[-1])
-    candidates = [step] if step is not None else steps[::-1]
-    for i, s in enumerate(candidates):
-        try:
-            return model, _load_step(run_dir, raw, model, s, mesh)
-        except CorruptCheckpoint as err:
-            if i + 1 == len(candidates):
-                raise
-            # A reader never repairs a run directory: it says so and serves the step before.
-            print(f"warning: {err}; loading step {candidates[i + 1]} instead", file=sys.stderr)
-    raise AssertionError("unreachable")
+    candidates = [step] if step is not None else steps
+    return model, newest_intact(candidates, lambda s: _load_step(run_dir, raw, model, s, mesh))[0]
 
 
 def _note_uncommitted(ckpts: Path, latest: int) -> None:

@@ -183,17 +183,23 @@ def read_verified(directory: str | Path, step: int, key: str = "params",
     return tree
 
 
+def newest_intact(steps: list[int], read: Callable[[int], Any]) -> tuple[Any, int]:
+    """(read(step), step) for the newest of `steps` that reads back intact. A reader never
+    repairs a run directory: a damaged newer step is named on stderr and skipped."""
+    candidates = sorted(steps, reverse=True)
+    for i, step in enumerate(candidates):
+        try:
+            return read(step), step
+        except CorruptCheckpoint as err:
+            if i + 1 == len(candidates):
+                raise
+            print(f"warning: {err}; loading step {candidates[i + 1]} instead", file=sys.stderr)
+    raise CheckpointError("no step to read")
+
+
 def read_latest_verified(directory: str | Path, key: str = "params"):
-    """(tree, step): `read_verified` of the newest complete step that reads back intact; a
-    damaged newer step is named on stderr and skipped (the directory is not changed)."""
+    """(tree, step): `read_verified` of the newest complete step that reads back intact."""
     steps = complete_steps(directory)
     if not steps:
         raise CheckpointError(f"{directory} has no complete checkpoint")
-    for i, step in enumerate(reversed(steps)):
-        try:
-            return read_verified(directory, step, key), step
-        except CorruptCheckpoint as err:
-            if i + 1 == len(steps):
-                raise
-            print(f"warning: {err}; loading step {steps[-2 - i]} instead", file=sys.stderr)
-    raise AssertionError("unreachable")
+    return newest_intact(steps, lambda step: read_verified(directory, step, key))

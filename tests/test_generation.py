@@ -10,7 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from jaxgpt import GPTConfig, generation, init_params
+from jaxgpt import GPTConfig, generation, generation_inputs, init_params
 from jaxgpt.generation import (
     _filter_logits,
     _start,
@@ -211,7 +211,7 @@ def test_buffers_past_the_bound_are_refused_before_anything_is_compiled(model, m
         next(generate_stream(params, config, [[1, 2]], 10**9))
     # The bound is what generate keeps: [B, prompt bucket + new] int32 ids and bool mask.
     B, bucket, new = 2, prompt_bucket(2, config.context_length), 3
-    monkeypatch.setattr(generation, "MAX_BUFFER_BYTES", B * (bucket + new) * 5)
+    monkeypatch.setattr(generation_inputs, "MAX_BUFFER_BYTES", B * (bucket + new) * 5)
     assert generate(params, config, [[1, 2], [3]], new).shape == (B, 2 + new)
     monkeypatch.setattr(generation, "_start", None)  # refused before the first compiled call
     with pytest.raises(ValueError, match="too many"):

@@ -15,7 +15,7 @@ import sys
 import jax
 
 from jaxgpt.cli.common import USER_ERRORS, fail, setup_process
-from jaxgpt.generation import check_sampling, check_size
+from jaxgpt.generation_inputs import check_sampling, check_size
 from jaxgpt.loading import is_run_dir, load_model, read_run_yaml
 from jaxgpt.tasks.instruct.prompts import TEMPLATES
 

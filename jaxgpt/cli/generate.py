@@ -17,7 +17,8 @@ import sys
 import jax
 
 from jaxgpt.cli.common import USER_ERRORS, fail, setup_process
-from jaxgpt.generation import check_sampling, check_size, generate_stream
+from jaxgpt.generation import generate_stream
+from jaxgpt.generation_inputs import check_sampling, check_size
 from jaxgpt.loading import load_model
 
 DEFAULT_TOP_K = 40

@@ -68,8 +68,8 @@ def _attention_off_cpu(q, k, v, mask=None, *, dropout_rate=0.0, dropout_rng=None
 
 
 @functools.lru_cache(maxsize=None)
-def select(name: str = "auto", platform: str | None = None) -> KernelSet:
-    """The kernel set `name` for `platform` (default: the current backend)."""
+def select(name: str = "auto") -> KernelSet:
+    """The kernel set `name` for the current backend."""
     if name not in KERNEL_SETS:
         raise ValueError(f"kernels must be one of {KERNEL_SETS}, got {name!r}")
     reference = KernelSet("reference", _dense.reference_dense, _dense.reference_project,
@@ -77,7 +77,7 @@ def select(name: str = "auto", platform: str | None = None) -> KernelSet:
                           reference_gelu, _ce.reference_cross_entropy_sum)
     if name == "reference":
         return reference
-    if (platform or backend()) == "cpu":
+    if backend() == "cpu":
         return dataclasses.replace(reference, name="auto", dense=_dense.layout_dense,
                                    project=_dense.layout_project, attention=heads_major_attention,
                                    gelu=gelu, cross_entropy_sum=_ce.cross_entropy_sum)

@@ -122,7 +122,7 @@ class Preemption:
 
     def __call__(self, info: StepInfo) -> None:
         if self.requested and info.step < info.trainer.steps:
-            info.trainer.request_stop("preempted")
+            info.trainer.request_stop()
 
     def close(self) -> None:
         if self._old is not None:

@@ -181,7 +181,7 @@ class Trainer:
         and after the run's last step when `final`."""
         self.hooks.append((hook, every, offset, final))
 
-    def request_stop(self, reason: str = "") -> None:
+    def request_stop(self) -> None:
         """End the run after the current step's hooks (final hooks run for this step)."""
         self.stop_requested = True
 

@@ -27,9 +27,6 @@ from jaxgpt.tasks.classification.data import (
     load_splits,
     pad_batch,
     random_split,
-    read_sms_spam,
-    read_source,
-    read_table,
     save_labels,
     split_sizes,
 )
@@ -48,6 +45,7 @@ from jaxgpt.tasks.classification.model import (
     split_trainable,
     with_head,
 )
+from jaxgpt.tasks.classification.readers import read_sms_spam, read_source, read_table
 from jaxgpt.tokenizer import EOT_ID
 from jaxgpt.training.checkpoint import Checkpointer
 from jaxgpt.training.runconfig import ConfigError, RunConfig, load_config, save_config

@@ -9,8 +9,9 @@ kernel set's name and the JAX backend:
   auto       what was measured fastest on the backend:
                cpu      every Dense through the layout matmul (matmul.py), attention with a
                         hand-written gradient in (B, H)-batched layouts (cpu_attention.py)
-               gpu/tpu  plain dots (XLA's own choices), jax.nn.dot_product_attention (cuDNN's
-                        fused kernel on GPU) where attention has no dropout
+               gpu/tpu  plain dots (XLA's own choices); attention by cuDNN's flash kernel on
+                        GPU, Pallas' flash kernel on TPU, with fallbacks for what they do not
+                        take (backend_attention.py: a pure choice, tested for every backend)
              and everywhere GELU and the cross-entropy with one-pass float32 gradients (gelu.py,
              cross_entropy.py).
 
@@ -28,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxgpt.kernels import attention as _attention
+from jaxgpt.kernels import backend_attention as _backend_attention
 from jaxgpt.kernels import cross_entropy as _ce
 from jaxgpt.kernels import dense as _dense
 from jaxgpt.kernels.cpu_attention import heads_major_attention
@@ -59,14 +61,6 @@ def auto_compute_dtype() -> jnp.dtype:
     return jnp.dtype(jnp.float32 if backend() == "cpu" else jnp.bfloat16)
 
 
-def _attention_off_cpu(q, k, v, mask=None, *, dropout_rate=0.0, dropout_rng=None, deterministic=True):
-    # The fused kernel has no dropout on the weights: training with dropout takes the reference.
-    if deterministic or dropout_rate == 0.0:
-        return _attention.fused_attention(q, k, v, mask)
-    return _attention.reference_attention(q, k, v, mask, dropout_rate=dropout_rate,
-                                          dropout_rng=dropout_rng, deterministic=deterministic)
-
-
 @functools.lru_cache(maxsize=None)
 def select(name: str = "auto") -> KernelSet:
     """The kernel set `name` for the current backend."""
@@ -81,5 +75,6 @@ def select(name: str = "auto") -> KernelSet:
         return dataclasses.replace(reference, name="auto", dense=_dense.layout_dense,
                                    project=_dense.layout_project, attention=heads_major_attention,
                                    gelu=gelu, cross_entropy_sum=_ce.cross_entropy_sum)
-    return dataclasses.replace(reference, name="auto", attention=_attention_off_cpu, gelu=gelu,
+    return dataclasses.replace(reference, name="auto", gelu=gelu,
+                               attention=_backend_attention.backend_attention(backend()),
                                cross_entropy_sum=_ce.cross_entropy_sum)

@@ -5,8 +5,8 @@ Shape legend: B batch, T query time, S key time, H heads, K head width, D model 
 `reference_attention` composes the chapter's steps one by one (scores, mask, softmax, dropout,
 weighted sum) so each can be read and tested: it is the definition every other attention kernel
 is tested against, which is why chapter 3 lives here, in the lowest layer. `fused_attention`
-hands the same computation to `jax.nn.dot_product_attention`, which picks a fused kernel where
-the platform has one (cuDNN on GPU); `cpu_attention.heads_major_attention` is the reference with a
+hands the same computation to `jax.nn.dot_product_attention` (its XLA composition, or cuDNN's
+flash kernel when asked: backend_attention.py chooses); `cpu_attention.heads_major_attention` is the reference with a
 hand-written gradient in XLA:CPU's fast layouts; `cache_attention` reads a heads-major KV cache.
 All take masks with True meaning "may attend".
 """
@@ -112,12 +112,16 @@ def cache_attention(
 
 
 def fused_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None,
+    implementation: str | None = None,
 ) -> jax.Array:
-    """Fused attention; without a mask it is causal, with one the mask alone decides."""
+    """jax.nn.dot_product_attention ("xla" or "cudnn"; None is "xla" in this JAX); without a
+    mask it is causal, with one the mask alone decides."""
     if mask is None:
-        return jax.nn.dot_product_attention(q, k, v, is_causal=True)  # [B, T, H, K]
-    out = jax.nn.dot_product_attention(q, k, v, mask=jnp.broadcast_to(mask, _mask_shape(q, k)))
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                            implementation=implementation)  # [B, T, H, K]
+    out = jax.nn.dot_product_attention(q, k, v, mask=jnp.broadcast_to(mask, _mask_shape(q, k)),
+                                       implementation=implementation)
     # Fully masked query rows (left padding) come out as a mean of values; zero them to match
     # the reference, so padded rows are inert either way.
     any_visible = jnp.any(jnp.broadcast_to(mask, _mask_shape(q, k)), axis=-1)  # [B, H, T]

@@ -5,10 +5,16 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-import jax.numpy as jnp
-
-from jaxgpt.checks import FRACTION, POSITIVE_INT, PROBABILITY, check_fields, one_of
-from jaxgpt.kernels import KERNEL_SETS, auto_compute_dtype
+from jaxgpt.checks import (
+    FRACTION,
+    NON_NEGATIVE_INT,
+    POSITIVE_INT,
+    PROBABILITY,
+    check_fields,
+    one_of,
+    optional,
+)
+from jaxgpt.kernels import KERNEL_SETS, resolve_compute_dtype
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 _REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
@@ -24,7 +30,7 @@ PRESETS: dict[str, dict] = {
 PRESET_ALIASES = {"gpt2": "gpt2-small"}
 # Fields that change how a model runs, not its weights: a finetuning run or a loader may set
 # them whatever the weights were trained with.
-RUNTIME_FIELDS = ("drop_rate", "dtype", "kernels", "remat_policy")
+RUNTIME_FIELDS = ("drop_rate", "attn_drop_rate", "dtype", "kernels", "remat_policy", "loss_chunk")
 
 
 @dataclass(frozen=True)
@@ -37,6 +43,9 @@ class GPTConfig:
     n_heads: int = 12
     n_layers: int = 12
     drop_rate: float = 0.1
+    # Dropout on the attention weights; None: drop_rate (the book's single rate). Fused
+    # attention kernels have none: a rate > 0 in training takes the reference attention.
+    attn_drop_rate: float | None = None
     qkv_bias: bool = False
     # GPT-2's released weights share the token embedding with the output head; the book's
     # GPTModel trains a separate head.
@@ -55,6 +64,13 @@ class GPTConfig:
     # Initial weights: "gpt2" (N(0, 0.02), scaled residual projections) or "torch" (PyTorch's
     # defaults, which the book's GPTModel has: N(0, 1) embeddings, U(+-1/sqrt(fan_in)) linears).
     init: str = "gpt2"
+    # Pad the vocabulary (wte rows, lm_head columns) to a multiple of this (128: 50257 -> 50304,
+    # nanoGPT's matmul-friendly size); padded logits are masked to -inf, so loss, sampling and
+    # argmax are unchanged, and import pads / export strips the extra rows.
+    vocab_multiple: int = 1
+    # Training loss from the hidden states in chunks of this many tokens (the LM head and the
+    # cross-entropy fused; no [B, T, V] float32 logits held); 0: the head, then the loss.
+    loss_chunk: int = 0
 
     def __post_init__(self):
         check_fields(self, _RULES)
@@ -69,7 +85,16 @@ class GPTConfig:
 
     @property
     def compute_dtype(self):
-        return auto_compute_dtype() if self.dtype == "auto" else jnp.dtype(self.dtype)
+        return resolve_compute_dtype(self.dtype)
+
+    @property
+    def attention_drop_rate(self) -> float:
+        return self.drop_rate if self.attn_drop_rate is None else self.attn_drop_rate
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """vocab_size rounded up to a multiple of vocab_multiple: the rows wte and lm_head hold."""
+        return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
 
     def replace(self, **changes) -> "GPTConfig":
         return dataclasses.replace(self, **changes)
@@ -104,6 +129,9 @@ class GPTConfig:
 _RULES = {
     **dict.fromkeys(("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"), POSITIVE_INT),
     "drop_rate": PROBABILITY,
+    "attn_drop_rate": optional(PROBABILITY),
+    "vocab_multiple": POSITIVE_INT,
+    "loss_chunk": NON_NEGATIVE_INT,
     "ln_eps": FRACTION,  # added to a variance: 0 divides by zero, 1 or more flattens every norm
     "dtype": one_of(*_DTYPES),
     "kernels": one_of(*KERNEL_SETS),

@@ -49,8 +49,10 @@ def _head(params, config: GPTConfig, h: jax.Array) -> jax.Array:
     """Output head on final hidden states [B, D] -> float32 logits [B, V], as the model does."""
     dt, project = config.compute_dtype, kernels.select(config.kernels).project
     if config.tie_embeddings:
-        return project(h.astype(dt), params["wte"]["embedding"].astype(dt), True, jnp.float32)
-    return project(h.astype(dt), params["lm_head"].astype(dt), False, jnp.float32)
+        logits = project(h.astype(dt), params["wte"]["embedding"].astype(dt), True, jnp.float32)
+    else:
+        logits = project(h.astype(dt), params["lm_head"].astype(dt), False, jnp.float32)
+    return logits[:, :config.vocab_size]  # a padded vocabulary's extra columns: never drawn
 
 
 def _filter_logits(logits, temperature, top_k, top_p):
@@ -126,7 +128,7 @@ def _continue(params, state, stop, opts, *, config, max_new_tokens, greedy, top_
         positions = (s["n_prompt"] + s["step"] - 1)[:, None]  # [B, 1]
         logits, cache = model.apply({"params": params}, fed, positions=positions,
                                     attention_mask=cache_mask, cache=s["cache"], cache_index=col)
-        return logits[:, 0], cache  # [B, V]
+        return logits[:, 0, :config.vocab_size], cache  # [B, V] (a padded vocabulary cut)
 
     def window(s):
         # Past the context: the book's step, the model on the last C tokens, positions from 0.

@@ -147,11 +147,12 @@ class CausalSelfAttention(nn.Module):
             }  # [L, B, H, S, K] or [B, H, S, K]
             k, v = (new_cache[n][lead].astype(q.dtype) for n in ("k", "v"))  # [B, H, S, K]
 
-        use_dropout = not self.deterministic and cfg.drop_rate > 0.0
+        rate = cfg.attention_drop_rate
+        use_dropout = not self.deterministic and rate > 0.0
         rng = self.make_rng("dropout") if use_dropout else None
         ops = kernels.select(cfg.kernels)
         attend = ops.attention if layer_cache is None else ops.cache_attention
-        out = attend(q, k, v, mask, dropout_rate=cfg.drop_rate, dropout_rng=rng,
+        out = attend(q, k, v, mask, dropout_rate=rate, dropout_rng=rng,
                      deterministic=not use_dropout)  # [B, T, H, K]
         y = Dense((cfg.emb_dim,), ("heads", "kv", "embed"), _kernel_init(cfg, residual=True),
                   _bias_init(cfg, cfg.emb_dim), n_in=2, dtype=cfg.compute_dtype,
@@ -212,7 +213,7 @@ class GPT(nn.Module):
             positions = cache_index + jnp.arange(T)[None, :]  # [1, T]
 
         wte = nn.Embed(
-            cfg.vocab_size, cfg.emb_dim,
+            cfg.padded_vocab_size, cfg.emb_dim,  # V rows, padded to vocab_multiple
             embedding_init=_param(_embed_init(cfg, 0.02), ("vocab", "embed")), name="wte",
         )
         wpe = nn.Embed(
@@ -257,9 +258,24 @@ class GPT(nn.Module):
             out = kernels.select(cfg.kernels).project(x, wte.embedding, True, jnp.float32)  # [B, T, V]
         else:
             kernel = self.param("lm_head", _param(_kernel_init(cfg), ("embed", "vocab")),
-                                (cfg.emb_dim, cfg.vocab_size), jnp.float32)
+                                (cfg.emb_dim, cfg.padded_vocab_size), jnp.float32)
             out = kernels.select(cfg.kernels).project(x, kernel, False, jnp.float32)  # [B, T, V]
+        if not return_hidden:
+            out = mask_padded_logits(out, cfg)
         return out if cache is None else (out, new_cache)
+
+
+# What padded vocabulary columns' logits become: finite, so that 0 * logit stays 0, and low
+# enough that softmax gives them exactly 0 and neither argmax nor sampling can pick them.
+PADDED_LOGIT = -1e30
+
+
+def mask_padded_logits(logits: jax.Array, config: GPTConfig) -> jax.Array:
+    """Logits [..., V padded] with the columns past config.vocab_size set to PADDED_LOGIT."""
+    if config.padded_vocab_size == config.vocab_size:
+        return logits
+    real = jnp.arange(logits.shape[-1]) < config.vocab_size  # [V]
+    return jnp.where(real, logits, jnp.asarray(PADDED_LOGIT, logits.dtype))
 
 
 def _build_mask(t, cache, cache_index, attention_mask):

@@ -191,9 +191,19 @@ def load_pretrained(name_or_path: str | os.PathLike, **config_overrides) -> tupl
                 del x
     if not config.tie_embeddings and file_config.tie_embeddings:
         flat[("lm_head",)] = flat[("wte", "embedding")].T.copy()  # untie by copying, as the book does
+    _pad_vocab(flat, config)
     if config.scan_layers:
         flat = _stack_blocks(flat, config.n_layers)
     return config, unflatten(flat, leaf=jnp.asarray, consume=True)  # leaf by leaf
+
+
+def _pad_vocab(flat: dict, config: GPTConfig) -> None:
+    """Zero rows of wte [V, D] and columns of lm_head [D, V] up to config.padded_vocab_size."""
+    extra = config.padded_vocab_size - config.vocab_size
+    if extra:
+        flat[("wte", "embedding")] = np.pad(flat[("wte", "embedding")], ((0, extra), (0, 0)))
+        if ("lm_head",) in flat:
+            flat[("lm_head",)] = np.pad(flat[("lm_head",)], ((0, 0), (0, extra)))
 
 
 def _stack_blocks(flat: dict, n_layers: int) -> dict:
@@ -234,9 +244,11 @@ def to_hf_tensors(config: GPTConfig, params) -> dict[str, np.ndarray]:
         out[f"h.{i}.attn.c_attn.bias"] = np.concatenate(
             [flat.get((b, "attn", _QKV[n], "bias"), zeros).reshape(D) for n in "qkv"])  # [3D]
         out[f"h.{i}.attn.c_proj.weight"] = flat[(b, "attn", "c_proj", "kernel")].reshape(D, D)
+    V = config.vocab_size  # a padded vocabulary's extra rows are not exported
+    out["wte.weight"] = out["wte.weight"][:V]
     out = {f"transformer.{k}": v for k, v in out.items()}
     if not config.tie_embeddings:
-        out["lm_head.weight"] = flat[("lm_head",)].T  # [V, D]
+        out["lm_head.weight"] = flat[("lm_head",)][:, :V].T  # [V, D]
     return {k: np.ascontiguousarray(v) for k, v in out.items()}
 
 
@@ -250,7 +262,7 @@ def hf_config(config: GPTConfig) -> dict:
         "n_head": config.n_heads, "n_inner": None, "activation_function": "gelu_new",
         "layer_norm_epsilon": config.ln_eps, "tie_word_embeddings": config.tie_embeddings,
         "resid_pdrop": config.drop_rate, "embd_pdrop": config.drop_rate,
-        "attn_pdrop": config.drop_rate, "bos_token_id": eot, "eos_token_id": eot,
+        "attn_pdrop": config.attention_drop_rate, "bos_token_id": eot, "eos_token_id": eot,
         "scale_attn_weights": True, "use_cache": True, "dtype": "float32",
     }
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from typing import Callable
 
 import jax
@@ -59,6 +60,40 @@ def backend() -> str:
 def auto_compute_dtype() -> jnp.dtype:
     """dtype="auto": bfloat16 on GPU/TPU, float32 on CPU."""
     return jnp.dtype(jnp.float32 if backend() == "cpu" else jnp.bfloat16)
+
+
+# CPU features (Linux /proc/cpuinfo "flags", or "Features" on Arm) that do bfloat16 arithmetic
+# natively; without them XLA:CPU emulates it, many times slower than float32.
+NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
+_bf16_warned = False
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def resolve_compute_dtype(name: str) -> jnp.dtype:
+    """A config's dtype name as a dtype ("auto" by backend); an explicit bfloat16 on a CPU
+    without native bfloat16 warns once, naming the reason."""
+    global _bf16_warned
+    if name == "auto":
+        return auto_compute_dtype()
+    dtype = jnp.dtype(name)
+    if (dtype == jnp.bfloat16 and not _bf16_warned and backend() == "cpu"
+            and not NATIVE_BF16_FLAGS & cpu_flags()):
+        _bf16_warned = True
+        warnings.warn("model.dtype=bfloat16 on a CPU without native bfloat16 (no avx512_bf16 or "
+                      "amx_bf16 in /proc/cpuinfo): XLA emulates it, many times slower than "
+                      "float32; use dtype=auto or float32", stacklevel=3)
+    return dtype
 
 
 @functools.lru_cache(maxsize=None)

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from jaxgpt import kernels
 from jaxgpt.config import GPTConfig
 from jaxgpt.data import IGNORE
+from jaxgpt.kernels.chunked_loss import chunked_head_cross_entropy_sum
 from jaxgpt.model import GPT
 
 
@@ -26,15 +27,30 @@ def cross_entropy_sum(logits: jax.Array, targets: jax.Array, kernel_set: str = "
     return kernels.select(kernel_set).cross_entropy_sum(logits, targets, IGNORE)
 
 
+def head_cross_entropy_sum(params, hidden: jax.Array, targets: jax.Array, config: GPTConfig):
+    """The LM head and the summed cross-entropy in chunks of config.loss_chunk tokens, from the
+    final hidden states [B, T, D]: the same loss, without [B, T, V] logits held at once."""
+    tied = config.tie_embeddings
+    head = params["wte"]["embedding"] if tied else params["lm_head"]  # [V, D] or [D, V]
+    return chunked_head_cross_entropy_sum(
+        hidden, head, tied, targets, IGNORE, chunk=config.loss_chunk,
+        vocab_size=config.vocab_size, dtype=config.compute_dtype)
+
+
 def lm_loss_fn(config: GPTConfig):
-    """The language-model loss: next-token cross-entropy of GPT(config)."""
+    """The language-model loss: next-token cross-entropy of GPT(config); with
+    config.loss_chunk > 0 the head and the loss run fused, in chunks of tokens."""
     model = GPT(config)
 
     def loss_fn(params, frozen, batch, rng, deterministic):
         del frozen
-        logits = model.apply(
-            {"params": params}, batch["inputs"], deterministic, rngs={"dropout": rng}
-        )  # [B, T, V]
-        return cross_entropy_sum(logits, batch["targets"], config.kernels), None
+        chunked = config.loss_chunk > 0
+        out = model.apply(
+            {"params": params}, batch["inputs"], deterministic, rngs={"dropout": rng},
+            return_hidden=chunked,
+        )  # [B, T, D] hidden states or [B, T, V] logits
+        if chunked:
+            return head_cross_entropy_sum(params, out, batch["targets"], config), None
+        return cross_entropy_sum(out, batch["targets"], config.kernels), None
 
     return loss_fn

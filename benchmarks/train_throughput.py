@@ -6,6 +6,8 @@
   python benchmarks/train_throughput.py --profile /tmp/trace       # + a jax.profiler trace
   python benchmarks/train_throughput.py --loss-curve 20            # float32 vs bfloat16 losses
   python benchmarks/train_throughput.py --no-peer --mesh data=8    # jax only, e.g. on a GPU box
+  python benchmarks/train_throughput.py --dtype bfloat16 --peer compiled  # torch.compile peer
+  python benchmarks/train_throughput.py --compile-cache DIR        # persistent compilation cache
 
 The jax contender is the library's own path: `create_state` + `compile_steps` (one jit with
 explicit shardings and the state donated), `lm_loss_fn` and the AdamW of `make_optimizer`
@@ -14,6 +16,9 @@ from the same config (`jaxgpt.pretrained.hf_config`: same widths, untied head, d
 tanh), trained with torch.optim.AdamW (same lr, betas, eps, decay on the same matrices) on the
 same batches, with as many torch threads as this process may use. The peer always computes in
 float32; with `--dtype bfloat16` a second peer line runs it under torch.autocast(bfloat16).
+`--peer compiled` replaces them with the strongest PyTorch recipe (nanoGPT's and llm.c's):
+torch.compile of the model, autocast bfloat16, SDPA restricted to the flash kernel on CUDA, fused
+AdamW. The peer's vocabulary is jaxgpt's padded one (`--override vocab_multiple=128`).
 Contenders are timed step by step in rotating order (a noisy shared machine then slows all of
 them alike) and each figure is a median. A step's time includes copying its batch to the
 device; compile time is the AOT `lower().compile()` whose executable is then timed.
@@ -259,11 +264,23 @@ class JaxContender:
         return dt
 
 
+def _causal_sdpa() -> str:
+    """transformers' SDPA attention with no mask built: SDPA then gets is_causal=True, which its
+    flash kernel takes; under torch.compile with torch < 2.14, transformers builds an explicit
+    causal mask, which the flash kernel refuses. Exact here: training batches have no padding."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    AttentionInterface.register("sdpa_causal", sdpa_attention_forward)
+    AttentionMaskInterface.register("sdpa_causal", lambda *args, **kwargs: None)
+    return "sdpa_causal"
+
+
 class TorchContender:
     """transformers' GPT2LMHeadModel with the same shapes, trained by torch AdamW."""
 
     def __init__(self, torch, config: GPTConfig, batches, autocast: bool = False,
-                 weights_dir: str | None = None, seed: int = 0):
+                 weights_dir: str | None = None, seed: int = 0, compiled: bool = False):
         from transformers import GPT2Config, GPT2LMHeadModel
         from transformers.utils import logging as hf_logging
 
@@ -271,14 +288,21 @@ class TorchContender:
 
         self.torch, self.batches, self.autocast = torch, batches, autocast
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.name = "torch float32" + (" + autocast bf16" if autocast else "")
+        self.name = ("torch.compile" if compiled else "torch float32") + (
+            " + autocast bf16" if autocast else "")
         torch.manual_seed(seed)
         if weights_dir is not None:
             model = GPT2LMHeadModel.from_pretrained(weights_dir, attn_implementation="sdpa")
         else:
-            model = GPT2LMHeadModel._from_config(GPT2Config(**hf_config(config)),
-                                                 attn_implementation="sdpa")
+            hf = {**hf_config(config), "vocab_size": config.padded_vocab_size}
+            model = GPT2LMHeadModel._from_config(
+                GPT2Config(**hf), attn_implementation=_causal_sdpa() if compiled else "sdpa")
         self.model = model.to(self.device).train()
+        self.forward = torch.compile(self.model) if compiled else self.model
+        self.sdpa = contextlib.nullcontext
+        if compiled and self.device == "cuda":  # flash attention or an error, never the math path
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+            self.sdpa = lambda: sdpa_kernel(SDPBackend.FLASH_ATTENTION)
         # Decay matrices and embeddings, not biases or LayerNorms: jaxgpt's decay_mask.
         params = [p for p in self.model.parameters() if p.requires_grad]
         groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": 0.1},
@@ -304,13 +328,14 @@ class TorchContender:
         targets = torch.from_numpy(y).long().to(self.device)
         ctx = (torch.autocast(self.device, dtype=torch.bfloat16) if self.autocast
                else contextlib.nullcontext())
-        with ctx:
-            logits = self.model(inputs, use_cache=False).logits  # [B, T, V]
+        with ctx, self.sdpa():
+            logits = self.forward(inputs, use_cache=False).logits  # [B, T, V]
         loss = torch.nn.functional.cross_entropy(
             logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
         self._sync()
         t1 = time.perf_counter()
-        loss.backward()
+        with self.sdpa():
+            loss.backward()
         self._sync()
         t2 = time.perf_counter()
         self.opt.step()
@@ -339,6 +364,18 @@ def interleaved(contenders, steps: int, warmup: int) -> dict[str, list[float]]:
 # --- sections ---
 
 
+def attention_path(config: GPTConfig, args) -> str:
+    """Which attention the jax step runs at this shape (kernels/backend_attention.py)."""
+    if config.kernels == "reference":
+        return "reference"
+    from jaxgpt.kernels.backend_attention import choose_attention
+
+    shape = (args.batch, args.context, config.n_heads, config.head_dim)
+    name, reason = choose_attention(kernels.backend(), config.compute_dtype, shape, shape, False,
+                                    config.attention_drop_rate > 0)
+    return name + (f" ({reason})" if reason else "")
+
+
 def make_config(args, dtype: str) -> GPTConfig:
     overrides = dict(context_length=args.context, dtype=dtype, drop_rate=args.drop_rate,
                      kernels=args.kernels, remat_policy=args.remat,
@@ -348,7 +385,7 @@ def make_config(args, dtype: str) -> GPTConfig:
         key, _, value = item.partition("=")
         if not hasattr(defaults, key) or not value:
             raise SystemExit(f"--override {item!r}: expected FIELD=VALUE with a GPTConfig field")
-        kind = type(getattr(defaults, key))
+        kind = float if getattr(defaults, key) is None else type(getattr(defaults, key))  # attn_drop_rate
         overrides[key] = value == "True" if kind is bool else kind(value)
     return GPTConfig.preset(args.preset, **overrides)
 
@@ -379,10 +416,11 @@ def throughput(args, torch) -> None:
     mesh = make_mesh(parse_mesh(args.mesh))
     tokens = args.batch * args.context
     batches = text_batches(args.warmup + args.steps, args.batch, args.context, config.vocab_size)
-    attend = kernels.select(config.kernels).attention
-    path = f"kernels {config.kernels}: {attend.__module__.rsplit('.', 1)[-1]}.{attend.__name__}"
+    path = f"kernels {config.kernels}: {attention_path(config, args)}"
     print(f"config: {args.preset}, context {args.context}, batch {args.batch} ({tokens} tokens/step), "
-          f"compute {config.compute_dtype.name}, dropout {config.drop_rate}, attention {path}, "
+          f"compute {config.compute_dtype.name}, dropout {config.drop_rate} (attention "
+          f"{config.attention_drop_rate}), attention {path}, vocabulary {config.vocab_size} padded "
+          f"to {config.padded_vocab_size}, loss_chunk {config.loss_chunk}, "
           f"remat {config.remat_policy}, scan_layers {config.scan_layers}, "
           f"{'tied' if config.tie_embeddings else 'untied'} head, mesh {dict(mesh.shape)}")
 
@@ -397,7 +435,22 @@ def throughput(args, torch) -> None:
     print(f"jax: state init {jx.init_s:.1f} s, trace+lower {jx.lower_s:.1f} s, compile {jx.compile_s:.1f} s")
 
     contenders = [jx]
-    if torch is not None:
+    if torch is not None and args.peer == "compiled":
+        peer = TorchContender(torch, config, batches, autocast=args.dtype == "bfloat16", compiled=True)
+        t0 = time.perf_counter()
+        try:
+            peer.step(0)  # torch.compile compiles on the first call
+        except Exception as err:  # flash-only SDPA refused this model's call: say so, run SDPA's choice
+            print(f"{peer.name}: flash-only SDPA failed ({str(err).strip().splitlines()[0][:160]}); "
+                  "rerunning with SDPA's own choice")
+            peer.sdpa, peer.name = contextlib.nullcontext, peer.name + " (SDPA default)"
+            peer.opt.zero_grad(set_to_none=True)
+            peer.step(0)
+        print(f"{peer.name}: params {peer.n_params:,}, attention {peer.attention}"
+              f"{' (flash only)' if peer.device == 'cuda' else ''}, AdamW fused, device "
+              f"{peer.device}, first step (compiles) {time.perf_counter() - t0:.1f} s")
+        contenders.append(peer)
+    elif torch is not None:
         peer = TorchContender(torch, config, batches)
         print(f"torch params: {peer.n_params:,}, attention {peer.attention}, AdamW fused, "
               f"device {peer.device}"
@@ -644,6 +697,11 @@ def parse_args(argv=None):
                    help="any other GPTConfig field, e.g. n_layers=2 (repeatable)")
     p.add_argument("--peak-tflops", type=float, default=None, help="per-device peak for MFU")
     p.add_argument("--no-peer", action="store_true", help="skip the PyTorch peer")
+    p.add_argument("--peer", choices=("eager", "compiled"), default="eager",
+                   help="eager: torch float32 (+ autocast bf16); compiled: torch.compile + "
+                        "autocast bf16 + SDPA flash + fused AdamW")
+    p.add_argument("--compile-cache", default=None, metavar="DIR",
+                   help="jaxgpt's persistent compilation cache in DIR (as train/*.py enable it)")
     p.add_argument("--breakdown", action="store_true", help="time forward, backward, optimizer, copy")
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="also write a jax.profiler trace of 3 train steps to DIR and summarise it "
@@ -660,6 +718,11 @@ def main(argv=None) -> None:
         import torch
 
         torch.set_num_threads(usable_cores())
+    if args.compile_cache:
+        os.environ["JAXGPT_CACHE_DIR"] = args.compile_cache
+        from jaxgpt.cli.common import enable_compile_cache
+
+        print(f"compilation cache: {enable_compile_cache()}")
     print("\n".join(hardware_lines(torch)))
     t0 = time.perf_counter()
     if args.loss_curve:

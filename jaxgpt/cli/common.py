@@ -1,5 +1,5 @@
 """What every entry point (jaxgpt.cli.*, train/*.py) shares: its process set-up, and user
-errors as one line.
+errors as one line; the training scripts also turn on the persistent compilation cache.
 
 A mistake in the input (a bad path, option, config value or data row) is printed as one
 `error: ...` line on stderr with a non-zero exit; JAXGPT_DEBUG=1 re-raises it with the full
@@ -13,6 +13,8 @@ import logging
 import os
 import sys
 import threading
+import warnings
+from pathlib import Path
 
 from jaxgpt.hostmem import retain_freed_memory
 
@@ -51,3 +53,40 @@ def setup_process() -> None:
         logging.getLogger(name).setLevel(logging.CRITICAL)
     sys.unraisablehook = lambda unraisable: None
     threading.excepthook = lambda args: None  # a writer thread dying after the error was raised
+
+
+def compile_cache_dir() -> Path | None:
+    """Where compiled programs are kept between runs: $JAXGPT_CACHE_DIR, else
+    $XDG_CACHE_HOME/jaxgpt/xla (~/.cache/jaxgpt/xla); None when JAXGPT_COMPILE_CACHE=0."""
+    if os.environ.get("JAXGPT_COMPILE_CACHE", "1").lower() in ("0", "false", "off", "no"):
+        return None
+    if os.environ.get("JAXGPT_CACHE_DIR"):
+        return Path(os.environ["JAXGPT_CACHE_DIR"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "jaxgpt" / "xla"
+
+
+def enable_compile_cache() -> Path | None:
+    """Turn on JAX's persistent compilation cache in compile_cache_dir(), before any compilation:
+    a rerun loads the train step and the initializer instead of compiling them. The directory
+    must belong to this user (its executables are loaded and run); otherwise, or when it cannot
+    be created, the cache stays off with a warning. Returns the directory, or None."""
+    directory = compile_cache_dir()
+    if directory is None:
+        return None
+    try:
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        owner = directory.stat().st_uid
+    except OSError as err:
+        warnings.warn(f"compilation cache off: cannot create {directory} ({err.strerror})")
+        return None
+    if hasattr(os, "getuid") and owner != os.getuid():
+        warnings.warn(f"compilation cache off: {directory} belongs to another user")
+        return None
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    # Cache what takes a quarter second or more to compile (JAX's default is one second, which
+    # leaves out a small model's initializer and steps on a GPU).
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.25)
+    return directory

@@ -65,8 +65,8 @@ class GPTConfig:
     # defaults, which the book's GPTModel has: N(0, 1) embeddings, U(+-1/sqrt(fan_in)) linears).
     init: str = "gpt2"
     # Pad the vocabulary (wte rows, lm_head columns) to a multiple of this (128: 50257 -> 50304,
-    # nanoGPT's matmul-friendly size); padded logits are masked to -inf, so loss, sampling and
-    # argmax are unchanged, and import pads / export strips the extra rows.
+    # nanoGPT's matmul-friendly size); padded logits are masked (model.PADDED_LOGIT), so loss and
+    # argmax are unchanged; generation draws from the real columns; import pads, export strips.
     vocab_multiple: int = 1
     # Training loss from the hidden states in chunks of this many tokens (the LM head and the
     # cross-entropy fused; no [B, T, V] float32 logits held); 0: the head, then the loss.

@@ -433,6 +433,10 @@ def throughput(args, torch) -> None:
           f"{config.n_layers} x {config.n_heads} x {config.head_dim} x {args.context} = {fpt / 1e9:.3f} GFLOP "
           f"(N = all params except the wte/wpe lookup tables, head counted once)")
     print(f"jax: state init {jx.init_s:.1f} s, trace+lower {jx.lower_s:.1f} s, compile {jx.compile_s:.1f} s")
+    try:  # XLA's own account of the step's scratch memory (activations, logits, gradients)
+        print(f"jax: train step scratch memory {jx.step_fn.memory_analysis().temp_size_in_bytes / 2**30:.2f} GiB")
+    except (AttributeError, NotImplementedError, TypeError):
+        pass
 
     contenders = [jx]
     if torch is not None and args.peer == "compiled":

@@ -70,11 +70,11 @@ def test_padded_logits_never_win(models):
     np.testing.assert_array_equal(jax.nn.softmax(logits)[..., V:], 0.0)
 
 
-@pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_padded_vocabulary_leaves_generation_unchanged(models, temperature):
+def test_padded_vocabulary_leaves_generation_unchanged(models):
+    """Sampled, so the draws themselves must match: the same logits, the same noise."""
     padded, params, plain, stripped = models
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]  # left-padded to a common length inside
-    kw = dict(temperature=temperature, key=jax.random.key(4))
+    kw = dict(temperature=1.0, key=jax.random.key(4))
     np.testing.assert_array_equal(generate(params, padded, prompts, 5, **kw),
                                   generate(stripped, plain, prompts, 5, **kw))
 

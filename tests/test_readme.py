@@ -22,7 +22,7 @@ def python_blocks() -> dict[str, str]:
     return out
 
 
-@pytest.mark.parametrize("title", ["Use it from Python", "Training loop"])
+@pytest.mark.parametrize("title", ["Use it from Python", "Training loop", "Accelerators"])
 def test_readme_example_runs(title, tmp_path):
     code = python_blocks()[title]
     # Run from a copy of the configs so the example's runs/ directory lands in tmp_path.

@@ -31,6 +31,7 @@ def chunked_head_cross_entropy_sum(hidden: jax.Array, head: jax.Array, head_t: b
     d = hidden.shape[-1]
     h = hidden.reshape(-1, d).astype(dtype)  # [N, D]
     t = targets.reshape(-1)  # [N]
+    chunk = min(chunk, t.shape[0])
     pad = -t.shape[0] % chunk
     if pad:  # a last partial chunk: padded tokens are ignored
         h = jnp.pad(h, ((0, pad), (0, 0)))

@@ -29,7 +29,7 @@ def _reference(hidden, head, targets, head_t):
 
 
 @pytest.mark.parametrize("head_t", [False, True])
-@pytest.mark.parametrize("padded_v,chunk", [(V, 4), (V, 14), (24, 5)])
+@pytest.mark.parametrize("padded_v,chunk", [(V, 4), (V, 14), (V, 64), (24, 5)])  # 64 > N = 14
 def test_chunked_equals_reference_values_and_gradients(head_t, padded_v, chunk):
     hidden, head, targets = _inputs(padded_v, head_t)
 

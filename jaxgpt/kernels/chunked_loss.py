@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxgpt.kernels.matmul import _ROWS, _ROWS_T, _transposed
+
 _MASKED = -1e30  # a padded column's logit: softmax gives it exactly 0
 
 
@@ -79,14 +81,15 @@ def _loss_bwd(head_t, chunk, vocab_size, ignore, res, g):
         onehot = lax.broadcasted_iota(tc.dtype, z.shape, 1) == tc[:, None]
         w = jnp.where(counted, g, 0.0)[:, None]  # [C, 1]
         dz = jnp.exp(z - lc[:, None]) * w - jnp.where(onehot, w, 0.0)  # [C, V] float32
-        dz_c = dz.astype(hc.dtype)
-        w_c = head.astype(hc.dtype)
-        dh = lax.dot_general(dz_c, w_c, (((1,), (0 if head_t else 1,)), ((), ())),
-                             preferred_element_type=jnp.float32)  # [C, D]
-        if head_t:  # head [V, D]: dz^T @ h
-            dw = lax.dot_general(dz_c, hc, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-        else:  # head [D, V]: h^T @ dz
-            dw = lax.dot_general(hc, dz_c, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+        dz_c, w_c = dz.astype(hc.dtype), head.astype(hc.dtype)
+        # Row-major [M, C] x [C, N] or [M, C] x [N, C] products, transposing explicitly where
+        # needed: the layouts XLA:CPU runs fast (matmul.py); other compilers choose their own.
+        if head_t:  # head [V, D]
+            dh = lax.dot_general(dz_c, w_c, _ROWS, preferred_element_type=jnp.float32)  # [C, D]
+            dw = lax.dot_general(_transposed(dz_c), hc, _ROWS, preferred_element_type=jnp.float32)
+        else:  # head [D, V]
+            dh = lax.dot_general(dz_c, w_c, _ROWS_T, preferred_element_type=jnp.float32)  # [C, D]
+            dw = lax.dot_general(_transposed(hc), dz_c, _ROWS, preferred_element_type=jnp.float32)
         return dhead + dw, dh.astype(hc.dtype)
 
     dhead, dh = lax.scan(one, jnp.zeros(head.shape, jnp.float32),

@@ -20,11 +20,11 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONPATH="${
 export JAXGPT_CACHE_DIR=${JAXGPT_CACHE_DIR:-$OUT/xla_cache}  # the compilation cache, fresh here
 left() { echo $((BUDGET - (SECONDS - START))); }
 
-TESTS_FIRST="tests/kernels tests/test_accelerator_options.py"
-TESTS_REST="tests/test_model.py tests/training/test_step.py tests/test_generation.py tests/training/test_precision.py"
+TESTS_FIRST="tests/kernels/test_backend_attention.py tests/kernels/test_attention.py tests/test_accelerator_options.py"
+TESTS_REST="tests/kernels/test_chunked_loss.py tests/kernels/test_matmul.py tests/kernels/test_gelu.py tests/kernels/test_dropout.py tests/test_model.py tests/training/test_step.py tests/test_generation.py tests/training/test_precision.py"
 SIZE="--context 1024 --batch 16 --steps 10 --warmup 3"
 DECODE="--batches 1,64 --new-tokens 256"
-T_TESTS=(100 110) T_TRAIN=190 T_DECODE=100
+T_TESTS=(90 110) T_TRAIN=190 T_DECODE=150
 if [ "${GPU_CHECK_DRY:-0}" = 1 ]; then  # CPU dry run: every call, tiny sizes
   TESTS_FIRST="tests/kernels/test_backend_attention.py"
   TESTS_REST="tests/test_accelerator_options.py -k chunked_loss"

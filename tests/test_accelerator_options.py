@@ -19,8 +19,9 @@ from jaxgpt.pretrained import load_pretrained, save_pretrained, to_hf_tensors
 from jaxgpt.training.losses import lm_loss_fn
 
 V = 17
+# float32 pinned: "auto" is bfloat16 on a GPU, where these float32 tolerances would not hold.
 BASE = dict(vocab_size=V, context_length=16, emb_dim=12, n_heads=3, n_layers=2, drop_rate=0.0,
-            kernels="reference")
+            kernels="reference", dtype="float32")
 
 
 def _strip(params, tied):

@@ -17,7 +17,8 @@ implementation and, when it is not the backend's fused kernel, why:
         "reference"  attention.reference_attention, for attention dropout (neither fused kernel
                      drops attention weights)
 
-A fallback warns once per reason, naming it. `attention.reference_attention` stays the
+A fallback warns once per reason, naming it; so does a cuDNN call that cuDNN's own checks refuse
+when traced (no cuDNN, an older GPU or cuDNN), which then runs the XLA composition. `attention.reference_attention` stays the
 definition: each kernel here is tested against it (the Pallas kernel in interpret mode on CPU).
 """
 
@@ -116,7 +117,11 @@ def backend_attention(backend: str):
             return fn(q, k, v, mask, dropout_rate=dropout_rate, dropout_rng=dropout_rng,
                       deterministic=deterministic)
         if choice.name == "cudnn":
-            return cudnn_attention(q, k, v, mask)
+            try:  # cuDNN's own checks (its version, the GPU's generation) run here, at trace time
+                return cudnn_attention(q, k, v, mask)
+            except (NotImplementedError, RuntimeError, ValueError) as err:
+                first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+                warn_once(Choice("xla", f"cuDNN refused the call ({first})"))
         if choice.name == "pallas":
             return pallas_tpu_attention(q, k, v)
         return _attention.fused_attention(q, k, v, mask, implementation="xla")

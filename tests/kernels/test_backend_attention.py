@@ -105,6 +105,18 @@ def test_fallback_runs_xla_equal_to_reference_and_warns_once(masked, monkeypatch
         fn(q, k, v, mask)  # the second fallback for the same reason is silent
 
 
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="cuDNN is there to be used")
+def test_a_cudnn_call_cudnn_refuses_falls_back_to_xla(monkeypatch):
+    """Chosen for bfloat16 on a GPU, cuDNN's trace-time checks fail where it is missing (as on
+    this CPU): XLA's composition runs instead, equal to the reference, with a warning."""
+    monkeypatch.setattr(BA, "_warned", set())
+    q, k, v = _qkv(jax.random.key(7), t=8, k=8, dtype=BF16)
+    assert BA.choose_attention("gpu", BF16, q.shape, k.shape, False, False).name == "cudnn"
+    with pytest.warns(UserWarning, match="xla path: cuDNN refused the call"):
+        out = BA.backend_attention("gpu")(q, k, v)
+    np.testing.assert_array_equal(out, A.fused_attention(q, k, v, implementation="xla"))
+
+
 def test_dropout_on_an_accelerator_runs_the_reference_with_its_masks(monkeypatch):
     monkeypatch.setattr(BA, "_warned", set())
     q, k, v = _qkv(jax.random.key(2))
@@ -121,6 +133,8 @@ def pallas_interpret():
         yield
 
 
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="the TPU kernel's interpreter is "
+                    "tested on CPU (and runs natively on TPU)")
 @pytest.mark.parametrize("t", [128, 256])  # one block, and a causal pair of blocks
 def test_pallas_tpu_flash_equals_reference_in_interpret_mode(t, pallas_interpret):
     """The kernel the TPU runs, interpreted on CPU: values and gradients of q, k, v."""

@@ -55,6 +55,9 @@ def setup_process() -> None:
     threading.excepthook = lambda args: None  # a writer thread dying after the error was raised
 
 
+COMPILE_CACHE_MAX_BYTES = 4 << 30
+
+
 def compile_cache_dir() -> Path | None:
     """Where compiled programs are kept between runs: $JAXGPT_CACHE_DIR, else
     $XDG_CACHE_HOME/jaxgpt/xla (~/.cache/jaxgpt/xla); None when JAXGPT_COMPILE_CACHE=0."""
@@ -89,4 +92,6 @@ def enable_compile_cache() -> Path | None:
     # Cache what takes a quarter second or more to compile (JAX's default is one second, which
     # leaves out a small model's initializer and steps on a GPU).
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.25)
+    # Bounded: past 4 GiB the least recently used programs are deleted (JAX's default: no bound).
+    jax.config.update("jax_compilation_cache_max_size", COMPILE_CACHE_MAX_BYTES)
     return directory

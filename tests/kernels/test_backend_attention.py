@@ -164,3 +164,30 @@ def test_cudnn_equals_reference_on_gpu(masked):
     for a, b in zip((out, *grads), (want, *want_grads)):
         a, b = np.asarray(a, np.float32), np.asarray(b)
         assert np.abs(a - b).max() < 0.03 * np.abs(b).max()
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN flash attention needs a GPU")
+def test_model_with_cudnn_equals_reference_with_left_padding():
+    """The whole model in bfloat16 on a GPU: kernels=auto (cuDNN, a padding mask as its bias)
+    against kernels=reference, logits and gradients, rows with left padding included."""
+    from jaxgpt.config import GPTConfig
+    from jaxgpt.model import GPT, init_params
+
+    cfg = GPTConfig(vocab_size=17, context_length=16, emb_dim=32, n_heads=4, n_layers=2,
+                    drop_rate=0.0, dtype="bfloat16")
+    assert BA.choose_attention("gpu", BF16, (2, 16, 4, 8), (2, 16, 4, 8), True, False).name == "cudnn"
+    params = init_params(cfg, jax.random.key(0))
+    ids = jax.random.randint(jax.random.key(1), (2, 16), 0, 17)
+    real = jnp.ones((2, 16), bool).at[0, :5].set(False)
+    r = jax.random.normal(jax.random.key(2), (2, 16, 17))
+
+    def run(kernels):
+        model = GPT(cfg.replace(kernels=kernels))
+        f = lambda p: jnp.sum(model.apply({"params": p}, ids, attention_mask=real)[:, 5:] * r[:, 5:])  # noqa: E731
+        return model.apply({"params": params}, ids, attention_mask=real), jax.grad(f)(params)
+
+    (out, grads), (want, want_grads) = run("auto"), run("reference")
+    out, want = np.asarray(out)[:, 5:], np.asarray(want)[:, 5:]  # padded queries' logits are unused
+    assert np.abs(out - want).max() < 0.05 * np.abs(want).max()
+    for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+        assert float(jnp.abs(g - w).max()) <= 0.05 * float(jnp.abs(w).max()) + 1e-6

@@ -290,11 +290,10 @@ class Engine:
         self.tokens[slot] = token
         self.opts["count"][slot] = r.generated
         finish = "stop" if token in r.stop_ids else "length" if r.generated >= r.max_tokens else None
-        keep = r.on_token(token, finish)
+        if r.on_token(token, finish) is False:  # e.g. a stop string: it ends here
+            finish = "stop"
         if finish is not None:
             self._finish(slot, finish)
-        elif keep is False:
-            self._finish(slot, "stop")
 
     def _finish(self, slot: int, reason: str) -> None:
         r, self.active[slot] = self.active[slot], None

@@ -384,3 +384,44 @@ def test_chat_page_streams_a_reply_in_a_browser(served, model_dir, tmp_path, slo
         assert shot.stat().st_size > 1000
     finally:
         browser.quit()
+
+
+def test_the_command_serves_until_interrupted(model_dir):
+    """`python -m jaxgpt.cli.serve` end to end: it binds loopback, answers, stops on Ctrl-C;
+    a bad option is one line on stderr."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    directory, params = model_dir
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "JAXGPT_DEBUG": ""}
+    proc = subprocess.Popen([sys.executable, "-m", "jaxgpt.cli.serve", "--model", str(directory),
+                             "--port", str(port), "--slots", "2"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if get(base, "/health")[0] == 200:
+                    break
+            except OSError:
+                assert proc.poll() is None, proc.communicate()[1]
+                assert time.monotonic() < deadline, "the server did not start"
+                time.sleep(0.2)
+        status, text = post(base, "/v1/completions", {"model": "tiny-gpt", "prompt": "Hi",
+                                                      "max_tokens": 5, "temperature": 0})
+        assert status == 200
+        assert json.loads(text)["choices"][0]["text"] == expected(params, "Hi", 5)[0]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and f"serving tiny-gpt at http://127.0.0.1:{port}/" in err
+    bad = subprocess.run([sys.executable, "-m", "jaxgpt.cli.serve", "--model", str(directory),
+                          "--max-len", "999"], env=env, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1
+    assert bad.stderr.strip() == "error: max_len must be in [1, 256], got 999"

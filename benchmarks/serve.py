@@ -1,7 +1,7 @@
 """Serving load: concurrent streaming clients of `jaxgpt.cli.serve` vs the same requests run one
 after another through `jaxgpt.generate`, in one invocation.
 
-  python benchmarks/serve.py [--clients 1 8 32] [--requests-per-client 2] [--max-tokens 48]
+  python benchmarks/serve.py [--clients 1 8 32] [--requests-per-client 2] [--max-tokens 64]
 
 GPT-2 small's shape with random weights (the default compute dtype), greedy. The server (the
 library's Starlette app and continuous-batching engine, `--slots` sequences over a cache of
@@ -36,6 +36,7 @@ from jaxgpt.hostmem import retain_freed_memory  # noqa: E402
 retain_freed_memory()  # before the first JAX computation (jaxgpt/hostmem.py)
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jaxgpt import GPTConfig, init_params  # noqa: E402
@@ -114,6 +115,41 @@ async def run_level(port: int, prompts: list[list[int]], clients: int, per_clien
     return [r for rs in results for r in rs], time.perf_counter() - start
 
 
+def matmul_floor(config: GPTConfig, rows: int, repeats: int = 5) -> float:
+    """Best seconds of a decode step's matmuls alone (every layer's Dense products and the
+    head, jitted, nothing else) for `rows` sequences: what batching can gain on this machine."""
+    D, F, V = config.emb_dim, 4 * config.emb_dim, config.vocab_size
+    key = jax.random.key(1)
+    shapes = [(D, 3 * D), (D, D), (D, F), (F, D)] * config.n_layers + [(D, V)]
+    ws = [jax.random.normal(jax.random.fold_in(key, i), s) * 0.02 for i, s in enumerate(shapes)]
+
+    @jax.jit
+    def chain(x, ws):
+        for i in range(0, len(ws) - 1, 4):
+            a = x @ ws[i]
+            x = x + a[:, :D] @ ws[i + 1]
+            x = x + jnp.tanh(x @ ws[i + 2]) @ ws[i + 3]
+        return jnp.argmax(x @ ws[-1], axis=-1)
+
+    x = jnp.ones((rows, D))
+    chain(x, ws).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        chain(x, ws).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def sequential_rate(params, config, prompts, max_tokens) -> float:
+    """New tokens/s of `generate` over `prompts`, one after another (compiled beforehand)."""
+    t0, tokens = time.perf_counter(), 0
+    for ids in prompts:
+        new = generate(params, config, [ids], max_tokens, eos_id=EOT_ID)[0, len(ids):]
+        tokens += int(np.argmax(new == EOT_ID)) + 1 if EOT_ID in new else len(new)
+    return tokens / (time.perf_counter() - t0)
+
+
 def pct(values, q) -> float:
     return float(np.percentile(values, q)) if len(values) else float("nan")
 
@@ -122,7 +158,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--requests-per-client", type=int, default=2)
-    p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--slots", type=int, default=32)
     p.add_argument("--max-len", type=int, default=96)
     p.add_argument("--sequential", type=int, default=16,
@@ -158,21 +194,16 @@ def main(argv=None) -> int:
     asyncio.run(run_level(port, [prompts[0][:16], prompts[0]], 2, 1, 2, args.timeout))
     print(f"server warm-up (compiles): {time.perf_counter() - t0:.1f} s")
 
-    # The peer: the same prompts through generate, one after another.
+    # The peer: the same prompts through generate, one after another, before the levels and
+    # again after them (the machine's load drifts; each level is compared with their mean).
     seq = prompts[:args.sequential]
     for length in (16, 32):
         generate(params, config, [seq[0][:length]], args.max_tokens, eos_id=EOT_ID)
-    t0, seq_tokens = time.perf_counter(), 0
-    for ids in seq:
-        new = generate(params, config, [ids], args.max_tokens, eos_id=EOT_ID)[0, len(ids):]
-        seq_tokens += int(np.argmax(new == EOT_ID)) + 1 if EOT_ID in new else len(new)
-    seq_rate = seq_tokens / (time.perf_counter() - t0)
-    print(f"sequential jaxgpt.generate: {len(seq)} requests, {seq_tokens} tokens, "
-          f"{seq_rate:.1f} tokens/s")
+    half = max(len(seq) // 2, 1)
+    before = sequential_rate(params, config, seq[:half], args.max_tokens)
+    print(f"sequential jaxgpt.generate, before: {half} requests, {before:.1f} tokens/s")
 
-    print("\n| clients | requests | failed | tokens | tokens/s | vs sequential | TTFT p50 | "
-          "TTFT p99 | ITL p50 | ITL p99 |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    rows = []
     for clients in args.clients:
         results, wall = asyncio.run(run_level(port, prompts, clients, args.requests_per_client,
                                               args.max_tokens, args.timeout))
@@ -180,11 +211,24 @@ def main(argv=None) -> int:
         tokens = sum(r["tokens"] for r in good)
         ttft = [r["times"][0] - r["sent"] for r in good if r["times"]]
         itl = [b - a for r in good for a, b in zip(r["times"], r["times"][1:])]
-        rate = tokens / wall
-        print(f"| {clients} | {len(results)} | {len(results) - len(good)} | {tokens} | "
-              f"{rate:.1f} | {rate / seq_rate:.2f}x | {pct(ttft, 50) * 1e3:.0f} ms | "
-              f"{pct(ttft, 99) * 1e3:.0f} ms | {pct(itl, 50) * 1e3:.0f} ms | "
-              f"{pct(itl, 99) * 1e3:.0f} ms |", flush=True)
+        rows.append((clients, len(results), len(results) - len(good), tokens, tokens / wall,
+                     ttft, itl))
+        print(f"level {clients}: {tokens / wall:.1f} tokens/s", flush=True)
+    after = sequential_rate(params, config, seq[half:] or seq, args.max_tokens)
+    seq_rate = (before + after) / 2
+    print(f"sequential jaxgpt.generate, after: {len(seq[half:] or seq)} requests, {after:.1f} "
+          f"tokens/s; peer rate used: {seq_rate:.1f} tokens/s")
+    one, full = matmul_floor(config, 1), matmul_floor(config, args.slots)
+    print(f"matmul floor of a decode step (XLA, the matmuls alone): 1 row {one * 1e3:.0f} ms, "
+          f"{args.slots} rows {full * 1e3:.0f} ms, i.e. {args.slots * one / full:.1f}x the tokens/s "
+          f"of 1 row")
+    print("\n| clients | requests | failed | tokens | tokens/s | vs sequential | TTFT p50 | "
+          "TTFT p99 | ITL p50 | ITL p99 |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for clients, n, failed, tokens, rate, ttft, itl in rows:
+        print(f"| {clients} | {n} | {failed} | {tokens} | {rate:.1f} | {rate / seq_rate:.2f}x | "
+              f"{pct(ttft, 50) * 1e3:.0f} ms | {pct(ttft, 99) * 1e3:.0f} ms | "
+              f"{pct(itl, 50) * 1e3:.0f} ms | {pct(itl, 99) * 1e3:.0f} ms |")
     print(f"engine: {engine.load()}")
     web.should_exit = True
     engine.stop()

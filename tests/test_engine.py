@@ -47,6 +47,12 @@ def test_write_cache_per_row_matches_numpy():
         for t in range(2):
             want[1, b, :, at[b] + t] = new[b, t]
     np.testing.assert_array_equal(np.asarray(write_cache(jnp.asarray(buf), new, (1,), jnp.asarray(at))), want)
+    # 16-bit caches take another path (their bits are scattered): the same values land.
+    half = write_cache(jnp.asarray(buf, jnp.bfloat16), jnp.asarray(new, jnp.bfloat16), (1,),
+                       jnp.asarray(at))
+    assert half.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(half, np.float32),
+                                  np.asarray(jnp.asarray(want, jnp.bfloat16), np.float32))
     # A scalar index writes every row at the same slot, as before.
     want = buf.copy()
     want[0, :, :, 2:4] = new.transpose(0, 2, 1, 3)

@@ -10,6 +10,7 @@ import importlib
 
 _EXPORTS = {
     "EOT_ID": "jaxgpt.tokenizer",
+    "Engine": "jaxgpt.engine",
     "GPT": "jaxgpt.model",
     "GPTConfig": "jaxgpt.config",
     "LoRAConfig": "jaxgpt.lora",

@@ -49,7 +49,8 @@ def _head(params, config: GPTConfig, h: jax.Array) -> jax.Array:
     """Output head on final hidden states [B, D] -> float32 logits [B, V], as the model does."""
     dt, project = config.compute_dtype, kernels.select(config.kernels).project
     if config.tie_embeddings:
-        return project(h.astype(dt), params["wte"]["embedding"].astype(dt), True, jnp.float32)
+        embed = params["wte" if config.family == "gpt2" else "embed_tokens"]["embedding"]
+        return project(h.astype(dt), embed.astype(dt), True, jnp.float32)
     return project(h.astype(dt), params["lm_head"].astype(dt), False, jnp.float32)
 
 

@@ -210,6 +210,13 @@ class GPT(nn.Module):
         B, T = ids.shape
         if positions is None:
             positions = cache_index + jnp.arange(T)[None, :]  # [1, T]
+        if cfg.family != "gpt2":  # llama/qwen3: their pieces live in layers.py
+            from jaxgpt.layers import (
+                family_forward,  # layers builds on this module's Dense
+            )
+
+            return family_forward(self, ids, deterministic, positions, attention_mask, cache,
+                                  cache_index, return_hidden)
 
         wte = nn.Embed(
             cfg.vocab_size, cfg.emb_dim,
@@ -295,8 +302,9 @@ def validate_ids(ids, config: GPTConfig) -> None:
 
 
 def init_cache(config: GPTConfig, batch: int, length: int, dtype=None) -> Cache:
-    """An empty KV cache of `length` slots: {"k", "v"} each [L, B, H, S, K]."""
-    shape = (config.n_layers, batch, config.n_heads, length, config.head_dim)
+    """An empty KV cache of `length` slots: {"k", "v"} each [L, B, Hkv, S, K] (Hkv = H but for
+    grouped-query attention)."""
+    shape = (config.n_layers, batch, config.kv_heads, length, config.head_dim)
     dtype = config.compute_dtype if dtype is None else dtype
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 

@@ -184,3 +184,26 @@ def test_bad_config_is_one_line(hf_model, tmp_path):
         families.config_from_hf({**hf, "rope_parameters": {"rope_type": "yarn", "factor": 2.0}})
     with pytest.raises(ValueError, match="cannot override n_kv_heads"):
         families.config_from_hf(hf, n_kv_heads=1)
+
+
+def test_sharded_mesh_steps_equal_single_device(hf_model):
+    """Loaded straight into its shards on 4 CPU devices (a process of its own: the device count
+    is fixed when JAX starts), two train steps equal the single-device ones."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    worker = Path(__file__).resolve().parent / "workers" / "family_sharded.py"
+    proc = subprocess.run([sys.executable, str(worker), str(hf_model[0])], capture_output=True,
+                          text=True, timeout=600, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.split("RESULT ", 1)[1])
+    for name in ("fsdp2_tensor2", "tensor4", "data4"):
+        np.testing.assert_allclose(out[name]["losses"], out["reference"], rtol=1e-5)
+        assert out[name]["param_diff"] < 1e-4, name
+    specs = out["fsdp2_tensor2"]["specs"]
+    assert specs["layers_0/self_attn/q_proj/kernel"] == ["fsdp", "tensor", None]
+    assert specs["layers_0/mlp/gate_proj/kernel"] == ["fsdp", "tensor"]
+    kv = hf_model[1].config.num_key_value_heads  # split over tensor=2 only where it divides
+    assert specs["layers_0/self_attn/k_proj/kernel"] == ["fsdp", "tensor" if kv % 2 == 0 else None, None]

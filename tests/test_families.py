@@ -207,3 +207,19 @@ def test_sharded_mesh_steps_equal_single_device(hf_model):
     assert specs["layers_0/mlp/gate_proj/kernel"] == ["fsdp", "tensor"]
     kv = hf_model[1].config.num_key_value_heads  # split over tensor=2 only where it divides
     assert specs["layers_0/self_attn/k_proj/kernel"] == ["fsdp", "tensor" if kv % 2 == 0 else None, None]
+
+
+def test_generation_stops_on_any_of_several_eos_ids(loaded):
+    """A family ends a turn on more than one token (e.g. <|eot_id|> and <|end_of_text|>)."""
+    config, params = loaded
+    prompts = [list(_ids(10, 1, 4)[0]), list(_ids(11, 1, 6)[0])]
+    free = generate(params, config, prompts, 8)[:, -8:]
+    stops = (int(free[0, 2]), int(free[1, 4]))  # each row's token at a different step
+    got = generate(params, config, prompts, 8, eos_id=stops)[:, -8:]
+    for row, f in zip(got, free):
+        end = min(i for i, t in enumerate(f) if t in stops)
+        np.testing.assert_array_equal(row[:end + 1], f[:end + 1])
+        assert set(row[end + 1:].tolist()) <= {stops[0]}  # then padded with the first eos id
+    simple = np.asarray(generate_simple(params, config, np.asarray([prompts[0]]), 8, eos_id=stops))
+    np.testing.assert_array_equal(simple[0, 4:], got[0, :simple.shape[1] - 4])  # it stops at eos
+    assert simple[0, -1] in stops

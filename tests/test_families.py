@@ -223,3 +223,53 @@ def test_generation_stops_on_any_of_several_eos_ids(loaded):
     simple = np.asarray(generate_simple(params, config, np.asarray([prompts[0]]), 8, eos_id=stops))
     np.testing.assert_array_equal(simple[0, 4:], got[0, :simple.shape[1] - 4])  # it stops at eos
     assert simple[0, -1] in stops
+
+
+# ---- LoRA on the projections, PEFT export ------------------------------------------------------
+
+
+def _random_b(trainable, seed=0):
+    from jaxgpt.trees import flatten, unflatten
+
+    flat = flatten(trainable["lora"])
+    rng = np.random.default_rng(seed)
+    flat = {p: (jnp.asarray(rng.normal(0, 0.3, x.shape), jnp.float32) if p.endswith("/b") else x)
+            for p, x in flat.items()}
+    return {"lora": unflatten(flat), "full": trainable["full"]}
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_lora_peft_export_matches_in_peft(hf_model, loaded, tmp_path, scan):
+    """Default targets adapt q/k/v/o and gate/up/down of every layer; factored training equals
+    merged; the PEFT export gives the same logits on LlamaForCausalLM / Qwen3ForCausalLM."""
+    peft = pytest.importorskip("peft")
+    from jaxgpt import lora
+    from jaxgpt.lora_io import export_peft
+    from jaxgpt.trees import flatten
+
+    config, params = load_model(hf_model[0], dtype="float32", scan_layers=True) if scan else loaded
+    cfg = lora.LoRAConfig(rank=2, alpha=3.0, include_head=not config.tie_embeddings)
+    trainable, frozen = lora.partition(params, cfg, jax.random.key(1))
+    trainable = _random_b(trainable)
+    names = {part for p in flatten(trainable["lora"]) for part in p.split("/")}
+    assert names >= {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    ids = _ids(12, 2, 9)
+    x, y = jnp.asarray(ids[:, :-1]), jnp.asarray(ids[:, 1:])
+
+    def base_loss(p, frozen_, batch, rng, det):
+        lg = GPT(config).apply({"params": p}, batch[0])
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(lg), batch[1][..., None], -1))
+
+    g_f = jax.grad(lora.lora_loss_fn(base_loss, cfg))(trainable, frozen, (x, y), None, True)
+    g_m = jax.grad(lora.lora_loss_fn(base_loss, cfg, factored=False))(trainable, frozen, (x, y), None, True)
+    for a, b in zip(jax.tree.leaves(g_f), jax.tree.leaves(g_m)):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+    export_peft(tmp_path / "adapter", trainable, cfg, config, str(hf_model[0]))
+    model = peft.PeftModel.from_pretrained(type(hf_model[1]).from_pretrained(hf_model[0]),
+                                           tmp_path / "adapter").eval()
+    want = GPT(config).apply({"params": lora.combine(trainable, frozen, cfg)}, jnp.asarray(ids))
+    assert not np.allclose(want, GPT(config).apply({"params": params}, jnp.asarray(ids)), atol=1e-3)
+    with torch.no_grad():
+        got = model(torch.tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(got, want, atol=1e-4)

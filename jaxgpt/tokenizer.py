@@ -208,3 +208,25 @@ class FamilyTokenizer:
 def load_family_tokenizer(directory) -> FamilyTokenizer:
     """The tokenizer of a Llama/Qwen3 model directory (cached per path)."""
     return FamilyTokenizer(directory)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+                   "generation_config.json", "special_tokens_map.json")
+
+
+def tokenizer_dir(model) -> Path | None:
+    """The directory holding a model's own tokenizer.json: the model directory itself, or a
+    finished instruction run's model/; None for GPT-2 names and directories without one."""
+    for d in (Path(model), Path(model) / "model"):
+        if (d / "tokenizer.json").is_file():
+            return d
+    return None
+
+
+def copy_tokenizer_files(source, target) -> None:
+    """Copy a model directory's tokenizer files (those present) into `target`."""
+    import shutil
+
+    for name in TOKENIZER_FILES:
+        if (Path(source) / name).is_file():
+            shutil.copyfile(Path(source) / name, Path(target) / name)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import jax
 
@@ -22,6 +21,7 @@ from jaxgpt.cli.common import USER_ERRORS, fail, setup_process
 from jaxgpt.generation_inputs import check_sampling, check_size
 from jaxgpt.loading import is_run_dir, load_model, read_run_yaml
 from jaxgpt.tasks.instruct.prompts import TEMPLATES
+from jaxgpt.tokenizer import tokenizer_dir as _tokenizer_dir
 
 
 def load_chat_model(name_or_dir: str, template: str | None = None):
@@ -62,7 +62,7 @@ def main(argv=None) -> int:
         return fail(err, 1)
     interactive = sys.stdin.isatty()
     key = jax.random.key(args.seed)
-    tokenizer_dir = _tokenizer_dir(args.model)
+    tokenizer_dir = _tokenizer_dir(args.model) if args.template is None else None
     if tokenizer_dir is not None:
         return _converse(config, params, tokenizer_dir, args, interactive, key)
     for turn, line in enumerate(iter(lambda: _read(interactive), None)):
@@ -82,15 +82,7 @@ def main(argv=None) -> int:
     return 0
 
 
-def _tokenizer_dir(model: str) -> Path | None:
-    """The directory of a model's own tokenizer.json (itself, or an instruction run's model/)."""
-    for d in (Path(model), Path(model) / "model"):
-        if (d / "tokenizer.json").is_file():
-            return d
-    return None
-
-
-def _converse(config, params, tokenizer_dir: Path, args, interactive: bool, key) -> int:
+def _converse(config, params, tokenizer_dir, args, interactive: bool, key) -> int:
     """A multi-turn chat in the model's own template; replies stop at its end-of-turn ids."""
     from jaxgpt.generation import generate
     from jaxgpt.tokenizer import load_family_tokenizer

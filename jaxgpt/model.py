@@ -14,6 +14,10 @@ With `scan_layers` the blocks live under one `h` entry whose leaves have a leadi
 A KV cache, when given, is a dict {"k", "v"} of [L, B, H, S, K] arrays (heads before slots,
 so attention reads it without a transposed copy); the call writes the new
 keys and values at `cache_index` and returns the updated cache beside the logits.
+
+Llama 3 and Qwen3 (config.family) run through the same `GPT` call, built from the pieces in
+`jaxgpt.layers` (RMSNorm, rotary positions, SwiGLU, grouped-query attention) under Hugging
+Face's names for those families; their cache is [L, B, Hkv, S, K], only the key/value heads.
 """
 
 from __future__ import annotations

@@ -176,6 +176,9 @@ def test_bfloat16_checkpoint_loads_as_bfloat16(hf_model, tmp_path):
     assert {x.dtype for x in jax.tree.leaves(p16)} == {jnp.dtype(jnp.bfloat16)}
     for a, b in zip(jax.tree.leaves(p32), jax.tree.leaves(p16)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b, np.float32))  # bf16 exactly
+    ids = jnp.asarray(_ids(13, 2, 7))  # bfloat16 weights run (float32 compute: the same logits)
+    np.testing.assert_allclose(GPT(c16).apply({"params": p16}, ids),
+                               GPT(c32).apply({"params": p32}, ids), atol=1e-5)
 
 
 def test_bad_config_is_one_line(hf_model, tmp_path):

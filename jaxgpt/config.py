@@ -93,6 +93,9 @@ class GPTConfig:
         if self.n_heads % self.kv_heads:
             raise ValueError(f"GPTConfig.n_heads={self.n_heads} is not divisible by "
                              f"n_kv_heads={self.kv_heads}")
+        if self.family != "gpt2" and self.head_dim % 2:
+            raise ValueError(f"GPTConfig head width {self.head_dim} is odd; rotary positions "
+                             "rotate pairs of features, so it must be even")
         if self.rope_factor is not None and self.rope_high_freq_factor <= self.rope_low_freq_factor:
             raise ValueError("GPTConfig.rope_high_freq_factor must exceed rope_low_freq_factor, got "
                              f"{self.rope_high_freq_factor} <= {self.rope_low_freq_factor}")

@@ -276,3 +276,18 @@ def test_lora_peft_export_matches_in_peft(hf_model, loaded, tmp_path, scan):
     with torch.no_grad():
         got = model(torch.tensor(ids)).logits.numpy()
     np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def test_family_config_errors_are_one_line():
+    from jaxgpt.config import GPTConfig
+
+    base = dict(family="llama", vocab_size=17, emb_dim=12, n_heads=3, n_layers=1)
+    with pytest.raises(ValueError, match="n_heads=3 is not divisible by n_kv_heads=2"):
+        GPTConfig(**base, n_kv_heads=2)
+    with pytest.raises(ValueError, match="head width 5 is odd"):
+        GPTConfig(**base, head_width=5)
+    with pytest.raises(ValueError, match="n_kv_heads is for the llama/qwen3 families"):
+        GPTConfig(vocab_size=17, emb_dim=12, n_heads=3, n_layers=1, n_kv_heads=1)
+    with pytest.raises(ValueError, match="GPTConfig.family must be one of"):
+        GPTConfig(**{**base, "family": "gemma"})
+    assert GPTConfig(**base, head_width=6).head_dim == 6  # Qwen3: K apart from D / H

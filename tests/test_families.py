@@ -291,3 +291,27 @@ def test_family_config_errors_are_one_line():
     with pytest.raises(ValueError, match="GPTConfig.family must be one of"):
         GPTConfig(**{**base, "family": "gemma"})
     assert GPTConfig(**base, head_width=6).head_dim == 6  # Qwen3: K apart from D / H
+
+
+def test_config_json_of_older_transformers_maps_the_same():
+    """Llama 3.2's config.json as released (rope_scaling beside rope_theta, bfloat16, eos list)."""
+    hf = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256,
+          "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+          "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64,
+          "max_position_embeddings": 131072, "rms_norm_eps": 1e-05, "rope_theta": 500000.0,
+          "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                           "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+          "tie_word_embeddings": True, "torch_dtype": "bfloat16", "eos_token_id": [128001, 128008, 128009],
+          "attention_bias": False, "mlp_bias": False, "hidden_act": "silu", "pretraining_tp": 1}
+    c = families.config_from_hf(hf)
+    assert (c.rope_theta, c.rope_factor, c.rope_original_context, c.kv_heads, c.head_dim) == \
+        (500000.0, 32.0, 8192, 8, 64)
+    new = families.hf_config(c)
+    assert families.config_from_hf(new) == c
+    ref = transformers.LlamaConfig(**{k: v for k, v in new.items() if k != "model_type"})
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from jaxgpt.layers import rope_frequencies
+
+    inv, _ = ROPE_INIT_FUNCTIONS["llama3"](ref, "cpu")
+    np.testing.assert_allclose(rope_frequencies(c), inv.numpy(), rtol=1e-6)  # Llama 3 scaling

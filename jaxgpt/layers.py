@@ -80,12 +80,15 @@ def grouped_cache_attention(q, k, v, mask):
     """q [B, T, H, K] over a cache k, v [B, Hkv, S, K] holding only the kv heads; mask
     [B|1, 1, T, S]. Query head h reads kv head h // G (HF's repeat_kv order)."""
     B, T, H, K = q.shape
-    hkv = k.shape[1]
-    qg = q.reshape(B, T, hkv, H // hkv, K)  # [B, T, Hkv, G, K]
-    scores = jnp.einsum("bthgk,bhsk->bhgts", qg, k, preferred_element_type=jnp.float32)
-    weights = masked_softmax(scores / math.sqrt(K), mask[:, :, None])  # [B, Hkv, G, T, S]
-    out = jnp.einsum("bhgts,bhsk->bthgk", weights.astype(v.dtype), v)  # [B, T, Hkv, G, K]
-    return out.reshape(B, T, H, K)
+    hkv, G = k.shape[1], H // k.shape[1]
+    # The G query heads of a kv head and the T queries form one row axis, so both products are
+    # plain (B, Hkv)-batched matmuls that read the cache where it lies.
+    qg = jnp.swapaxes(q.reshape(B, T, hkv, G, K), 1, 2).reshape(B, hkv, T * G, K)  # [B, Hkv, T G, K]
+    scores = jnp.einsum("bhqk,bhsk->bhqs", qg, k, preferred_element_type=jnp.float32)
+    scores = scores.reshape(B, hkv, T, G, -1)  # [B, Hkv, T, G, S]
+    weights = masked_softmax(scores / math.sqrt(K), mask[:, :, :, None])  # mask [B|1, 1, T, 1, S]
+    out = jnp.einsum("bhqs,bhsk->bhqk", weights.reshape(B, hkv, T * G, -1).astype(v.dtype), v)
+    return jnp.swapaxes(out.reshape(B, hkv, T, G, K), 1, 2).reshape(B, T, H, K)  # [B, T, H, K]
 
 
 class GroupedAttention(nn.Module):

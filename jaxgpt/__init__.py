@@ -11,6 +11,8 @@ import importlib
 _EXPORTS = {
     "EOT_ID": "jaxgpt.tokenizer",
     "Engine": "jaxgpt.engine",
+
+    "FamilyTokenizer": "jaxgpt.tokenizer",
     "GPT": "jaxgpt.model",
     "GPTConfig": "jaxgpt.config",
     "LoRAConfig": "jaxgpt.lora",
@@ -29,6 +31,7 @@ _EXPORTS = {
     "get_tokenizer": "jaxgpt.tokenizer",
     "init_cache": "jaxgpt.model",
     "init_params": "jaxgpt.model",
+    "load_family_tokenizer": "jaxgpt.tokenizer",
     "load_classifier": "jaxgpt.tasks.classification.model",
     "load_hf_text": "jaxgpt.corpus",
     "load_model": "jaxgpt.loading",

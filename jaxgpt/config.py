@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from jaxgpt.checks import (
     FRACTION,
     NON_NEGATIVE_INT,
+    POSITIVE,
     POSITIVE_INT,
     PROBABILITY,
     check_fields,
@@ -18,6 +19,7 @@ from jaxgpt.kernels import KERNEL_SETS, resolve_compute_dtype
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 _REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+FAMILIES = ("gpt2", "llama", "qwen3")
 
 # The released GPT-2 shapes (124M, 355M, 774M, 1558M parameters with the tied head).
 PRESETS: dict[str, dict] = {
@@ -71,17 +73,57 @@ class GPTConfig:
     # Training loss from the hidden states in chunks of this many tokens (the LM head and the
     # cross-entropy fused; no [B, T, V] float32 logits held); 0: the head, then the loss.
     loss_chunk: int = 0
+    # Architecture family (the pieces are in jaxgpt/layers.py, the weight names in
+    # jaxgpt/families.py): "gpt2" (LayerNorm, learned positions, GELU MLP, biases), "llama"
+    # (RMSNorm, rotary positions, SwiGLU MLP, no biases), "qwen3" (llama plus RMSNorm on each
+    # query and key head). The fields below are the llama/qwen3 shapes; GPT-2 leaves them unset.
+    family: str = "gpt2"
+    n_kv_heads: int | None = None  # grouped-query attention: key/value heads (None: n_heads)
+    head_width: int | None = None  # K when it is not emb_dim / n_heads (Qwen3 sets it)
+    mlp_dim: int | None = None  # F (None: 4 * emb_dim)
+    rope_theta: float = 10000.0
+    # Llama 3's rotary frequency scaling (None: plain rotary); the others only apply with it.
+    rope_factor: float | None = None
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_context: int = 8192
 
     def __post_init__(self):
         check_fields(self, _RULES)
-        if self.emb_dim % self.n_heads:
+        if self.family == "gpt2":
+            set_ = [f for f in _FAMILY_ONLY if getattr(self, f) is not None]
+            if set_:
+                raise ValueError(f"GPTConfig.{set_[0]} is for the llama/qwen3 families; "
+                                 "family='gpt2' derives it from emb_dim and n_heads")
+        if self.family != "gpt2" and self.vocab_multiple != 1:
+            raise ValueError(f"GPTConfig.vocab_multiple={self.vocab_multiple} is for GPT-2 (50257 -> "
+                             f"50304); {self.family}'s released vocabularies are multiples of 128 already")
+        if self.head_width is None and self.emb_dim % self.n_heads:
             raise ValueError(
                 f"GPTConfig.emb_dim={self.emb_dim} is not divisible by n_heads={self.n_heads}"
             )
+        if self.n_heads % self.kv_heads:
+            raise ValueError(f"GPTConfig.n_heads={self.n_heads} is not divisible by "
+                             f"n_kv_heads={self.kv_heads}")
+        if self.family != "gpt2" and self.head_dim % 2:
+            raise ValueError(f"GPTConfig head width {self.head_dim} is odd; rotary positions "
+                             "rotate pairs of features, so it must be even")
+        if self.rope_factor is not None and self.rope_high_freq_factor <= self.rope_low_freq_factor:
+            raise ValueError("GPTConfig.rope_high_freq_factor must exceed rope_low_freq_factor, got "
+                             f"{self.rope_high_freq_factor} <= {self.rope_low_freq_factor}")
 
     @property
     def head_dim(self) -> int:
-        return self.emb_dim // self.n_heads
+        return self.head_width if self.head_width is not None else self.emb_dim // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        """Heads of keys and values (the KV cache's H axis)."""
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def mlp_width(self) -> int:
+        return 4 * self.emb_dim if self.mlp_dim is None else self.mlp_dim
 
     @property
     def compute_dtype(self):
@@ -137,4 +179,12 @@ _RULES = {
     "kernels": one_of(*KERNEL_SETS),
     "remat_policy": one_of(*_REMAT_POLICIES),
     "init": one_of("gpt2", "torch"),
+    "family": one_of(*FAMILIES),
+    **dict.fromkeys(("n_kv_heads", "head_width", "mlp_dim"), optional(POSITIVE_INT)),
+    "rope_theta": POSITIVE,
+    "rope_factor": optional(POSITIVE),
+    "rope_low_freq_factor": POSITIVE,
+    "rope_high_freq_factor": POSITIVE,
+    "rope_original_context": POSITIVE_INT,
 }
+_FAMILY_ONLY = ("n_kv_heads", "head_width", "mlp_dim", "rope_factor")

@@ -26,7 +26,7 @@ Choices, all matching the book's `generate` where it has one:
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -42,16 +42,14 @@ from jaxgpt.generation_inputs import (
     check_size,
     prompt_bucket,
 )
-from jaxgpt.model import GPT, init_cache, validate_ids
+from jaxgpt.model import GPT, init_cache, output_head, validate_ids
 
 
 def _head(params, config: GPTConfig, h: jax.Array) -> jax.Array:
     """Output head on final hidden states [B, D] -> float32 logits [B, V], as the model does."""
     dt, project = config.compute_dtype, kernels.select(config.kernels).project
-    if config.tie_embeddings:
-        logits = project(h.astype(dt), params["wte"]["embedding"].astype(dt), True, jnp.float32)
-    else:
-        logits = project(h.astype(dt), params["lm_head"].astype(dt), False, jnp.float32)
+    weight, transposed = output_head(params, config)
+    logits = project(h.astype(dt), weight.astype(dt), transposed, jnp.float32)  # [B, V padded]
     return logits[:, :config.vocab_size]  # a padded vocabulary's extra columns: never drawn
 
 
@@ -88,7 +86,7 @@ def _start(params, prompt, prompt_mask, key, opts, *, config, max_new_tokens, gr
     """Prefill the cache with the bucketed prompt [B, P] and pick the first new token."""
     B, P = prompt.shape
     slots = P + min(max_new_tokens - 1, config.context_length - 1)  # no later write goes past
-    pad = opts["eos_id"] if use_eos else 0
+    pad = opts["eos_id"][0] if use_eos else 0
     tokens = jnp.full((B, P + max_new_tokens), pad, jnp.int32).at[:, :P].set(prompt)
     mask = jnp.concatenate([prompt_mask, jnp.ones((B, max_new_tokens), bool)], axis=1)  # [B, N]
     positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0)  # [B, P]
@@ -98,14 +96,14 @@ def _start(params, prompt, prompt_mask, key, opts, *, config, max_new_tokens, gr
     )  # [B, P, D]
     logits = _head(params, config, hidden[:, -1])  # left padding puts every last token here
     first = _next_token(logits, key, 0, opts, greedy=greedy, top_k=top_k, use_top_p=use_top_p)
-    done = (first == opts["eos_id"]) if use_eos else jnp.zeros((B,), bool)
+    done = jnp.isin(first, opts["eos_id"]) if use_eos else jnp.zeros((B,), bool)
     return {
         "tokens": tokens.at[:, P].set(first),  # [B, N] prompt bucket, then new tokens (pad ahead)
         "mask": mask,  # [B, N] real tokens: the prompt's mask, then all new tokens
         "n_prompt": prompt_mask.sum(axis=1).astype(jnp.int32),  # [B] real prompt tokens
         "cache": cache,  # {"k", "v"} [L, B, H, S, K]
         "step": jnp.int32(1),  # tokens generated so far; the newest is fed next
-        "done": done,  # [B] rows that have emitted eos_id
+        "done": done,  # [B] rows that have emitted one of the eos ids
         "key": key,  # step s samples with fold_in(key, s)
         # Whether the prompt's logits are finite: NaN or inf weights would otherwise decode
         # as token 0 forever (argmax of NaN), silently.
@@ -150,8 +148,8 @@ def _continue(params, state, stop, opts, *, config, max_new_tokens, greedy, top_
                           use_top_p=use_top_p)
         done = s["done"]
         if use_eos:
-            nxt = jnp.where(done, opts["eos_id"], nxt)  # finished rows keep emitting eos
-            done = done | (nxt == opts["eos_id"])
+            nxt = jnp.where(done, opts["eos_id"][0], nxt)  # finished rows keep emitting eos
+            done = done | jnp.isin(nxt, opts["eos_id"])
         tokens = lax.dynamic_update_slice_in_dim(s["tokens"], nxt[:, None], P + s["step"], axis=1)
         return {**s, "tokens": tokens, "cache": cache, "step": s["step"] + 1, "done": done}
 
@@ -163,12 +161,12 @@ def _continue(params, state, stop, opts, *, config, max_new_tokens, greedy, top_
 
 def generate_stream(params, config: GPTConfig, prompt_ids, max_new_tokens: int, *,
                     temperature: float = 0.0, top_k: int | None = None,
-                    top_p: float | None = None, eos_id: int | None = None, key=None,
-                    prompt_mask=None, chunk_size: int = 8) -> Iterator[np.ndarray]:
+                    top_p: float | None = None, eos_id: int | Sequence[int] | None = None,
+                    key=None, prompt_mask=None, chunk_size: int = 8) -> Iterator[np.ndarray]:
     """Yield new tokens [B, n] as decoded, chunk_size at a time, until all rows are done."""
     if not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
-    ids, mask = _as_prompts(prompt_ids, prompt_mask, 0 if eos_id is None else eos_id)
+    ids, mask = _as_prompts(prompt_ids, prompt_mask, _pad_id(eos_id))
     for state, lo, hi in _run(params, config, ids, mask, max_new_tokens, temperature, top_k,
                               top_p, eos_id, key, chunk_size):
         yield np.asarray(state["tokens"][:, lo:hi])
@@ -176,15 +174,17 @@ def generate_stream(params, config: GPTConfig, prompt_ids, max_new_tokens: int, 
 
 def generate(params, config: GPTConfig, prompt_ids, max_new_tokens: int, *,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-             eos_id: int | None = None, key=None, prompt_mask=None) -> np.ndarray:
+             eos_id: int | Sequence[int] | None = None, key=None, prompt_mask=None) -> np.ndarray:
     """Prompt ids followed by max_new_tokens new ones, int32 [B, T0 + max_new_tokens].
 
     prompt_ids is a list of id lists (left-padded here with eos_id, else 0) or an array [B, T0]
     with an optional left-padding prompt_mask; greedy when temperature is 0, otherwise sampled
     with `key`; rows that emit eos_id are padded with it and the loop stops once all have.
-    The prompt is padded to a power-of-two bucket so one compilation serves many lengths.
+    eos_id may be several ids (a family's end-of-text and end-of-turn tokens): any one ends a
+    row, which is then padded with the first. The prompt is padded to a power-of-two bucket so
+    one compilation serves many lengths.
     """
-    ids, mask = _as_prompts(prompt_ids, prompt_mask, 0 if eos_id is None else eos_id)
+    ids, mask = _as_prompts(prompt_ids, prompt_mask, _pad_id(eos_id))
     state = None
     for state, _, _ in _run(params, config, ids, mask, max_new_tokens, temperature, top_k, top_p,
                             eos_id, key, max(max_new_tokens, 1)):
@@ -216,7 +216,7 @@ def _run(params, config, ids, mask, max_new_tokens, temperature, top_k, top_p, e
                   top_k=None if greedy or top_k is None else int(top_k),
                   use_top_p=top_p is not None and not greedy, use_eos=eos_id is not None)
     opts = {"temperature": jnp.float32(temperature or 1.0), "top_p": jnp.float32(top_p or 1.0),
-            "eos_id": jnp.int32(0 if eos_id is None else eos_id)}
+            "eos_id": jnp.asarray(eos_ids(eos_id) or (0,), jnp.int32)}  # [E]
     key = jax.random.key(0) if key is None else key  # unused when greedy
     state = _start(params, jnp.asarray(prompt), jnp.asarray(real), key, opts, **static)
     if not bool(state["finite"]):
@@ -232,6 +232,20 @@ def _run(params, config, ids, mask, max_new_tokens, temperature, top_k, top_p, e
         produced = end
 
 
+def eos_ids(eos_id) -> tuple[int, ...] | None:
+    """eos_id as a tuple of ids (None: no stop token)."""
+    if eos_id is None:
+        return None
+    ids = (eos_id,) if isinstance(eos_id, (int, np.integer)) else tuple(eos_id)
+    if not ids:
+        raise ValueError("eos_id is an empty collection; give None for no stop token")
+    return tuple(int(i) for i in ids)
+
+
+def _pad_id(eos_id) -> int:
+    return 0 if eos_id is None else eos_ids(eos_id)[0]
+
+
 @functools.partial(jax.jit, static_argnums=2)
 def _last_logits(params, ids, config):
     return GPT(config).apply({"params": params}, ids)[:, -1, :]  # compiled once per length
@@ -239,7 +253,8 @@ def _last_logits(params, ids, config):
 
 def generate_simple(params, config: GPTConfig, ids, max_new_tokens: int,
                     context_size: int | None = None, temperature: float = 0.0,
-                    top_k: int | None = None, eos_id: int | None = None, key=None) -> jax.Array:
+                    top_k: int | None = None, eos_id: int | Sequence[int] | None = None,
+                    key=None) -> jax.Array:
     """The book's loop: re-run the model on the last context_size tokens for each new token."""
     ids = jnp.asarray(ids)
     context_size = config.context_length if context_size is None else context_size
@@ -259,8 +274,9 @@ def generate_simple(params, config: GPTConfig, ids, max_new_tokens: int,
             idx_next = jnp.argmax(logits, axis=-1)
         if eos_id is not None:
             # Unlike the book (batch 1, stop before eos), finished rows keep eos so rows align.
-            idx_next = jnp.where(done, eos_id, idx_next)
-            done = done | (idx_next == eos_id)
+            stops = jnp.asarray(eos_ids(eos_id))  # [E]
+            idx_next = jnp.where(done, stops[0], idx_next)
+            done = done | jnp.isin(idx_next, stops)
         ids = jnp.concatenate([ids, idx_next[:, None].astype(ids.dtype)], axis=1)  # [B, T + 1]
         if eos_id is not None and bool(done.all()):
             break

@@ -85,8 +85,9 @@ def check_size(batch: int, prompt_len: int, max_new_tokens: int,
 def _check_options(config, max_new_tokens, temperature, top_k, top_p, eos_id, key):
     V = config.vocab_size
     check_sampling(max_new_tokens, temperature, top_k, top_p, V)
-    if eos_id is not None and not 0 <= eos_id < V:
-        raise ValueError(f"eos_id {eos_id} is outside the vocabulary [0, {V})")
+    for eos in () if eos_id is None else (eos_id,) if np.ndim(eos_id) == 0 else eos_id:
+        if not 0 <= eos < V:
+            raise ValueError(f"eos_id {eos} is outside the vocabulary [0, {V})")
     if temperature > 0 and key is None:
         raise ValueError("sampling (temperature > 0) needs a PRNG key, e.g. key=jax.random.key(0)")
 

@@ -27,6 +27,8 @@ import yaml
 
 from jaxgpt import lora
 from jaxgpt.config import RUNTIME_FIELDS, GPTConfig
+from jaxgpt.families import FAMILY_TYPES, load_family
+from jaxgpt.hf_files import read_json
 from jaxgpt.model import abstract_params
 from jaxgpt.pretrained import load_pretrained
 from jaxgpt.restore import (
@@ -51,6 +53,8 @@ def load_model(source: str | os.PathLike, *, step: int | None = None, mesh=None,
             raise CheckpointError(f"{path} is not a run directory (no config.yaml)")
         if step is not None:
             raise ValueError(f"step={step} needs a run directory; {source} is not one")
+        if is_family_dir(path):  # streamed leaf by leaf into its shards: never a host copy
+            return load_family(path, mesh=mesh, **config_overrides)
         config, params = load_pretrained(source, **config_overrides)
         return config, place(config, params, mesh)
     fixed = sorted(set(config_overrides) - set(RUNTIME_FIELDS))
@@ -58,6 +62,15 @@ def load_model(source: str | os.PathLike, *, step: int | None = None, mesh=None,
         raise ValueError(f"cannot override {fixed[0]} when loading run directory {path}: its "
                          f"weights fix it; only {', '.join(RUNTIME_FIELDS)} may change")
     return _load_run(path, step, mesh, config_overrides)
+
+
+def is_family_dir(path: Path) -> bool:
+    """Whether `path` is a Hugging Face Llama/Qwen3 directory (by its config.json's model_type)."""
+    config = path / "config.json"
+    if not config.is_file():
+        return False
+    hf = read_json(config)
+    return isinstance(hf, dict) and hf.get("model_type") in FAMILY_TYPES
 
 
 def is_run_dir(path: str | os.PathLike) -> bool:

@@ -45,8 +45,10 @@ from jaxgpt.sharding import is_boxed, with_axes
 from jaxgpt.trees import flatten as _flat
 from jaxgpt.trees import unflatten as _nest
 
-# The projections of every block: attention query/key/value/c_proj and MLP c_fc/c_proj.
-DEFAULT_TARGETS = (r"attn/(query|key|value|c_proj)/kernel$", r"mlp/(c_fc|c_proj)/kernel$")
+# The projections of every block: attention query/key/value/c_proj and MLP c_fc/c_proj
+# (GPT-2); self_attn q/k/v/o_proj and MLP gate/up/down_proj (Llama 3, Qwen3).
+DEFAULT_TARGETS = (r"attn/(query|key|value|c_proj|q_proj|k_proj|v_proj|o_proj)/kernel$",
+                   r"mlp/(c_fc|c_proj|gate_proj|up_proj|down_proj)/kernel$")
 # A top-level head: the untied `lm_head`, or a task head such as `out_head/kernel`.
 HEAD_PATTERN = r"^[^/]*head(/kernel)?$"
 # Leaves LoRA may adapt: matrices used in a matmul or a lookup (biases and norms are vectors).
@@ -115,8 +117,10 @@ def _pairs(adapters) -> dict[str, tuple[Any, Any]]:
 
 def _layout(path: str, shape: tuple[int, ...]) -> tuple[tuple, tuple, tuple]:
     """(lead, in, out) dims of a targeted matrix."""
-    lead = 1 if "h" in path.split("/")[:-1] else 0  # scanned blocks `h` carry a leading [L] axis
-    n_in = 2 if path.endswith("attn/c_proj/kernel") else 1  # [H, K, D] reads two input axes
+    # Scanned blocks (`h`, or `layers` in the llama/qwen3 families) carry a leading [L] axis.
+    lead = 1 if {"h", "layers"} & set(path.split("/")[:-1]) else 0
+    # The attention output [H, K, D] reads two input axes.
+    n_in = 2 if path.endswith(("attn/c_proj/kernel", "self_attn/o_proj/kernel")) else 1
     if len(shape) - lead - n_in < 1:
         raise ValueError(f"LoRA target {path} has shape {tuple(shape)}, which is not a matrix")
     return shape[:lead], shape[lead:lead + n_in], shape[lead + n_in:]

@@ -10,7 +10,8 @@ in the weights' bytes, plus the device-to-host copy on an accelerator. A scanned
 copy of the same weights hash differently, as their adapters differ too.
 
 PEFT export writes `adapter_config.json` + `adapter_model.safetensors` for transformers'
-GPT2LMHeadModel (export its base with `jaxgpt.pretrained.save_pretrained`). GPT-2's Conv1D layers
+GPT2LMHeadModel, LlamaForCausalLM or Qwen3ForCausalLM (export its base with
+`jaxgpt.pretrained.save_pretrained`); the families' projections map one to one. GPT-2's Conv1D layers
 store weights [in, out] (`fan_in_fan_out: true`); PEFT stores lora_A [r, in] and lora_B [out, r]
 and scales by lora_alpha / r (rsLoRA: / sqrt(r)). GPT-2 computes query, key and value with one
 fused c_attn [D, 3D], so jaxgpt's n adapted ones among them become one c_attn adapter of rank n r:
@@ -186,8 +187,9 @@ def _per_layer(trainable, n_layers: int) -> dict[str, tuple[np.ndarray, np.ndarr
     out = {}
     for path, (a, b) in _pairs(trainable["lora"]).items():
         a, b = np.asarray(_host(a), np.float32), np.asarray(_host(b), np.float32)
-        layers = [(f"h_{i}/{path[2:]}", a[i], b[i]) for i in range(n_layers)] \
-            if path.split("/")[0] == "h" else [(path, a, b)]
+        stack, _, rest = path.partition("/")
+        layers = [(f"{stack}_{i}/{rest}", a[i], b[i]) for i in range(n_layers)] \
+            if stack in ("h", "layers") else [(path, a, b)]
         for p, ai, bi in layers:
             out[p] = (ai.reshape(-1, ai.shape[-1]), bi.reshape(bi.shape[0], -1))
     return out
@@ -198,6 +200,8 @@ def peft_modules(trainable, model_config: GPTConfig, rank: int) -> dict[str, tup
     if jax.tree.leaves(trainable["full"]):
         raise ValueError("leaves trained in full have no PEFT LoRA form; export the merged model "
                          "with jaxgpt.pretrained.save_pretrained instead")
+    if model_config.family != "gpt2":
+        return _family_modules(trainable, model_config)
     D = model_config.emb_dim
     modules, qkv = {}, {}
     for path, (a, b) in _per_layer(trainable, model_config.n_layers).items():
@@ -222,13 +226,30 @@ def peft_modules(trainable, model_config: GPTConfig, rank: int) -> dict[str, tup
     return modules
 
 
+def _family_modules(trainable, model_config: GPTConfig) -> dict[str, tuple]:
+    """{Llama/Qwen3 module name: (A [in, r], B [r, out])}: nn.Linear modules one to one; the
+    flattened (heads, K) axes of jaxgpt's kernels are HF's out (q/k/v) and in (o_proj) order."""
+    modules = {}
+    for path, (a, b) in _per_layer(trainable, model_config.n_layers).items():
+        m = re.fullmatch(r"layers_(\d+)/(self_attn|mlp)/(\w+_proj)/kernel", path)
+        if path == "lm_head":
+            modules["lm_head"] = (a, b)
+        elif m:
+            modules[f"model.layers.{m.group(1)}.{m.group(2)}.{m.group(3)}"] = (a, b)
+        else:
+            raise ValueError(f"cannot export the adapter of {path} to PEFT: {model_config.family} "
+                             "has no LoRA module for it")
+    return modules
+
+
 def _suffix(name: str) -> str:
     return name if name == "lm_head" else name.split(".", 3)[3]  # transformer.h.<i>.<suffix>
 
 
 def export_peft(directory: str | os.PathLike, trainable, lora_config: LoRAConfig,
                 model_config: GPTConfig, base_model_name_or_path: str | None = None) -> Path:
-    """Write adapter_config.json and adapter_model.safetensors that `peft` loads onto GPT-2."""
+    """Write adapter_config.json and adapter_model.safetensors that `peft` loads onto GPT-2 (or
+    LlamaForCausalLM / Qwen3ForCausalLM for those families)."""
     modules = peft_modules(trainable, model_config, lora_config.rank)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -258,7 +279,8 @@ def export_peft(directory: str | os.PathLike, trainable, lora_config: LoRAConfig
         "r": lora_config.rank, "lora_alpha": lora_config.alpha, "lora_dropout": lora_config.dropout,
         "use_rslora": lora_config.rank_stabilized, "target_modules": targets,
         "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
-        "fan_in_fan_out": True, "bias": "none", "modules_to_save": None,
+        # GPT-2's Conv1D stores [in, out]; the families' nn.Linear [out, in].
+        "fan_in_fan_out": model_config.family == "gpt2", "bias": "none", "modules_to_save": None,
         "init_lora_weights": True, "inference_mode": True,
     }
     save_file(tensors, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})

@@ -15,6 +15,10 @@ A KV cache, when given, is a dict {"k", "v"} of [L, B, H, S, K] arrays (heads be
 so attention reads it without a transposed copy); the call writes the new
 keys and values at `cache_index` (a scalar, or an int array [B] of one slot per row) and returns
 the updated cache beside the logits.
+
+Llama 3 and Qwen3 (config.family) run through the same `GPT` call, built from the pieces in
+`jaxgpt.layers` (RMSNorm, rotary positions, SwiGLU, grouped-query attention) under Hugging
+Face's names for those families; their cache is [L, B, Hkv, S, K], only the key/value heads.
 """
 
 from __future__ import annotations
@@ -207,6 +211,13 @@ class GPT(nn.Module):
         B, T = ids.shape
         if positions is None:
             positions = jnp.reshape(cache_index, (-1, 1)) + jnp.arange(T)[None, :]  # [1|B, T]
+        if cfg.family != "gpt2":  # llama/qwen3: their pieces live in layers.py
+            from jaxgpt.layers import (
+                family_forward,  # layers builds on this module's Dense
+            )
+
+            return family_forward(self, ids, deterministic, positions, attention_mask, cache,
+                                  cache_index, return_hidden)
 
         wte = nn.Embed(
             cfg.padded_vocab_size, cfg.emb_dim,  # V rows, padded to vocab_multiple
@@ -259,6 +270,14 @@ class GPT(nn.Module):
         if not return_hidden:
             out = mask_padded_logits(out, cfg)
         return out if cache is None else (out, new_cache)
+
+
+def output_head(params, config: GPTConfig) -> tuple[jax.Array, bool]:
+    """The LM head's weight and whether it is transposed: the tied token embedding [V, D]
+    (True) or lm_head [D, V] (False)."""
+    if config.tie_embeddings:
+        return params["wte" if config.family == "gpt2" else "embed_tokens"]["embedding"], True
+    return params["lm_head"], False
 
 
 # What padded vocabulary columns' logits become: finite, so that 0 * logit stays 0, and low
@@ -331,8 +350,9 @@ def validate_ids(ids, config: GPTConfig) -> None:
 
 
 def init_cache(config: GPTConfig, batch: int, length: int, dtype=None) -> Cache:
-    """An empty KV cache of `length` slots: {"k", "v"} each [L, B, H, S, K]."""
-    shape = (config.n_layers, batch, config.n_heads, length, config.head_dim)
+    """An empty KV cache of `length` slots: {"k", "v"} each [L, B, Hkv, S, K] (Hkv = H but for
+    grouped-query attention)."""
+    shape = (config.n_layers, batch, config.kv_heads, length, config.head_dim)
     dtype = config.compute_dtype if dtype is None else dtype
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 

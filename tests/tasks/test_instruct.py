@@ -360,7 +360,7 @@ def test_chat_answers_each_line_until_exit(tiny_run, monkeypatch, capsys):
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("instruct_*.yaml")), ids=lambda p: p.name)
 def test_instruct_configs_load(path):
     cfg = load_config(path, schema=InstructRunConfig)
-    assert cfg.instruct.template in ("alpaca", "phi3") and cfg.train.batch_size == 8
+    assert cfg.instruct.template in ("alpaca", "phi3", "chat") and cfg.train.batch_size == 8
 
 
 def test_book_recipe():

@@ -177,7 +177,8 @@ class InstructDataset:
 
     def __init__(self, records: Sequence[Mapping[str, str]], template: Template | str = "alpaca",
                  *, tokenizer=None, allowed_max_length: int = 1024, mask_prompt: bool = False,
-                 bucket: int | None = None):
+                 bucket: int | None = None, pad_id: int = EOT_ID):
+        self.pad_id = pad_id  # also the end-of-text target after each example (a family's stop id)
         self.template = get_template(template) if isinstance(template, str) else template
         tok = get_tokenizer("gpt2") if tokenizer is None else tokenizer
         self.records = list(records)
@@ -206,5 +207,5 @@ class InstructDataset:
         if self.bucket is not None:  # a few shapes, each a multiple of the bucket
             longest = max(len(t) for t in batch)
             length = min(-(-longest // self.bucket) * self.bucket, self.allowed_max_length)
-        return collate(batch, [self.prompt_lengths[i] for i in idx], length=length,
+        return collate(batch, [self.prompt_lengths[i] for i in idx], length=length, pad_id=self.pad_id,
                        allowed_max_length=self.allowed_max_length, mask_prompt=self.mask_prompt)

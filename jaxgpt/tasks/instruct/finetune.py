@@ -49,9 +49,15 @@ from jaxgpt.tasks.instruct.data import (
     load_records,
     split_records,
 )
-from jaxgpt.tasks.instruct.prompts import TEMPLATES, get_template
+from jaxgpt.tasks.instruct.prompts import TEMPLATES, ChatTemplate, get_template
 from jaxgpt.tasks.instruct.responses import generate_responses
-from jaxgpt.tokenizer import EOT_ID, get_tokenizer
+from jaxgpt.tokenizer import (
+    EOT_ID,
+    copy_tokenizer_files,
+    get_tokenizer,
+    load_family_tokenizer,
+    tokenizer_dir,
+)
 from jaxgpt.training.losses import lm_loss_fn
 from jaxgpt.training.runconfig import ConfigError, RunConfig
 from jaxgpt.training.rundir import acquire, release
@@ -69,7 +75,9 @@ class InstructConfig:
     instruction_column: str = "instruction"
     input_column: Optional[str] = "input"  # null: the source has no input column
     output_column: str = "output"
-    template: str = "alpaca"  # alpaca or phi3
+    # alpaca or phi3 (GPT-2's tokenizer), or chat: a Llama 3 / Qwen3 model's own chat template
+    # and tokenizer, read from init_from's directory (tokenizer.json, chat_template.jinja)
+    template: str = "alpaca"
     train_frac: float = 0.85  # the book's split: train, then test, then the rest for validation
     test_frac: float = 0.10
     shuffle: bool = False  # split after a seeded shuffle instead of in file order
@@ -84,7 +92,7 @@ class InstructConfig:
 
     def __post_init__(self):
         check_fields(self, {
-            "init_from": NON_EMPTY, "data": NON_EMPTY, "template": one_of(*TEMPLATES),
+            "init_from": NON_EMPTY, "data": NON_EMPTY, "template": one_of(*TEMPLATES, "chat"),
             "train_frac": Rule("a number in (0, 1]", lambda v: FRACTION.test(v) or v == 1),
             "test_frac": Rule("a number in [0, 1)", lambda v: v == 0 or FRACTION.test(v)),
             "split_seed": NON_NEGATIVE_INT, "allowed_max_length": optional(POSITIVE_INT),
@@ -130,11 +138,26 @@ def _datasets(cfg: InstructRunConfig, max_length: int):
     records = load_records(ic.data, columns, hf_split=ic.hf_split)
     splits = split_records(records, ic.train_frac, ic.test_frac, shuffle=ic.shuffle,
                            seed=ic.split_seed)
-    tok = get_tokenizer(cfg.data.tokenizer)
-    make = functools.partial(InstructDataset, template=ic.template, tokenizer=tok,
+    tok, template, stops = _text_side(cfg)
+    make = functools.partial(InstructDataset, template=template, tokenizer=tok,
                              allowed_max_length=max_length, mask_prompt=ic.mask_prompt,
-                             bucket=ic.bucket)
+                             bucket=ic.bucket, pad_id=stops[0])
     return make(splits.train), make(splits.val), splits.test
+
+
+def _text_side(cfg: InstructRunConfig):
+    """(tokenizer, template, stop ids): GPT-2's with alpaca/phi3, the model's own with chat."""
+    ic = cfg.instruct
+    if ic.template != "chat":
+        return get_tokenizer(cfg.data.tokenizer), get_template(ic.template), (EOT_ID,)
+    directory = tokenizer_dir(ic.init_from)
+    if directory is None:
+        raise ConfigError(f"instruct.template=chat needs a tokenizer.json in instruct.init_from "
+                          f"({ic.init_from}) or its model/ directory")
+    tok = load_family_tokenizer(directory)
+    if not tok.stop_ids:
+        raise ConfigError(f"{directory}'s tokenizer names no end-of-turn token (eos_token)")
+    return tok, ChatTemplate(tok), tok.stop_ids
 
 
 def mean_loss(params, config: GPTConfig, dataset: InstructDataset, batch_size: int) -> float:
@@ -165,9 +188,9 @@ def finetune(cfg: InstructRunConfig, **fit_kwargs) -> InstructResult:
 
 def _finetune(cfg: InstructRunConfig, **fit_kwargs) -> InstructResult:
     ic = cfg.instruct
-    template = get_template(ic.template)
+    tok, template, stops = _text_side(cfg)
     model, base = load_start(ic.init_from, cfg.model)
-    if model.vocab_size <= EOT_ID:
+    if ic.template != "chat" and model.vocab_size <= EOT_ID:
         raise ConfigError(f"model.vocab_size={model.vocab_size} cannot hold GPT-2's end-of-text "
                           f"token {EOT_ID}")
     max_length = ic.allowed_max_length or model.context_length
@@ -197,7 +220,8 @@ def _finetune(cfg: InstructRunConfig, **fit_kwargs) -> InstructResult:
     if cfg.train.sample_tokens > 0 and len(val):
         def sample(params, step):  # the book's generate_and_print_sample on the first val record
             [r] = generate_responses(effective(host_copy(params)), model, val.records[:1], template,
-                                     max_new_tokens=cfg.train.sample_tokens, batch_size=1)
+                                     max_new_tokens=cfg.train.sample_tokens, batch_size=1,
+                                     tokenizer=tok, eos_id=stops)
             return {"sample": r["model_response"].replace("\n", " ")}
 
         fit_kwargs.setdefault("sample", sample)
@@ -208,7 +232,8 @@ def _finetune(cfg: InstructRunConfig, **fit_kwargs) -> InstructResult:
     params = effective(host_copy(result.state.params))
     test = test[: ic.max_test_records]
     responses = generate_responses(params, model, test, template, max_new_tokens=ic.max_new_tokens,
-                                   batch_size=ic.response_batch_size) if test else []
+                                   batch_size=ic.response_batch_size, tokenizer=tok,
+                                   eos_id=stops) if test else []
     ended = sum(r["ended"] for r in responses)
     summary = {
         "steps": int(result.state.step),
@@ -223,6 +248,8 @@ def _finetune(cfg: InstructRunConfig, **fit_kwargs) -> InstructResult:
             from jaxgpt.pretrained import save_pretrained
 
             save_pretrained(model, params, result.run_dir / "model")
+            if ic.template == "chat":  # the chat CLI and a re-finetune read the tokenizer beside it
+                copy_tokenizer_files(tokenizer_dir(ic.init_from), result.run_dir / "model")
         _write_json(result.run_dir / "test_responses.json", responses)
         _write_json(result.run_dir / "instruct_summary.json", summary)
     return InstructResult(result, model, params, summary, responses)

@@ -1,4 +1,5 @@
-"""Prompt formats for instruction tuning (chapter 7): the book's Alpaca template and a Phi-3 style.
+"""Prompt formats for instruction tuning (chapter 7): the book's Alpaca template, a Phi-3 style,
+and a Llama 3 / Qwen3 model's own chat template (`ChatTemplate`, rendered by its tokenizer).
 
 A record is a mapping with `instruction`, `input` (may be empty) and `output`. A template turns it
 into three pieces of text: the prompt (instruction and input), the response header that opens
@@ -9,7 +10,7 @@ prompt + header, so the model's continuation is the response.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Any, Mapping
 
 ALPACA_PREAMBLE = (
     "Below is an instruction that describes a task. "
@@ -88,3 +89,30 @@ def extract_response(text: str, template: Template | str, query: str | None = No
     # A model that did not learn to stop may start the next turn itself; that is not its answer.
     cuts = [i for s in template.turn_starts if (i := response.find(s)) >= 0]
     return response[: min(cuts)].strip() if cuts else response.strip()
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """A model's own chat template (Llama 3, Qwen3) behind Template's interface, so instruction
+    tuning and response extraction take it unchanged: a record is one user turn (the
+    instruction, then the input after a blank line) answered by one assistant turn (the output).
+    Its texts hold the family's special tokens; tokenize them with the same FamilyTokenizer."""
+
+    tokenizer: Any  # jaxgpt.tokenizer.FamilyTokenizer
+    name: str = "chat"
+    marker: str = ""  # the query ends with the assistant header the template writes
+    turn_starts: tuple[str, ...] = ()
+
+    def _user(self, record: Mapping[str, str]) -> list[dict]:
+        text = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
+        return [{"role": "user", "content": text}]
+
+    def prompt(self, record: Mapping[str, str]) -> str:
+        return self.tokenizer.render_chat(self._user(record), add_generation_prompt=False)
+
+    def query(self, record: Mapping[str, str]) -> str:
+        return self.tokenizer.render_chat(self._user(record), add_generation_prompt=True)
+
+    def full(self, record: Mapping[str, str]) -> str:
+        turns = self._user(record) + [{"role": "assistant", "content": record["output"]}]
+        return self.tokenizer.render_chat(turns, add_generation_prompt=False)

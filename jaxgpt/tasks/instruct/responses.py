@@ -8,14 +8,14 @@ import jax
 import numpy as np
 
 from jaxgpt.config import GPTConfig
-from jaxgpt.generation import generate
+from jaxgpt.generation import eos_ids, generate
 from jaxgpt.tasks.instruct.prompts import Template, extract_response, get_template
 from jaxgpt.tokenizer import EOT_ID, get_tokenizer
 
 
 def generate_responses(params, config: GPTConfig, records: Sequence[Mapping[str, str]],
                        template: Template | str = "alpaca", *, max_new_tokens: int = 256,
-                       batch_size: int = 8, tokenizer=None, eos_id: int = EOT_ID,
+                       batch_size: int = 8, tokenizer=None, eos_id: int | tuple = EOT_ID,
                        temperature: float = 0.0, top_k: int | None = None,
                        top_p: float | None = None, key=None) -> list[dict]:
     """Each record plus `model_response` and `ended` (it emitted eos_id within max_new_tokens)."""
@@ -39,8 +39,9 @@ def generate_responses(params, config: GPTConfig, records: Sequence[Mapping[str,
                        )[:, -max_new_tokens:]  # [B, max_new_tokens]
         for b, i in enumerate(chunk):
             tokens = new[b].tolist()
-            ended = eos_id in tokens
-            tokens = tokens[: tokens.index(eos_id)] if ended else tokens
+            stops = [i for i, t in enumerate(tokens) if t in eos_ids(eos_id)]  # several: a family's
+            ended = bool(stops)
+            tokens = tokens[: stops[0]] if ended else tokens
             text = tok.decode([t for t in tokens if t < tok.n_vocab])  # padded vocab: no text
             response = extract_response(queries[i] + text, template, query=queries[i])
             out[i] = {**records[i], "model_response": response, "ended": ended}

@@ -1,11 +1,20 @@
 """Shared fixtures: tiny, odd, distinct sizes so that a transposed axis cannot pass."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 import numpy as np
 import pytest
 
 from jaxgpt.config import GPTConfig
+
+# The training scripts cache compiled programs in ~/.cache/jaxgpt/xla by default: the tests'
+# subprocesses use a directory of this session instead, removed at exit.
+if "JAXGPT_CACHE_DIR" not in os.environ:
+    os.environ["JAXGPT_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxgpt-test-xla-")
+    atexit.register(shutil.rmtree, os.environ["JAXGPT_CACHE_DIR"], True)
 
 # Sizes chosen pairwise distinct: V=17, context 11, D=12, H=3 (K=4), F=48, L=2. Float32 on
 # every backend: the tests compare with float32 references at float32 tolerances, and

@@ -1,0 +1,170 @@
+"""Documents of a corpus as a stream of bounded text pieces, never the whole source at once.
+
+A source is a text file, a directory (its *.txt, *.jsonl and *.parquet files, sorted), a glob,
+a list of these, or "hf:<path>[:<config>]" (a Hugging Face dataset read in streaming mode).
+A text file is one document; each row of a JSONL or Parquet file, or of a dataset, is one.
+
+`pieces(spec)` yields `(starts_document, text)`: a long document comes in pieces cut just
+before a newline that precedes a visible character, where GPT-2's pre-tokenizer always cuts
+too, so the pieces encode to exactly the ids of the whole document (see jaxgpt.corpus). The
+sequence of pieces is a pure function of the source, which is what makes resuming exact.
+"""
+
+from __future__ import annotations
+
+import glob as globlib
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from jaxgpt.corpus import _SAFE_SPLIT
+
+PIECE_CHARS = 1 << 20  # a piece is cut at the first safe point after this many characters
+_READ_CHARS = 1 << 20
+_TABLE_SUFFIXES = (".jsonl", ".parquet")
+_DIR_SUFFIXES = (".txt",) + _TABLE_SUFFIXES
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """What to read: `source` as above, the text column of tables, the split of a dataset."""
+
+    source: str | tuple[str, ...]
+    text_column: str = "text"
+    split: str = "train"
+    data_files: tuple[str, ...] | None = None  # for hf: sources (e.g. hf:json with local files)
+    options: dict = field(default_factory=dict, compare=False)
+
+    def describe(self) -> dict:
+        return {"source": list(self.source) if isinstance(self.source, tuple) else self.source,
+                "text_column": self.text_column, "split": self.split,
+                "data_files": list(self.data_files) if self.data_files else None}
+
+
+def files_of(source: str | os.PathLike | tuple) -> list[Path]:
+    """The local files of a source, in reading order; one-line errors for nothing found."""
+    if isinstance(source, (list, tuple)):
+        return [f for item in source for f in files_of(item)]
+    path = Path(source)
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in _DIR_SUFFIXES)
+        if not found:
+            raise ValueError(f"directory {path} holds no {', '.join(_DIR_SUFFIXES)} files")
+        return found
+    if globlib.has_magic(str(source)):
+        found = sorted(Path(p) for p in globlib.glob(str(source), recursive=True) if os.path.isfile(p))
+        if not found:
+            raise ValueError(f"no files match {str(source)!r}")
+        return found
+    raise FileNotFoundError(f"no file, directory or glob match for {str(source)!r}")
+
+
+def fingerprint(spec: SourceSpec) -> str:
+    """sha256 of what identifies the source's content cheaply: each local file's path, size and
+    modification time (a dataset: its name, config, split and local data files)."""
+    if isinstance(spec.source, str) and spec.source.startswith("hf:"):
+        files = [Path(p) for p in spec.data_files or ()]
+    else:
+        files = files_of(spec.source)
+    stats = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    blob = json.dumps({"spec": spec.describe(), "files": stats}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def cut_pieces(text: str, size: int = PIECE_CHARS) -> Iterator[str]:
+    """`text` in pieces of about `size` characters, cut only at safe points."""
+    start = 0
+    while len(text) - start > size:
+        match = _SAFE_SPLIT.search(text, start + size)
+        if match is None:
+            break
+        yield text[start : match.start()]
+        start = match.start()
+    yield text[start:]
+
+
+def _text_file_pieces(path: Path) -> Iterator[str]:
+    # Read a block at a time; emit everything before the last safe cut seen so far.
+    pending = ""
+    try:
+        with open(path, encoding="utf-8") as f:  # universal newlines, as corpus.load_text reads
+            for block in iter(lambda: f.read(_READ_CHARS), ""):
+                pending += block
+                while len(pending) > PIECE_CHARS:
+                    match = _SAFE_SPLIT.search(pending, PIECE_CHARS)
+                    if match is None:
+                        break
+                    yield pending[: match.start()]
+                    pending = pending[match.start():]
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text ({e.reason})") from None
+    yield pending
+
+
+def _column(row: dict, column: str, where: str) -> str:
+    if column not in row:
+        raise ValueError(f"{where} has no column {column!r}; it has {', '.join(map(str, row))}")
+    value = row[column]
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: column {column!r} holds {type(value).__name__}, not text")
+    return value
+
+
+def _jsonl_rows(path: Path, column: str) -> Iterator[str]:
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path} line {n} is not JSON ({e.msg})") from None
+                yield _column(row, column, f"{path} line {n}")
+
+
+def _parquet_rows(path: Path, column: str) -> Iterator[str]:
+    import pyarrow.parquet as pq  # installed with `datasets`
+
+    table = pq.ParquetFile(path)
+    if column not in table.schema_arrow.names:
+        raise ValueError(f"{path} has no column {column!r}; it has {', '.join(table.schema_arrow.names)}")
+    for batch in table.iter_batches(batch_size=1024, columns=[column]):
+        yield from batch.column(0).to_pylist()
+
+
+def _hf_rows(spec: SourceSpec) -> Iterator[str]:
+    import datasets  # slow to import; only this source needs it
+
+    path, _, config = spec.source[3:].partition(":")
+    ds = datasets.load_dataset(path, config or None, split=spec.split, streaming=True,
+                               data_files=list(spec.data_files) if spec.data_files else None)
+    for i, row in enumerate(ds):
+        yield _column(row, spec.text_column, f"dataset {path!r} row {i}")
+
+
+def documents(spec: SourceSpec) -> Iterator[Iterator[str]]:
+    """Each document of the source as an iterator over its pieces."""
+    if isinstance(spec.source, str) and spec.source.startswith("hf:"):
+        for text in _hf_rows(spec):
+            yield cut_pieces(text)
+        return
+    for path in files_of(spec.source):
+        if path.suffix in _TABLE_SUFFIXES:
+            rows = _jsonl_rows if path.suffix == ".jsonl" else _parquet_rows
+            for text in rows(path, spec.text_column):
+                yield cut_pieces(text)
+        else:
+            yield _text_file_pieces(path)
+
+
+def pieces(spec: SourceSpec) -> Iterator[tuple[bool, str]]:
+    """(starts_document, text) for every piece of every document, in order."""
+    for doc in documents(spec):
+        first = True
+        for piece in doc:
+            yield first, piece
+            first = False

@@ -75,9 +75,30 @@ def sampler(cfg: RunConfig):
     return sample
 
 
+def evaluation_extras(cfg: RunConfig):
+    """fit's `sample`: the text sample and, with `data.hellaswag`, the HellaSwag scores, added to
+    each evaluation record (metrics.jsonl)."""
+    parts = [sampler(cfg)]
+    if cfg.data.hellaswag:
+        from jaxgpt.tasks.hellaswag import evaluator
+
+        parts.append(evaluator(cfg.data.hellaswag, cfg.model, cfg.data.hellaswag_examples))
+    parts = [p for p in parts if p is not None]
+    if not parts:
+        return None
+
+    def extras(params, step):
+        record = {}
+        for part in parts:
+            record.update(part(params, step) or {})
+        return record
+
+    return extras
+
+
 def pretrain(cfg: RunConfig, **fit_kwargs) -> FitResult:
     """Train cfg.model from scratch on cfg.data (resuming from the run directory if it can)."""
     train, val = window_datasets(cfg)
-    fit_kwargs.setdefault("sample", sampler(cfg))
+    fit_kwargs.setdefault("sample", evaluation_extras(cfg))
     trainable = Trainable(lm_loss_fn(cfg.model), init=lambda key: init_params(cfg.model, key, boxed=True))
     return fit(cfg, trainable, train, val, **fit_kwargs)

@@ -132,15 +132,21 @@ class _ShardWriter:
         self.lengths = collections.deque()  # [ids still buffered, starts a document] per piece
 
     def add(self, ids: np.ndarray, starts_document: bool) -> None:
-        if self.fill + len(ids) > len(self.buf):  # only a validation shard can outgrow it
-            grown = np.empty(max(2 * len(self.buf), self.fill + len(ids)), DTYPE)
-            grown[: self.fill] = self.buf[: self.fill]
-            self.buf = grown
-        self.buf[self.fill : self.fill + len(ids)] = ids
-        self.fill += len(ids)
         self.lengths.append([len(ids), starts_document])
-        while (cut := self._cut()) is not None:
-            self.write(cut)
+        done = 0
+        while done < len(ids):  # piece by piece into the fixed buffer, cutting shards as it fills
+            if self.fill == len(self.buf):  # only a validation shard waiting for a document end
+                grown = np.empty(2 * len(self.buf), DTYPE)
+                grown[: self.fill] = self.buf
+                self.buf = grown
+            take = min(len(ids) - done, len(self.buf) - self.fill)
+            self.buf[self.fill : self.fill + take] = ids[done : done + take]
+            self.fill, done = self.fill + take, done + take
+            while (cut := self._cut()) is not None:
+                self.write(cut)
+        if not len(ids):
+            while (cut := self._cut()) is not None:
+                self.write(cut)
 
     def _cut(self) -> int | None:
         """Tokens of the buffer that make the next shard, or None if it is not full yet."""

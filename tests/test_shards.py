@@ -116,3 +116,23 @@ def test_pretraining_from_shards_resumes_exactly(shard_dir, tmp_path):
             if key in ra:
                 assert ra[key] == rb[key], (key, ra, rb)
     assert all(np.isfinite(r["loss"]) for r in a if r["kind"] == "train")
+
+
+def test_two_processes_each_read_their_rows_of_the_shard_batches(shard_dir, tmp_path):
+    """Two real JAX processes (jax.distributed on CPU) training from shards: at every step each
+    reads a disjoint half of the one-process batch, and both see the same global losses."""
+    import json
+
+    from tests.test_multihost import TINY, launch
+
+    launch(tmp_path / "out", tmp_path / "runs", "unused", *TINY, f"data.shards={shard_dir}",
+           "mesh.data=2", "mesh.fsdp=1", "mesh.tensor=1", "train.max_steps=3", "train.report=false",
+           "model.vocab_size=50257", processes=2, devices=1)
+    p0, p1 = [json.loads((tmp_path / "out" / f"process{i}.json").read_text()) for i in (0, 1)]
+    assert p0["losses"] == p1["losses"] and len(p0["losses"]) == 3
+    n = len(ShardDataset(shard_dir, "train", 16))
+    steps = p0["rows"][1:]  # after the fixed evaluation batch: steps 0, 1, 2
+    assert len(steps) == 3
+    for step, (a, b) in enumerate(zip(steps, p1["rows"][1:])):
+        assert len(a) == len(b) == 4 and not set(a) & set(b)
+        assert a + b == batch_indices(n, batch_size=8, step=step, seed=123).tolist()

@@ -10,8 +10,10 @@ each, `--gb` in all) is written to a temporary directory, deleted at the end. Th
    the same files, in the same run: MB/s, tokens/s and the ratio.
 2. Peak RSS of the preparation (the script and its pool, summed, sampled every 20 ms) on a
    `--small-fraction` of the corpus and on all of it.
-3. The loader: `ShardDataset` windows of 1024, batches of 16 at random steps (shuffled, as in
-   training), read in a fresh process for each corpus size: batches/s and its RSS.
+3. The loader: `ShardDataset` windows of 1024, batches of 16 at `--batches` consecutive steps
+   from a random one (shuffled windows, as in training), read in a fresh process for each
+   corpus size, with pread (the default) and with np.memmap: batches/s and RSS (anonymous, and
+   mapped file pages).
 
 Figures are wall-clock on whatever else the machine runs; the CPU model is printed.
 """
@@ -23,6 +25,7 @@ import json
 import os
 import platform
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -89,8 +92,14 @@ def tree_rss(pid: int) -> int:
     return total
 
 
-def run_sampled(cmd: list[str], env=None) -> tuple[float, int, str]:
-    """(seconds, peak RSS of the process tree, stderr) of a command."""
+def cpu_seconds(who) -> float:
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_sampled(cmd: list[str], env=None) -> tuple[float, float, int, str]:
+    """(seconds, CPU seconds of it and its pool, peak RSS of the process tree, stderr) of a command."""
+    cpu0 = cpu_seconds(resource.RUSAGE_CHILDREN)  # reaped descendants count here, pool included
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     peak, done = [0], threading.Event()
@@ -108,21 +117,22 @@ def run_sampled(cmd: list[str], env=None) -> tuple[float, int, str]:
     sampler.join()
     if proc.returncode:
         raise RuntimeError(f"{cmd[1]} failed: {err[-2000:]}")
-    return elapsed, peak[0], err
+    return elapsed, cpu_seconds(resource.RUSAGE_CHILDREN) - cpu0, peak[0], err
 
 
-def peer_loop(files: list[Path], out: Path) -> tuple[float, int]:
+def peer_loop(files: list[Path], out: Path) -> tuple[float, float, int]:
     """The plain loop: read, encode with tiktoken in this process, write uint16."""
     from jaxgpt.tokenizer import get_tokenizer
 
     enc = get_tokenizer("gpt2")
+    cpu0 = cpu_seconds(resource.RUSAGE_SELF)
     start, tokens = time.perf_counter(), 0
     with open(out, "wb") as f:
         for path in files:
             ids = enc.encode_ordinary(path.read_text(encoding="utf-8"))
             np.asarray(ids, np.uint16).tofile(f)
             tokens += len(ids)
-    return time.perf_counter() - start, tokens
+    return time.perf_counter() - start, cpu_seconds(resource.RUSAGE_SELF) - cpu0, tokens
 
 
 LOADER = """
@@ -133,21 +143,22 @@ sys.path.insert(0, {root!r})
 from jaxgpt.data import batch_indices
 from jaxgpt.shards import ShardDataset
 def rss():
-    return int(re.search(r"VmRSS:\\s+(\\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
-ds = ShardDataset({path!r}, "train", 1024)
-n, steps = len(ds), np.random.default_rng(0).integers(0, 10**9, {batches})
-ds.rows(batch_indices(n, batch_size=16, step=int(steps[0]) % (n // 16), seed=1))  # warm the code paths
+    status = Path("/proc/self/status").read_text()
+    return {{k: int(re.search(k + r":\\s+(\\d+) kB", status).group(1)) * 1024 for k in ("RssAnon", "RssFile")}}
+ds = ShardDataset({path!r}, "train", 1024, memory_map={memory_map})
+n = len(ds)
+first = int(np.random.default_rng(0).integers(0, 10**6))  # consecutive steps, as a run reads them
+ds.rows(batch_indices(n, batch_size=16, step=first, seed=1))  # warm the code paths
 start = time.perf_counter()
-for s in steps:
-    idx = batch_indices(n, batch_size=16, step=int(s), seed=1)
-    rows = ds.rows(idx)
+for step in range(first, first + {batches}):
+    rows = ds.rows(batch_indices(n, batch_size=16, step=step, seed=1))
 elapsed = time.perf_counter() - start
-print(json.dumps({{"windows": n, "batches_per_s": len(steps) / elapsed, "rss": rss()}}))
+print(json.dumps({{"windows": n, "batches_per_s": {batches} / elapsed, **rss()}}))
 """
 
 
-def loader_figures(path: Path, batches: int) -> dict:
-    code = LOADER.format(root=str(ROOT), path=str(path), batches=batches)
+def loader_figures(path: Path, batches: int, memory_map: bool) -> dict:
+    code = LOADER.format(root=str(ROOT), path=str(path), batches=batches, memory_map=memory_map)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env=dict(os.environ, OMP_NUM_THREADS="1"))
     return json.loads(out.stdout)
@@ -181,25 +192,29 @@ def main(argv=None) -> int:
         results = {}
         for d in (small, tmp / "all"):
             out = tmp / f"shards_{d.name}"
-            seconds, peak, _ = run_sampled(script + [str(d), str(out), *tail])
+            seconds, cpu, peak, _ = run_sampled(script + [str(d), str(out), *tail])
             tokens = json.loads((out / "manifest.json").read_text())["tokens"]
-            results[d.name] = (seconds, peak, tokens, out)
+            results[d.name] = (seconds, cpu, tokens, out)
             print(f"prepare {d.name:>5}: {sizes[d] / 1e6:7.0f} MB -> {tokens / 1e6:6.1f} M tokens in "
                   f"{seconds:6.1f} s: {sizes[d] / 1e6 / seconds:6.2f} MB/s, {tokens / seconds / 1e6:5.2f} "
-                  f"M tokens/s; peak RSS {peak / 2**30:.2f} GiB (script + pool)")
+                  f"M tokens/s ({cpu:.0f} CPU s); peak RSS {peak / 2**30:.2f} GiB (script + pool)", flush=True)
 
-        seconds, tokens = peer_loop(files, tmp / "peer.bin")
+        seconds, cpu, tokens = peer_loop(files, tmp / "peer.bin")
         mine = results["all"]
         # The shards also hold the end-of-text separators between the files.
         assert tokens + len(files) - 1 == mine[2], "the peer and the preparation disagree on the token count"
         print(f"peer (plain tiktoken loop, 1 process): {sizes[tmp / 'all'] / 1e6 / seconds:6.2f} MB/s, "
-              f"{tokens / seconds / 1e6:5.2f} M tokens/s")
-        print(f"preparation / peer: {seconds / mine[0]:.2f}x")
+              f"{tokens / seconds / 1e6:5.2f} M tokens/s ({cpu:.0f} CPU s)")
+        print(f"preparation / peer, wall clock: {seconds / mine[0]:.2f}x; CPU seconds per byte: "
+              f"{mine[1] / cpu:.2f}x the peer's (the pool's overhead)", flush=True)
 
-        for name in ("small", "all"):
-            figs = loader_figures(results[name][3], args.batches)
-            print(f"loader {name:>5} ({figs['windows']:,} windows of 1024): {figs['batches_per_s']:7.0f} "
-                  f"batches/s of 16 x 1024 (1 process); RSS {figs['rss'] / 2**20:.0f} MiB")
+        for memory_map in (False, True):
+            for name in ("small", "all"):
+                figs = loader_figures(results[name][3], args.batches, memory_map)
+                print(f"loader {'memmap' if memory_map else 'pread':>6} {name:>5} ({figs['windows']:,} windows "
+                      f"of 1024): {figs['batches_per_s']:6.0f} batches/s of 16 x 1024 (1 process); RSS "
+                      f"anonymous {figs['RssAnon'] / 2**20:.0f} MiB + file pages {figs['RssFile'] / 2**20:.0f} MiB",
+                      flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0

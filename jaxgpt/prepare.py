@@ -20,6 +20,7 @@ import itertools
 import multiprocessing
 import os
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -102,8 +103,10 @@ def _encoded(stream, opts: PrepareOptions) -> Iterator[np.ndarray]:
             yield from _encode_task(task)
         return
     limit = opts.in_flight or 2 * workers
-    # spawn: the caller may be a process with threads (JAX), which fork would copy half-alive.
-    ctx = multiprocessing.get_context("spawn")
+    # fork is quick and needs no importable __main__ (a notebook, a REPL), but it copies a
+    # process with threads (JAX's) half-alive; spawn then.
+    threads = threading.active_count() > 1 or "jax" in sys.modules
+    ctx = multiprocessing.get_context("spawn" if threads or sys.platform != "linux" else "fork")
     with ctx.Pool(workers, initializer=_init_worker, initargs=(opts.tokenizer,)) as pool:
         pending = collections.deque()
         for task in _tasks(stream):

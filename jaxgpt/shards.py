@@ -1,4 +1,4 @@
-"""Token shards on disk: the format, the manifest, and windows read from memory-mapped shards.
+"""Token shards on disk: the format, the manifest, and windows read from the shard files.
 
 A prepared corpus is a directory of flat little-endian uint16 token files plus `manifest.json`
 (written by jaxgpt.prepare, read here). The corpus is one token stream: the documents in source
@@ -9,8 +9,8 @@ is split between validation and training. The training shards that follow hold e
 
 Windows cross shard boundaries: a split (its shards concatenated) is read as one stream, so
 `ShardDataset(dir, "train", L, s)` has exactly the windows of `sliding_windows(stream, L, s)`
-and no token is lost at a cut. A window touches at most a few pages of one or two files, so
-reading one costs the same whatever the corpus size; memory holds only the pages being read.
+and no token is lost at a cut. A window is one or two small reads of one or two files, so
+reading one costs the same whatever the corpus size, and memory holds only the batch.
 """
 
 from __future__ import annotations
@@ -111,30 +111,48 @@ def verify_shards(directory: str | os.PathLike, manifest: dict | None = None) ->
 
 
 class TokenStream:
-    """The concatenated shards of one split as a read-only array-like of token ids."""
+    """The concatenated shards of one split as a read-only sequence of token ids.
 
-    def __init__(self, directory: str | os.PathLike, split: str = "train"):
+    Reads go through the OS page cache with `os.pread`, or through `np.memmap` views with
+    `memory_map=True`. Both read only the bytes asked for; the difference is what stays in the
+    process: a memory map keeps every page it touched (plus the kernel's fault-around, 64 KB a
+    fault) mapped, so a long run's RSS climbs towards the size of the corpus (clean file pages
+    the kernel can drop, but counted, nanoGPT's memmap "leak"); pread maps nothing and RSS
+    stays flat whatever the corpus size (benchmarks/data_pipeline.py measures both)."""
+
+    def __init__(self, directory: str | os.PathLike, split: str = "train", *, memory_map: bool = False):
         self.directory = Path(directory)
         self.manifest = read_manifest(self.directory)
         if not self.manifest.get("complete"):
             raise ValueError(f"{self.directory} is still being prepared (or was interrupted); "
                              "rerun train/prepare_data.py with the same arguments to finish it")
-        entries = split_shards(self.manifest, split)
-        self.maps = []
+        entries = [e for e in split_shards(self.manifest, split) if e["tokens"]]
+        paths = []
         for entry in entries:
             path = self.directory / entry["file"]
             size = path.stat().st_size if path.is_file() else None
             if size != entry["tokens"] * DTYPE.itemsize:
                 raise ValueError(f"{path}: expected {entry['tokens'] * DTYPE.itemsize} bytes "
                                  f"(manifest), found {'no file' if size is None else size}")
-            if entry["tokens"]:
-                self.maps.append(np.memmap(path, dtype=DTYPE, mode="r"))
+            paths.append(path)
+        self.maps = [np.memmap(p, dtype=DTYPE, mode="r") for p in paths] if memory_map else None
+        self.fds = None if memory_map else [os.open(p, os.O_RDONLY) for p in paths]
         # starts[i]: position in the stream of shard i's first token; starts[-1]: the length.
-        self.starts = np.cumsum([0] + [len(m) for m in self.maps])
-        self.max_id = max((entry["max_id"] for entry in entries), default=-1)
+        self.starts = np.cumsum([0] + [e["tokens"] for e in entries])
+        self.max_id = max((e["max_id"] for e in entries), default=-1)
 
     def __len__(self) -> int:
         return int(self.starts[-1])
+
+    def __del__(self):
+        for fd in getattr(self, "fds", None) or ():
+            os.close(fd)
+
+    def _shard_slice(self, shard: int, offset: int, n: int) -> np.ndarray:
+        if self.maps is not None:
+            return self.maps[shard][offset : offset + n]
+        data = os.pread(self.fds[shard], n * DTYPE.itemsize, offset * DTYPE.itemsize)
+        return np.frombuffer(data, DTYPE)
 
     def read(self, start: int, n: int) -> np.ndarray:
         """Tokens [start, start + n) as int32, across shard boundaries."""
@@ -145,8 +163,8 @@ class TokenStream:
         done = 0
         while done < n:
             offset = start + done - int(self.starts[shard])
-            take = min(n - done, len(self.maps[shard]) - offset)
-            out[done : done + take] = self.maps[shard][offset : offset + take]
+            take = min(n - done, int(self.starts[shard + 1] - self.starts[shard]) - offset)
+            out[done : done + take] = self._shard_slice(shard, offset, take)
             done += take
             shard += 1
         return out
@@ -158,11 +176,12 @@ class ShardDataset(Windows):
     Window i is tokens [i * stride, i * stride + max_length] of the split's stream (inputs the
     first max_length, targets the last), exactly as `sliding_windows` makes them in memory."""
 
-    def __init__(self, directory: str | os.PathLike, split: str, max_length: int, stride: int | None = None):
+    def __init__(self, directory: str | os.PathLike, split: str, max_length: int, stride: int | None = None,
+                 *, memory_map: bool = False):
         _check_positive_int("max_length", max_length)
         stride = max_length if stride is None else stride
         _check_positive_int("stride", stride)
-        self.stream = TokenStream(directory, split)
+        self.stream = TokenStream(directory, split, memory_map=memory_map)
         self.max_length, self.stride = max_length, stride
         n = len(self.stream)
         if n < max_length + 1:

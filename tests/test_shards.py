@@ -39,12 +39,13 @@ def _stream(directory, split):
                            for s in m["shards"] if s["split"] == split])
 
 
+@pytest.mark.parametrize("memory_map", [False, True], ids=["pread", "memmap"])
 @pytest.mark.parametrize("length,stride", [(11, 11), (13, 5), (23, 31), (96, 97), (97, 1)])
-def test_windows_equal_sliding_windows_over_the_stream(shard_dir, length, stride):
+def test_windows_equal_sliding_windows_over_the_stream(shard_dir, length, stride, memory_map):
     for split in ("train", "val"):
         ids = _stream(shard_dir, split)  # independent of TokenStream: the files themselves
         inputs, targets = sliding_windows(ids, length, stride)
-        ds = ShardDataset(shard_dir, split, length, stride)
+        ds = ShardDataset(shard_dir, split, length, stride, memory_map=memory_map)
         assert len(ds) == len(inputs)
         rows = ds.rows(np.arange(len(ds)))
         np.testing.assert_array_equal(rows["inputs"], inputs)

@@ -68,7 +68,7 @@ def fingerprint(spec: SourceSpec) -> str:
     """sha256 of what identifies the source's content cheaply: each local file's path, size and
     modification time (a dataset: its name, config, split and local data files)."""
     if isinstance(spec.source, str) and spec.source.startswith("hf:"):
-        files = [Path(p) for p in spec.data_files or ()]
+        files = [Path(p) for p in spec.data_files or () if Path(p).is_file()]  # not patterns, URLs
     else:
         files = files_of(spec.source)
     stats = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]

@@ -20,7 +20,7 @@ import jaxgpt.sources as sources_mod
 from jaxgpt.prepare import PrepareOptions, prepare
 from jaxgpt.shards import MANIFEST, TokenStream, read_manifest, verify_shards
 from jaxgpt.sources import SourceSpec
-from jaxgpt.tokenizer import EOT_ID, get_tokenizer
+from jaxgpt.tokenizer import EOT_ID, EOT_TOKEN, get_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = dict(log=lambda text: None)
@@ -73,6 +73,7 @@ def test_text_files_decode_to_the_source_stream(tmp_path, small_pieces):
     m = prepare(SourceSpec(str(src)), out, PrepareOptions(shard_tokens=211, val_tokens=300, workers=2), **QUIET)
     ref = reference_ids(docs)
     np.testing.assert_array_equal(shard_ids(out), ref)
+    assert get_tokenizer("gpt2").decode(shard_ids(out).tolist()) == EOT_TOKEN.join(docs)
     # The validation shard ends just before a separator (no document split between splits),
     # the first one at or after val_tokens; training shards are exactly shard_tokens long.
     val, *train = m["shards"]

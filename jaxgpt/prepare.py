@@ -38,7 +38,7 @@ from jaxgpt.shards import (
     write_atomic,
     write_manifest,
 )
-from jaxgpt.sources import SourceSpec, fingerprint, pieces
+from jaxgpt.sources import SourceSpec, decode_piece, fingerprint, pieces
 from jaxgpt.tokenizer import EOT_ID, get_tokenizer
 
 TASK_CHARS = 1 << 20  # text per pool task
@@ -71,22 +71,22 @@ def _init_worker(name: str) -> None:
     _ENC = get_tokenizer(name)
 
 
-def _encode_task(task: list[tuple[bool, str]]) -> list[np.ndarray]:
+def _encode_task(task: list[tuple[bool, object]]) -> list[np.ndarray]:
     """Ids of each piece, with end-of-text before each document after the first."""
     out = []
-    for sep, text in task:
-        ids = _ENC.encode_ordinary(text)
+    for sep, piece in task:
+        ids = _ENC.encode_ordinary(decode_piece(piece))
         if sep:
             ids.insert(0, EOT_ID)
         out.append(np.asarray(ids, DTYPE))
     return out
 
 
-def _tasks(stream: Iterator[tuple[bool, str]]) -> Iterator[list[tuple[bool, str]]]:
+def _tasks(stream: Iterator[tuple[bool, object]]) -> Iterator[list[tuple[bool, object]]]:
     task, size = [], 0
     for piece in stream:
         task.append(piece)
-        size += len(piece[1])
+        size += len(piece[1]) if isinstance(piece[1], str) else len(piece[1][0])
         if size >= TASK_CHARS:
             yield task
             task, size = [], 0

@@ -4,7 +4,7 @@ A source is a text file, a directory (its *.txt, *.jsonl and *.parquet files, so
 a list of these, or "hf:<path>[:<config>]" (a Hugging Face dataset read in streaming mode).
 A text file is one document; each row of a JSONL or Parquet file, or of a dataset, is one.
 
-`pieces(spec)` yields `(starts_document, text)`: a long document comes in pieces cut just
+`pieces(spec)` yields `(starts_document, piece)`: a long document comes in pieces cut just
 before a newline that precedes a visible character, where GPT-2's pre-tokenizer always cuts
 too, so the pieces encode to exactly the ids of the whole document (see jaxgpt.corpus). The
 sequence of pieces is a pure function of the source, which is what makes resuming exact.
@@ -16,6 +16,7 @@ import glob as globlib
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -88,22 +89,38 @@ def cut_pieces(text: str, size: int = PIECE_CHARS) -> Iterator[str]:
     yield text[start:]
 
 
-def _text_file_pieces(path: Path) -> Iterator[str]:
-    # Read a block at a time; emit everything before the last safe cut seen so far.
-    pending = ""
+# The same safe cut on the file's bytes (the ASCII bytes of UTF-8 are the characters), never
+# between "\r" and "\n": `decode_piece` then turns "\r\n" and "\r" into "\n" in each piece as
+# universal-newline reading (corpus.load_text) does in the whole file.
+_SAFE_SPLIT_BYTES = re.compile(rb"(?<!\r)(?=\n[!-~])")
+
+
+def _text_file_pieces(path: Path) -> Iterator[tuple[bytes, str]]:
+    # Bytes, not text: decoding is left to the tokenizer processes (see decode_piece).
+    pending = b""
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(_READ_CHARS), b""):
+            pending += block
+            while len(pending) > PIECE_CHARS:
+                match = _SAFE_SPLIT_BYTES.search(pending, PIECE_CHARS)
+                if match is None:
+                    break
+                yield pending[: match.start()], str(path)
+                pending = pending[match.start():]
+    yield pending, str(path)
+
+
+def decode_piece(piece: str | tuple[bytes, str]) -> str:
+    """The text of a piece: a str as it is, a text file's (bytes, path) decoded as UTF-8 with
+    universal newlines."""
+    if isinstance(piece, str):
+        return piece
+    data, path = piece
     try:
-        with open(path, encoding="utf-8") as f:  # universal newlines, as corpus.load_text reads
-            for block in iter(lambda: f.read(_READ_CHARS), ""):
-                pending += block
-                while len(pending) > PIECE_CHARS:
-                    match = _SAFE_SPLIT.search(pending, PIECE_CHARS)
-                    if match is None:
-                        break
-                    yield pending[: match.start()]
-                    pending = pending[match.start():]
+        text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ValueError(f"{path} is not UTF-8 text ({e.reason})") from None
-    yield pending
+    return text.replace("\r\n", "\n").replace("\r", "\n") if "\r" in text else text
 
 
 def _column(row: dict, column: str, where: str) -> str:
@@ -146,7 +163,7 @@ def _hf_rows(spec: SourceSpec) -> Iterator[str]:
         yield _column(row, spec.text_column, f"dataset {path!r} row {i}")
 
 
-def documents(spec: SourceSpec) -> Iterator[Iterator[str]]:
+def documents(spec: SourceSpec) -> Iterator[Iterator]:
     """Each document of the source as an iterator over its pieces."""
     if isinstance(spec.source, str) and spec.source.startswith("hf:"):
         for text in _hf_rows(spec):
@@ -161,8 +178,9 @@ def documents(spec: SourceSpec) -> Iterator[Iterator[str]]:
             yield _text_file_pieces(path)
 
 
-def pieces(spec: SourceSpec) -> Iterator[tuple[bool, str]]:
-    """(starts_document, text) for every piece of every document, in order."""
+def pieces(spec: SourceSpec) -> Iterator[tuple[bool, str | tuple[bytes, str]]]:
+    """(starts_document, piece) for every piece of every document, in order; `decode_piece`
+    gives a piece's text."""
     for doc in documents(spec):
         first = True
         for piece in doc:

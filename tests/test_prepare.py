@@ -27,11 +27,12 @@ QUIET = dict(log=lambda text: None)
 
 
 def random_documents(seed: int, n: int, max_words: int) -> list[str]:
-    """Text with the pre-tokenizer's hard cases: runs of spaces and newlines, digits,
-    contractions, non-ASCII letters, a literal "<|endoftext|>" (text, not the separator)."""
+    """Text with the pre-tokenizer's hard cases: runs of spaces and newlines (also \\r\\n and
+    \\r), digits, contractions, non-ASCII letters, a literal "<|endoftext|>" (text, not the
+    separator)."""
     rng = np.random.default_rng(seed)
     words = ["the", "Cat", " sat", "on", "mat.", "\n", "\n\n", "  ", "\t", "é", "日本", "1234",
-             "don't", "!", "  \n", "<|endoftext|>", "über", "x"]
+             "don't", "!", "  \n", "<|endoftext|>", "über", "x", "\r\n", "\r", "\r\r\n"]
     docs = []
     for i in range(n):
         k = int(rng.integers(0, max_words)) if i % 5 else 0  # some documents are empty
@@ -68,12 +69,15 @@ def test_text_files_decode_to_the_source_stream(tmp_path, small_pieces):
     src = tmp_path / "src"
     src.mkdir()
     for i, doc in enumerate(docs):
-        (src / f"doc{i:02d}.txt").write_text(doc, encoding="utf-8")
+        (src / f"doc{i:02d}.txt").write_bytes(doc.encode("utf-8"))
     out = tmp_path / "out"
     m = prepare(SourceSpec(str(src)), out, PrepareOptions(shard_tokens=211, val_tokens=300, workers=2), **QUIET)
-    ref = reference_ids(docs)
+    # Text files are read with universal newlines, as open() and corpus.load_text read them.
+    texts = [(src / f"doc{i:02d}.txt").open(encoding="utf-8").read() for i in range(len(docs))]
+    assert any("\r" in d for d in docs) and not any("\r" in t for t in texts)
+    ref = reference_ids(texts)
     np.testing.assert_array_equal(shard_ids(out), ref)
-    assert get_tokenizer("gpt2").decode(shard_ids(out).tolist()) == EOT_TOKEN.join(docs)
+    assert get_tokenizer("gpt2").decode(shard_ids(out).tolist()) == EOT_TOKEN.join(texts)
     # The validation shard ends just before a separator (no document split between splits),
     # the first one at or after val_tokens; training shards are exactly shard_tokens long.
     val, *train = m["shards"]
@@ -116,6 +120,9 @@ def test_resume_refuses_other_arguments(tmp_path):
     prepare(SourceSpec(str(tmp_path / "*.txt")), out, PrepareOptions(shard_tokens=40, val_tokens=20, workers=0), **QUIET)
     with pytest.raises(ValueError, match="different shard_tokens"):
         prepare(SourceSpec(str(tmp_path / "*.txt")), out, PrepareOptions(shard_tokens=41, val_tokens=20, workers=0), **QUIET)
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match="latin1.txt is not UTF-8 text"):
+        prepare(SourceSpec(str(tmp_path / "latin1.txt")), tmp_path / "l1", PrepareOptions(workers=2), **QUIET)
     with pytest.raises(ValueError, match="all in the validation shard"):
         prepare(SourceSpec(str(tmp_path / "a.txt")), tmp_path / "one", PrepareOptions(val_tokens=20, workers=0), **QUIET)
 

@@ -49,7 +49,7 @@ class PrepareOptions:
     shard_tokens: int = 100_000_000  # llm.c's shard size: 200 MB of uint16
     val_tokens: int = 10_000_000  # the validation shard ends at the first document end after this
     tokenizer: str = "gpt2"
-    workers: int | None = None  # None: all cores; 0: tokenize in this process
+    workers: int | None = None  # None: all the cores this process may use; 0: in this process
     in_flight: int | None = None  # tasks queued at once; None: 2 per worker
 
     def __post_init__(self):
@@ -96,7 +96,8 @@ def _tasks(stream: Iterator[tuple[bool, object]]) -> Iterator[list[tuple[bool, o
 
 def _encoded(stream, opts: PrepareOptions) -> Iterator[np.ndarray]:
     """Token ids per piece, in order, tokenized by a pool with a bounded queue."""
-    workers = (os.cpu_count() or 1) if opts.workers is None else opts.workers
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    workers = cores if opts.workers is None else opts.workers
     if workers == 0:
         _init_worker(opts.tokenizer)
         for task in _tasks(stream):

@@ -1,7 +1,6 @@
 """Windows read from memory-mapped shards: the same windows and batches as the in-memory path,
 whatever the process count, and a pretraining run from shards that resumes exactly."""
 
-import subprocess
 import sys
 from pathlib import Path
 
@@ -93,18 +92,17 @@ def test_incomplete_or_damaged_directories_are_refused(shard_dir, tmp_path):
 
 
 def test_pretraining_from_shards_resumes_exactly(shard_dir, tmp_path):
-    """The pretrain script on data.shards: 4 steps straight, or 2 then a rerun to 4: the same
+    """Pretraining on data.shards: 4 steps straight, or 2 then a resumed run to 4: the same
     losses and evaluations (the batches are a pure function of the step)."""
+    from jaxgpt.tasks.pretraining import pretrain
+    from jaxgpt.training.metrics import read_metrics
+    from jaxgpt.training.runconfig import load_config
+
     common = [*TINY_RUN, f"data.shards={shard_dir}", "data.source=unused-when-shards-are-set",
-              "train.eval_freq=2", "train.checkpoint_every=2", "model.drop_rate=0.0"]
+              "train.eval_freq=2", "train.checkpoint_every=2", "model.drop_rate=0.0", "train.report=false"]
 
     def run(runs, steps):
-        proc = subprocess.run([sys.executable, str(ROOT / "train" / "pretrain.py"), *common,
-                               f"runs_dir={runs}", f"train.max_steps={steps}"],
-                              capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-
-    from jaxgpt.training.metrics import read_metrics
+        pretrain(load_config(None, [*common, f"runs_dir={runs}", f"train.max_steps={steps}"]))
 
     run(tmp_path / "a", 4)
     run(tmp_path / "b", 2)

@@ -86,7 +86,7 @@ def _tasks(stream: Iterator[tuple[bool, object]]) -> Iterator[list[tuple[bool, o
     task, size = [], 0
     for piece in stream:
         task.append(piece)
-        size += len(piece[1]) if isinstance(piece[1], str) else len(piece[1][0])
+        size += len(piece[1]) if isinstance(piece[1], str) else piece[1][2] - piece[1][1]
         if size >= TASK_CHARS:
             yield task
             task, size = [], 0

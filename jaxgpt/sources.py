@@ -24,7 +24,7 @@ from typing import Iterator
 from jaxgpt.corpus import _SAFE_SPLIT
 
 PIECE_CHARS = 1 << 20  # a piece is cut at the first safe point after this many characters
-_READ_CHARS = 1 << 20
+_CUT_BLOCK = 1 << 16  # bytes read at a time while looking for a cut
 _TABLE_SUFFIXES = (".jsonl", ".parquet")
 _DIR_SUFFIXES = (".txt",) + _TABLE_SUFFIXES
 
@@ -95,31 +95,48 @@ def cut_pieces(text: str, size: int = PIECE_CHARS) -> Iterator[str]:
 _SAFE_SPLIT_BYTES = re.compile(rb"(?<!\r)(?=\n[!-~])")
 
 
-def _text_file_pieces(path: Path) -> Iterator[tuple[bytes, str]]:
-    # Bytes, not text: decoding is left to the tokenizer processes (see decode_piece).
-    pending = b""
+def _next_cut(f, target: int) -> int | None:
+    """The first safe cut at or after byte `target` of file `f`, or None before its end."""
+    lo, block = target, _CUT_BLOCK
+    while True:
+        f.seek(lo - 1)  # one byte before, for the "\r" lookbehind
+        chunk = f.read(block + 2)  # positions lo - 1 .. lo + block: cuts at lo .. lo + block - 1
+        match = _SAFE_SPLIT_BYTES.search(chunk, 1)
+        if match is not None and match.start() <= block:
+            return lo - 1 + match.start()
+        if len(chunk) < block + 2:
+            return None
+        lo += block
+
+
+def _text_file_pieces(path: Path) -> Iterator[tuple[str, int, int]]:
+    # Byte ranges, not text: the tokenizer processes read and decode them (see decode_piece), so
+    # this process reads only the few bytes around each cut.
+    size = path.stat().st_size
+    start = 0
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(_READ_CHARS), b""):
-            pending += block
-            while len(pending) > PIECE_CHARS:
-                match = _SAFE_SPLIT_BYTES.search(pending, PIECE_CHARS)
-                if match is None:
-                    break
-                yield pending[: match.start()], str(path)
-                pending = pending[match.start():]
-    yield pending, str(path)
+        while size - start > PIECE_CHARS:
+            cut = _next_cut(f, start + PIECE_CHARS)
+            if cut is None:
+                break
+            yield str(path), start, cut
+            start = cut
+    yield str(path), start, size
 
 
-def decode_piece(piece: str | tuple[bytes, str]) -> str:
-    """The text of a piece: a str as it is, a text file's (bytes, path) decoded as UTF-8 with
-    universal newlines."""
+def decode_piece(piece: str | tuple[str, int, int]) -> str:
+    """The text of a piece: a str as it is; a text file's (path, start, end) byte range read and
+    decoded as UTF-8 with universal newlines."""
     if isinstance(piece, str):
         return piece
-    data, path = piece
+    path, start, end = piece
+    with open(path, "rb") as f:
+        f.seek(start)
+        data = f.read(end - start)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not UTF-8 text ({e.reason})") from None
+        raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {start + e.start})") from None
     return text.replace("\r\n", "\n").replace("\r", "\n") if "\r" in text else text
 
 
@@ -178,7 +195,7 @@ def documents(spec: SourceSpec) -> Iterator[Iterator]:
             yield _text_file_pieces(path)
 
 
-def pieces(spec: SourceSpec) -> Iterator[tuple[bool, str | tuple[bytes, str]]]:
+def pieces(spec: SourceSpec) -> Iterator[tuple[bool, str | tuple[str, int, int]]]:
     """(starts_document, piece) for every piece of every document, in order; `decode_piece`
     gives a piece's text."""
     for doc in documents(spec):

@@ -60,7 +60,7 @@ def shard_ids(out: Path) -> np.ndarray:
 def small_pieces(monkeypatch):
     """Pieces and tasks of a few hundred characters, so documents span several of each."""
     monkeypatch.setattr(sources_mod, "PIECE_CHARS", 257)
-    monkeypatch.setattr(sources_mod, "_READ_CHARS", 101)
+    monkeypatch.setattr(sources_mod, "_CUT_BLOCK", 7)
     monkeypatch.setattr(prepare_mod, "TASK_CHARS", 613)
 
 

@@ -7,7 +7,10 @@ A text file is one document; each row of a JSONL or Parquet file, or of a datase
 `pieces(spec)` yields `(starts_document, piece)`: a long document comes in pieces cut just
 before a newline that precedes a visible character, where GPT-2's pre-tokenizer always cuts
 too, so the pieces encode to exactly the ids of the whole document (see jaxgpt.corpus). The
-sequence of pieces is a pure function of the source, which is what makes resuming exact.
+sequence of pieces is a pure function of the source, which is what makes resuming exact. A
+piece of a table row is its text; a piece of a text file is a byte range (path, start, end),
+found by reading only the bytes around each cut, which `decode_piece` reads and decodes where
+the tokenizing happens (in the pool's processes), so the text never passes through a pipe.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from typing import Iterator
 
 from jaxgpt.corpus import _SAFE_SPLIT
 
-PIECE_CHARS = 1 << 20  # a piece is cut at the first safe point after this many characters
+PIECE_CHARS = 1 << 20  # a piece is cut at the first safe point after this many characters (bytes)
 _CUT_BLOCK = 1 << 16  # bytes read at a time while looking for a cut
 _TABLE_SUFFIXES = (".jsonl", ".parquet")
 _DIR_SUFFIXES = (".txt",) + _TABLE_SUFFIXES

@@ -153,9 +153,34 @@ def get_batch(
     return inputs[idx], targets[idx]  # [B / process_count, T] each, fresh contiguous copies
 
 
+class Windows:
+    """The dataset interface the trainer reads: `len(ds)` windows and `ds.rows(indices)`.
+
+    Subclasses hold the windows in memory (WindowDataset) or read them from token shards on
+    disk (jaxgpt.shards.ShardDataset); batching by step is shared, so both give the same batch
+    for the same (seed, step) over the same token stream."""
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def rows(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        """The windows at `indices` as the trainer's batch dict ("inputs", "targets")."""
+        raise NotImplementedError
+
+    def num_batches(self, batch_size: int, drop_last: bool = True) -> int:
+        """Batches per epoch."""
+        return num_batches(len(self), batch_size, drop_last)
+
+    def batch(self, step: int, batch_size: int, seed: int, **kwargs) -> tuple[np.ndarray, np.ndarray]:
+        """This process's (x, y) at global step `step`; keyword options as in `batch_indices`."""
+        idx = batch_indices(len(self), batch_size=batch_size, step=step, seed=seed, **kwargs)
+        rows = self.rows(idx)
+        return rows["inputs"], rows["targets"]
+
+
 @dataclass(frozen=True)
-class WindowDataset:
-    """Next-token windows of one token stream, batched by step."""
+class WindowDataset(Windows):
+    """Next-token windows of one token stream held in memory, batched by step."""
 
     inputs: np.ndarray  # [N, T]
     targets: np.ndarray  # [N, T]
@@ -174,16 +199,6 @@ class WindowDataset:
     def __len__(self) -> int:
         return len(self.inputs)
 
-    def num_batches(self, batch_size: int, drop_last: bool = True) -> int:
-        """Batches per epoch."""
-        return num_batches(len(self), batch_size, drop_last)
-
     def rows(self, indices: np.ndarray) -> dict[str, np.ndarray]:
         """The windows at `indices` as the trainer's batch dict."""
         return {"inputs": self.inputs[indices], "targets": self.targets[indices]}
-
-    def batch(self, step: int, batch_size: int, seed: int, **kwargs) -> tuple[np.ndarray, np.ndarray]:
-        """`get_batch` on this dataset; keyword options as there."""
-        return get_batch(
-            self.inputs, self.targets, batch_size=batch_size, step=step, seed=seed, **kwargs
-        )

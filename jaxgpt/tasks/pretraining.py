@@ -5,17 +5,23 @@ from __future__ import annotations
 import numpy as np
 
 from jaxgpt.corpus import load_text, tokenize_cached
-from jaxgpt.data import WindowDataset, split_ids
+from jaxgpt.data import WindowDataset, Windows, split_ids
 from jaxgpt.distributed import host_copy
 from jaxgpt.model import init_params
+from jaxgpt.shards import ShardDataset
 from jaxgpt.tokenizer import get_tokenizer
 from jaxgpt.training.losses import lm_loss_fn
 from jaxgpt.training.runconfig import RunConfig
 from jaxgpt.training.trainer import FitResult, Trainable, fit
 
 
-def window_datasets(cfg: RunConfig) -> tuple[WindowDataset, WindowDataset]:
-    """Train and validation windows of the configured corpus (tokenized once, cached)."""
+def window_datasets(cfg: RunConfig) -> tuple[Windows, Windows]:
+    """Train and validation windows: read from token shards (`data.shards`), or of the
+    configured text, tokenized once (cached) and held in memory."""
+    length = cfg.model.context_length
+    stride = cfg.data.stride or length
+    if cfg.data.shards:
+        return shard_datasets(cfg, length, stride)
     ids = tokenize_cached(load_text(cfg.data.source), cfg.data.tokenizer)
     if ids.size and int(ids.max()) >= cfg.model.vocab_size:
         raise ValueError(
@@ -23,8 +29,6 @@ def window_datasets(cfg: RunConfig) -> tuple[WindowDataset, WindowDataset]:
             f"model.vocab_size={cfg.model.vocab_size}"
         )
     train_ids, val_ids = split_ids(ids, cfg.data.train_ratio)
-    length = cfg.model.context_length
-    stride = cfg.data.stride or length
     for name, part in (("training", train_ids), ("validation", val_ids)):
         if len(part) < length + 1:
             raise ValueError(
@@ -32,6 +36,21 @@ def window_datasets(cfg: RunConfig) -> tuple[WindowDataset, WindowDataset]:
                 f"{length + 1}; use more text or a smaller model.context_length"
             )
     return WindowDataset.from_ids(train_ids, length, stride), WindowDataset.from_ids(val_ids, length, stride)
+
+
+def shard_datasets(cfg: RunConfig, length: int, stride: int) -> tuple[ShardDataset, ShardDataset]:
+    """The shard directory's train and validation splits, checked against the model."""
+    train = ShardDataset(cfg.data.shards, "train", length, stride)
+    val = ShardDataset(cfg.data.shards, "val", length, stride)
+    made_with = train.manifest["tokenizer"]["name"]
+    if made_with != cfg.data.tokenizer:
+        raise ValueError(f"{cfg.data.shards} was tokenized with {made_with!r}, but "
+                         f"data.tokenizer={cfg.data.tokenizer!r}")
+    top = max(train.stream.max_id, val.stream.max_id)
+    if top >= cfg.model.vocab_size:
+        raise ValueError(f"token id {top} in {cfg.data.shards} does not fit "
+                         f"model.vocab_size={cfg.model.vocab_size}")
+    return train, val
 
 
 def sampler(cfg: RunConfig):
@@ -56,9 +75,30 @@ def sampler(cfg: RunConfig):
     return sample
 
 
+def evaluation_extras(cfg: RunConfig):
+    """fit's `sample`: the text sample and, with `data.hellaswag`, the HellaSwag scores, added to
+    each evaluation record (metrics.jsonl)."""
+    parts = [sampler(cfg)]
+    if cfg.data.hellaswag:
+        from jaxgpt.tasks.hellaswag import evaluator
+
+        parts.append(evaluator(cfg.data.hellaswag, cfg.model, cfg.data.hellaswag_examples))
+    parts = [p for p in parts if p is not None]
+    if not parts:
+        return None
+
+    def extras(params, step):
+        record = {}
+        for part in parts:
+            record.update(part(params, step) or {})
+        return record
+
+    return extras
+
+
 def pretrain(cfg: RunConfig, **fit_kwargs) -> FitResult:
     """Train cfg.model from scratch on cfg.data (resuming from the run directory if it can)."""
     train, val = window_datasets(cfg)
-    fit_kwargs.setdefault("sample", sampler(cfg))
+    fit_kwargs.setdefault("sample", evaluation_extras(cfg))
     trainable = Trainable(lm_loss_fn(cfg.model), init=lambda key: init_params(cfg.model, key, boxed=True))
     return fit(cfg, trainable, train, val, **fit_kwargs)

@@ -68,10 +68,17 @@ class DataConfig:
     tokenizer: str = "gpt2"
     train_ratio: float = 0.9
     stride: Optional[int] = None  # defaults to the model's context length
+    # A directory of token shards (train/prepare_data.py): when set, windows are read from its
+    # memory-mapped shards (its own validation shard; `source` and `train_ratio` are unused).
+    shards: Optional[str] = None
+    hellaswag: Optional[str] = None  # a HellaSwag-format JSONL file scored at each evaluation
+    hellaswag_examples: Optional[int] = None  # score only the first N examples (None: all)
 
     def __post_init__(self):
         check_fields(self, {"source": NON_EMPTY, "tokenizer": NON_EMPTY, "train_ratio": FRACTION,
-                            "stride": optional(POSITIVE_INT)})
+                            "stride": optional(POSITIVE_INT), "shards": optional(NON_EMPTY),
+                            "hellaswag": optional(NON_EMPTY),
+                            "hellaswag_examples": optional(POSITIVE_INT)})
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,7 @@ from jaxgpt.restore import (  # save_tree: finetune.py imports it from here
 )
 from jaxgpt.tasks.classification.data import (
     ClassifierDataConfig,
+    default_pad_id,
     encode_texts,
     load_labels,
     pad_batch,
@@ -161,10 +162,13 @@ def _lora_config(cfg: ClassifierConfig) -> lora.LoRAConfig:
 
 
 def _book_keys(config: GPTConfig) -> set[str]:
+    """The last block, the final norm and the head: h_<L-1> and ln_f for GPT-2, layers_<L-1>
+    and norm for Llama 3 / Qwen3 (their Hugging Face names)."""
+    block, norm = ("h", "ln_f") if config.family == "gpt2" else ("layers", "norm")
     if config.scan_layers:
-        raise ConfigError("classifier.trainable='book' needs model.scan_layers=false "
-                          "(the last block must be a subtree of its own)")
-    return {f"h_{config.n_layers - 1}", "ln_f", HEAD}
+        raise ConfigError("classifier.trainable='book' needs model.scan_layers=false (the last "
+                          f"block {block}_{config.n_layers - 1} must be a subtree of its own)")
+    return {f"{block}_{config.n_layers - 1}", norm, HEAD}
 
 
 def split_trainable(params, config: GPTConfig, cfg: ClassifierConfig, key=None):
@@ -207,7 +211,7 @@ class Classifier:
     labels: tuple[str, ...]
     pooling: str
     max_length: int
-    tokenizer: str = "gpt2"
+    tokenizer: str = "gpt2"  # or the directory of a Llama/Qwen3 tokenizer.json (the run's copy)
     pad_id: int = 50256
 
 
@@ -220,6 +224,11 @@ def load_classifier(run_dir: str | Path) -> Classifier:
         raise CheckpointError(f"{run_dir} is not a classifier run; its model predicts tokens "
                               "(load it with jaxgpt.load_model)")
     cfg = config_from_yaml(run_dir / "config.yaml", ClassifierRunConfig)
+    tokenizer = cfg.data.tokenizer  # "gpt2" (also runs saved before "auto"), or the run's copy
+    if (run_dir / "tokenizer" / "tokenizer.json").is_file():
+        tokenizer = str(run_dir / "tokenizer")
+    elif tokenizer == "auto":
+        tokenizer = "gpt2"
     trainable, _ = read_latest_verified(run_dir / "checkpoints")
     frozen = None
     if (run_dir / "frozen").is_dir():
@@ -228,7 +237,7 @@ def load_classifier(run_dir: str | Path) -> Classifier:
     params = merge_trainable(trainable, frozen, cfg.classifier)
     return Classifier(cfg.model, params, tuple(load_labels(run_dir / "labels.json")),
                       cfg.classifier.pooling, cfg.data.max_length or cfg.model.context_length,
-                      cfg.data.tokenizer, cfg.data.pad_id)
+                      tokenizer, default_pad_id(tokenizer) if cfg.data.pad_id is None else cfg.data.pad_id)
 
 
 @functools.lru_cache(maxsize=8)

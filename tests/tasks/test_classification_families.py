@@ -25,7 +25,7 @@ from jaxgpt.tasks.classification.model import (  # noqa: E402
 )
 from jaxgpt.tokenizer import FamilyTokenizer  # noqa: E402
 from jaxgpt.training.metrics import read_metrics  # noqa: E402
-from jaxgpt.training.runconfig import ConfigError, config_from_yaml, load_config  # noqa: E402
+from jaxgpt.training.runconfig import config_from_yaml, load_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 SPAM = "win cash prize now claim free call txt urgent reward".split()
@@ -162,11 +162,48 @@ def test_qwen3_lora_config_runs_on_a_scanned_llama_base(tmp_path, llama_dir, sms
     assert err.count("\n") == 1 and "own tokenizer.json" in err
 
 
-def test_book_split_of_a_scanned_family_stack_is_refused(llama_dir):
-    from jaxgpt.config import GPTConfig
-    from jaxgpt.tasks.classification.model import _book_keys
+def test_book_split_of_a_scanned_stack_trains_only_its_last_layer():
+    """One step of the book split on scanned layers changes exactly the last layer's slice of
+    every stacked leaf, the final norm and the head; its logits equal the unscanned model's."""
+    import optax
 
-    cfg = GPTConfig(family="llama", vocab_size=31, emb_dim=12, n_heads=3, n_layers=2,
-                    context_length=16, scan_layers=True)
-    with pytest.raises(ConfigError, match="layers_1"):
-        _book_keys(cfg)
+    from jaxgpt.config import GPTConfig
+    from jaxgpt.model import init_params
+    from jaxgpt.tasks.classification.model import (
+        ClassifierConfig,
+        classification_loss_fn,
+        init_head,
+        merge_trainable,
+        split_trainable,
+        with_head,
+    )
+    from jaxgpt.training.state import init_state
+    from jaxgpt.training.step import train_step
+    from jaxgpt.trees import flatten, unflatten
+
+    config = GPTConfig(family="qwen3", vocab_size=29, emb_dim=12, n_heads=3, n_kv_heads=1,
+                       n_layers=3, context_length=16, mlp_dim=14, scan_layers=True, drop_rate=0.0,
+                       dtype="float32")
+    cfg = ClassifierConfig(trainable="book")
+    params = with_head(init_params(config, jax.random.key(1)), init_head(jax.random.key(2), 12, 3))
+    tr, frozen = split_trainable(params, config, cfg)
+    assert set(tr) == {"layers_last", "norm", "cls_head"} and "layers" in frozen
+    ids, mask = pad_batch([[3, 4, 5, 6], [7, 8], [9, 10, 11, 12, 13], [14]], 6, pad_id=0)
+    flat = flatten(params["layers"])
+    unscanned = {**{k: v for k, v in params.items() if k != "layers"},
+                 **{f"layers_{i}": unflatten({k: v[i] for k, v in flat.items()}) for i in range(3)}}
+    want = classifier_logits(config.replace(scan_layers=False))(unscanned, ids, mask)
+    np.testing.assert_allclose(classifier_logits(config)(merge_trainable(tr, frozen, cfg), ids, mask),
+                               want, rtol=1e-5, atol=1e-6)
+    tx = optax.adamw(1e-2, weight_decay=0.1)
+    batch = {"inputs": ids[None], "mask": mask[None], "targets": np.array([[[0], [2], [1], [2]]])}
+    loss_fn = classification_loss_fn(config)
+    state, _ = jax.jit(lambda s, b, f: train_step(s, b, f, loss_fn=loss_fn, tx=tx,
+                                                  lr_fn=lambda _: 0.0))(init_state(tr, tx, 0), batch, frozen)
+    after = merge_trainable(state.params, frozen, cfg)
+    for path, before in flatten(params["layers"]).items():
+        now = np.asarray(flatten(after["layers"])[path])
+        np.testing.assert_array_equal(now[:-1], np.asarray(before)[:-1])
+        assert not np.array_equal(now[-1], np.asarray(before)[-1]), path
+    np.testing.assert_array_equal(after["embed_tokens"]["embedding"], params["embed_tokens"]["embedding"])
+    assert not np.array_equal(after["norm"]["scale"], params["norm"]["scale"])

@@ -4,8 +4,8 @@ The run directory holds what `load_classifier` needs: config.yaml (with the reso
 and max_length), labels.json (class names, id = position), the trainable parameters in fit's
 Orbax checkpoints, and, when part of the model is frozen, that part once in `frozen/` (so the run
 does not depend on where its base weights came from, and a resumed run uses the same ones); a
-Llama 3 / Qwen3 base's tokenizer files are copied into `tokenizer/`. It also holds results.json (loss and accuracy on every split after training) and the loss and
-accuracy plots.
+Llama 3 / Qwen3 base's tokenizer files are copied into `tokenizer/`. It also holds results.json
+(loss and accuracy on every split after training) and the loss and accuracy plots.
 """
 
 from __future__ import annotations

@@ -207,3 +207,16 @@ def test_book_split_of_a_scanned_stack_trains_only_its_last_layer():
         assert not np.array_equal(now[-1], np.asarray(before)[-1]), path
     np.testing.assert_array_equal(after["embed_tokens"]["embedding"], params["embed_tokens"]["embedding"])
     assert not np.array_equal(after["norm"]["scale"], params["norm"]["scale"])
+
+
+def test_auto_tokenizer_is_the_family_base_s_own(llama_dir, tmp_path):
+    from jaxgpt.tasks.classification.data import default_pad_id, resolve_tokenizer
+
+    assert resolve_tokenizer("auto", str(llama_dir), "llama") == str(llama_dir)
+    # A GPT-2 base keeps tiktoken's GPT-2 encoding even beside a tokenizer.json; scratch too.
+    assert resolve_tokenizer("auto", str(llama_dir), "gpt2") == "gpt2"
+    assert resolve_tokenizer("auto", "scratch", "llama") == "gpt2"
+    assert default_pad_id("gpt2") == 50256
+    assert default_pad_id(str(llama_dir)) == FamilyTokenizer(llama_dir).tokenizer.token_to_id(EOS)
+    with pytest.raises(ValueError, match="data.tokenizer"):
+        resolve_tokenizer(str(tmp_path))  # a directory without tokenizer.json

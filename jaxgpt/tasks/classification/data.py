@@ -162,11 +162,11 @@ def load_labels(path: str | Path) -> list[str]:
 # ---- tokens --------------------------------------------------------------------------------
 
 
-def resolve_tokenizer(name: str, init_from: str = "scratch") -> str:
-    """The tokenizer a run uses: "gpt2" or a directory holding tokenizer.json (for "auto", the
-    base model's own, found in `init_from` or its model/ folder, else GPT-2's)."""
+def resolve_tokenizer(name: str, init_from: str = "scratch", family: str = "gpt2") -> str:
+    """The tokenizer a run uses: "gpt2" or a directory holding tokenizer.json (for "auto", a
+    Llama/Qwen3 base's own, found in `init_from` or its model/ folder, else GPT-2's)."""
     if name == "auto":
-        found = None if init_from == "scratch" else tokenizer_dir(init_from)
+        found = None if init_from == "scratch" or family == "gpt2" else tokenizer_dir(init_from)
         return "gpt2" if found is None else str(found)
     if name != "gpt2" and tokenizer_dir(name) is None:
         raise ValueError(f"data.tokenizer={name!r} is neither auto, gpt2 nor a directory with a "

@@ -99,7 +99,7 @@ def _check_run_dir(cfg: ClassifierRunConfig, classes: list[str]) -> None:
 
 def _resolve_text_side(cfg: ClassifierRunConfig, model_cfg: GPTConfig):
     """cfg.data with its tokenizer ("gpt2" or the directory of a tokenizer.json) and pad id fixed."""
-    tokenizer = resolve_tokenizer(cfg.data.tokenizer, cfg.classifier.init_from)
+    tokenizer = resolve_tokenizer(cfg.data.tokenizer, cfg.classifier.init_from, model_cfg.family)
     if tokenizer == "gpt2" and model_cfg.family != "gpt2" and cfg.classifier.init_from != "scratch":
         raise ConfigError(f"classifier.init_from={cfg.classifier.init_from} is a {model_cfg.family} "
                           "model; it reads text with its own tokenizer.json (data.tokenizer=auto "

@@ -348,8 +348,6 @@ def test_config_errors_name_the_field():
         load_config(None, ["classifier.pooling=first"], schema=ClassifierRunConfig)
     with pytest.raises(ConfigError, match="classifier.trainable"):
         load_config(None, ["classifier.trainable=some"], schema=ClassifierRunConfig)
-    with pytest.raises(ConfigError, match="scan_layers"):
-        split_trainable({}, GPTConfig(**TINY, scan_layers=True), ClassifierConfig())
 
 
 # ---- runs ----------------------------------------------------------------------------------

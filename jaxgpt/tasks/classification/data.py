@@ -2,8 +2,10 @@
 
 Sources are read by `readers.py`. Labels are compared as strings and mapped to ids by their
 position in a label list, which is saved beside the model. Token arrays are padded on the right
-with `pad_id`, and a 0/1 mask marks the real tokens: the pad id (50256, GPT-2's end-of-text) may
-also occur inside a text, so padding is never found by id.
+with `pad_id`, and a 0/1 mask marks the real tokens: the pad id (50256, GPT-2's end-of-text; a
+Llama/Qwen3 tokenizer's pad or end-of-text token) may also occur inside a text, so padding is
+never found by id. The tokenizer is GPT-2's or, for a Llama 3 / Qwen3 base, the model
+directory's own tokenizer.json (`data.tokenizer: auto` picks it).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 
@@ -25,7 +27,7 @@ from jaxgpt.checks import (
     optional,
 )
 from jaxgpt.tasks.classification.readers import Rows, read_source
-from jaxgpt.tokenizer import EOT_ID, get_tokenizer
+from jaxgpt.tokenizer import EOT_ID, get_tokenizer, load_family_tokenizer, tokenizer_dir
 
 SPLITS = ("train", "validation", "test")
 
@@ -42,14 +44,16 @@ class ClassifierDataConfig:
     train_fraction: float = 0.7
     validation_fraction: float = 0.1  # the test split takes the rest
     max_length: Optional[int] = None  # default: the longest training text, capped by the context
-    tokenizer: str = "gpt2"
-    pad_id: int = EOT_ID
+    # "auto": the base model directory's tokenizer.json if it has one (Llama 3, Qwen3), else
+    # GPT-2's; "gpt2"; or a directory holding a tokenizer.json
+    tokenizer: str = "auto"
+    pad_id: Optional[int] = None  # default: GPT-2's 50256; a family's pad (else end-of-text) id
     seed: int = 123
 
     def __post_init__(self):
         check_fields(self, {"source": NON_EMPTY, "train_fraction": FRACTION,
                             "validation_fraction": FRACTION, "max_length": optional(POSITIVE_INT),
-                            "pad_id": NON_NEGATIVE_INT, "seed": NON_NEGATIVE_INT})
+                            "pad_id": optional(NON_NEGATIVE_INT), "seed": NON_NEGATIVE_INT})
         if self.train_fraction + self.validation_fraction >= 1:
             raise ValueError(f"ClassifierDataConfig.validation_fraction={self.validation_fraction} "
                              f"plus train_fraction={self.train_fraction} must be below 1 (the test "
@@ -158,9 +162,41 @@ def load_labels(path: str | Path) -> list[str]:
 # ---- tokens --------------------------------------------------------------------------------
 
 
+def resolve_tokenizer(name: str, init_from: str = "scratch", family: str = "gpt2") -> str:
+    """The tokenizer a run uses: "gpt2" or a directory holding tokenizer.json (for "auto", a
+    Llama/Qwen3 base's own, found in `init_from` or its model/ folder, else GPT-2's)."""
+    if name == "auto":
+        found = None if init_from == "scratch" or family == "gpt2" else tokenizer_dir(init_from)
+        return "gpt2" if found is None else str(found)
+    if name != "gpt2" and tokenizer_dir(name) is None:
+        raise ValueError(f"data.tokenizer={name!r} is neither auto, gpt2 nor a directory with a "
+                         "tokenizer.json")
+    return name
+
+
+def _tokenizer(name: str) -> Any:
+    return get_tokenizer(name) if name == "gpt2" else load_family_tokenizer(str(tokenizer_dir(name)))
+
+
+def default_pad_id(tokenizer: str) -> int:
+    """GPT-2's end-of-text id, or a family tokenizer's pad token (else its end-of-text) id."""
+    if tokenizer == "gpt2":
+        return EOT_ID
+    tok = _tokenizer(tokenizer)
+    for name in ("pad_token", "eos_token"):
+        text = tok.special.get(name)
+        if text is not None and tok.tokenizer.token_to_id(text) is not None:
+            return tok.tokenizer.token_to_id(text)
+    return tok.stop_ids[0] if tok.stop_ids else 0  # any id works: the mask marks the padding
+
+
 def encode_texts(texts: list[str], tokenizer: str = "gpt2") -> list[list[int]]:
-    """Token ids of each text (special-token strings are encoded as plain text)."""
-    return get_tokenizer(tokenizer).encode_ordinary_batch(list(texts), num_threads=2)
+    """Token ids of each text (special-token strings are encoded as plain text; a family
+    tokenizer adds no special tokens of its own)."""
+    tok = _tokenizer(tokenizer)
+    if tokenizer == "gpt2":
+        return tok.encode_ordinary_batch(list(texts), num_threads=2)
+    return [e.ids for e in tok.tokenizer.encode_batch(list(texts), add_special_tokens=False)]
 
 
 def pad_batch(ids: list[list[int]], max_length: int, pad_id: int = EOT_ID,
@@ -209,15 +245,18 @@ class ClassificationData:
 
 
 def build_datasets(cfg: ClassifierDataConfig, context_length: int) -> ClassificationData:
-    """Read, validate, split, label and tokenize; every input error is raised here, before training."""
+    """Read, validate, split, label and tokenize; every input error is raised here, before training.
+    `cfg.tokenizer` is resolved ("gpt2" or a directory; see resolve_tokenizer)."""
     splits = load_splits(cfg)
     classes = label_list(splits["train"][1], cfg.labels)
     labels = {s: encode_labels(splits[s][1], classes, s) for s in SPLITS}
-    ids = {s: encode_texts(splits[s][0], cfg.tokenizer) for s in SPLITS}
+    tokenizer = resolve_tokenizer(cfg.tokenizer)
+    pad_id = default_pad_id(tokenizer) if cfg.pad_id is None else cfg.pad_id
+    ids = {s: encode_texts(splits[s][0], tokenizer) for s in SPLITS}
     longest = max(len(x) for x in ids["train"])
     max_length = cfg.max_length or min(longest, context_length)
     if max_length > context_length:
         raise ValueError(f"data.max_length={max_length} exceeds the model's context_length={context_length}")
-    sets = {s: ClassificationDataset(*pad_batch(ids[s], max_length, cfg.pad_id, s), labels[s])
+    sets = {s: ClassificationDataset(*pad_batch(ids[s], max_length, pad_id, s), labels[s])
             for s in SPLITS}
     return ClassificationData(sets["train"], sets["validation"], sets["test"], classes, max_length)

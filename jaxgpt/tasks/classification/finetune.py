@@ -3,9 +3,9 @@
 The run directory holds what `load_classifier` needs: config.yaml (with the resolved model shape
 and max_length), labels.json (class names, id = position), the trainable parameters in fit's
 Orbax checkpoints, and, when part of the model is frozen, that part once in `frozen/` (so the run
-does not depend on where its base weights came from, and a resumed run uses the same ones). It
-also holds results.json (loss and accuracy on every split after training) and the loss and
-accuracy plots.
+does not depend on where its base weights came from, and a resumed run uses the same ones); a
+Llama 3 / Qwen3 base's tokenizer files are copied into `tokenizer/`. It also holds results.json
+(loss and accuracy on every split after training) and the loss and accuracy plots.
 """
 
 from __future__ import annotations
@@ -22,13 +22,15 @@ import numpy as np
 from jaxgpt.config import GPTConfig
 from jaxgpt.data import num_batches
 from jaxgpt.distributed import host_copy, is_lead
-from jaxgpt.loading import load_model
+from jaxgpt.loading import is_family_dir, load_model, start_overrides
 from jaxgpt.model import abstract_params, init_params
 from jaxgpt.sharding import with_axes
 from jaxgpt.tasks.classification.data import (
     ClassificationData,
     build_datasets,
+    default_pad_id,
     load_labels,
+    resolve_tokenizer,
     save_labels,
 )
 from jaxgpt.tasks.classification.model import (
@@ -45,6 +47,7 @@ from jaxgpt.tasks.classification.model import (
     split_trainable,
     with_head,
 )
+from jaxgpt.tokenizer import copy_tokenizer_files
 from jaxgpt.training.checkpoint import complete_steps
 from jaxgpt.training.metrics import read_metrics
 from jaxgpt.training.runconfig import ConfigError, config_from_yaml
@@ -64,7 +67,10 @@ def init_backbone(cfg: ClassifierRunConfig) -> tuple[GPTConfig, dict | None]:
     source = cfg.classifier.init_from
     if source == "scratch":
         return cfg.model, None
-    config, params = load_model(source, **cfg.model.runtime())
+    # a Llama/Qwen3 directory also takes the config's layout (scan_layers, tie_embeddings)
+    family = is_family_dir(Path(source).expanduser())
+    config, params = load_model(source, **(start_overrides(source, cfg.model) if family
+                                            else cfg.model.runtime()))
     return config, jax.device_get(params)  # host arrays: fit places them on its mesh
 
 
@@ -91,6 +97,17 @@ def _check_run_dir(cfg: ClassifierRunConfig, classes: list[str]) -> None:
                                   f"{getattr(old, name)!r}; choose another name or runs_dir")
 
 
+def _resolve_text_side(cfg: ClassifierRunConfig, model_cfg: GPTConfig):
+    """cfg.data with its tokenizer ("gpt2" or the directory of a tokenizer.json) and pad id fixed."""
+    tokenizer = resolve_tokenizer(cfg.data.tokenizer, cfg.classifier.init_from, model_cfg.family)
+    if tokenizer == "gpt2" and model_cfg.family != "gpt2" and cfg.classifier.init_from != "scratch":
+        raise ConfigError(f"classifier.init_from={cfg.classifier.init_from} is a {model_cfg.family} "
+                          "model; it reads text with its own tokenizer.json (data.tokenizer=auto "
+                          "finds it beside the weights), not GPT-2's")
+    pad_id = default_pad_id(tokenizer) if cfg.data.pad_id is None else cfg.data.pad_id
+    return dataclasses.replace(cfg.data, tokenizer=tokenizer, pad_id=pad_id)
+
+
 def _check_vocab(data: ClassificationData, pad_id: int, vocab_size: int) -> None:
     top = max(int(d.ids.max()) for d in (data.train, data.validation, data.test))
     if max(top, pad_id) >= vocab_size:
@@ -101,19 +118,23 @@ def _check_vocab(data: ClassificationData, pad_id: int, vocab_size: int) -> None
 def finetune(cfg: ClassifierRunConfig, **fit_kwargs) -> ClassifierResult:
     """Train a classifier on cfg.data from cfg.classifier.init_from (resuming if it can)."""
     model_cfg, gpt_params = init_backbone(cfg)
-    data = build_datasets(cfg.data, model_cfg.context_length)
-    _check_vocab(data, cfg.data.pad_id, model_cfg.vocab_size)
+    data_cfg = _resolve_text_side(cfg, model_cfg)
+    data = build_datasets(data_cfg, model_cfg.context_length)
+    _check_vocab(data, data_cfg.pad_id, model_cfg.vocab_size)
     per_epoch = num_batches(len(data.train), cfg.train.batch_size)
     train = cfg.train
     if cfg.classifier.eval_each_epoch and per_epoch:
         train = dataclasses.replace(train, eval_freq=per_epoch)
     cfg = dataclasses.replace(cfg, model=model_cfg, train=train,
-                              data=dataclasses.replace(cfg.data, max_length=data.max_length))
+                              data=dataclasses.replace(data_cfg, max_length=data.max_length))
     _check_run_dir(cfg, data.classes)
     run_dir = prepare_run_dir(cfg)
     try:  # this process writes the run directory until it is done
         if is_lead():
             save_labels(data.classes, run_dir / "labels.json")
+            if data_cfg.tokenizer != "gpt2":  # load_classifier reads the run's own copy
+                (run_dir / "tokenizer").mkdir(exist_ok=True)
+                copy_tokenizer_files(data_cfg.tokenizer, run_dir / "tokenizer")
 
         k_init, k_head, k_lora = jax.random.split(jax.random.key(cfg.train.seed), 3)
         if gpt_params is None:
@@ -136,7 +157,7 @@ def finetune(cfg: ClassifierRunConfig, **fit_kwargs) -> ClassifierResult:
         frozen = None if frozen is None else host_copy(nn.meta.unbox(frozen))
         full = merge_trainable(host_copy(result.state.params), frozen, cfg.classifier)
         model = Classifier(model_cfg, full, tuple(data.classes), cfg.classifier.pooling,
-                           data.max_length, cfg.data.tokenizer, cfg.data.pad_id)
+                           data.max_length, data_cfg.tokenizer, data_cfg.pad_id)
         splits = {"train": data.train, "validation": data.validation, "test": data.test}
         scores = {name: evaluate(model, d) for name, d in splits.items()}
         if is_lead():

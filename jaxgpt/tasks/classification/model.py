@@ -7,9 +7,12 @@ to padding and the default pooling, the last real token, sees the whole text. Th
 last position, which for a padded row is a padding token (it still works: that position attends
 to the whole text); "mean" averages the real tokens.
 
-What trains ("trainable"): "book", the last block, the final LayerNorm and the head, everything
-else frozen (passed to `fit` as `frozen`, so it gets no gradients and no optimizer state); "all";
-or "lora", rank-r adapters (`jaxgpt.lora`) plus the head trained in full.
+What trains ("trainable"): "book", the last block, the final norm and the head (GPT-2's h_<L-1>,
+ln_f; Llama 3 / Qwen3's layers_<L-1>, norm), everything else frozen (passed to `fit` as
+`frozen`, so it gets no gradients and no optimizer state); with scanned layers the stack is
+sliced, its last layer training as "<stack>_last" and put back on top of the frozen ones in the
+loss (a copy of the stack per step); "all"; or "lora", rank-r adapters (`jaxgpt.lora`) plus the
+head trained in full.
 """
 
 from __future__ import annotations
@@ -41,11 +44,12 @@ from jaxgpt.restore import (  # save_tree: finetune.py imports it from here
 )
 from jaxgpt.tasks.classification.data import (
     ClassifierDataConfig,
+    default_pad_id,
     encode_texts,
     load_labels,
     pad_batch,
 )
-from jaxgpt.training.runconfig import ConfigError, RunConfig, config_from_yaml
+from jaxgpt.training.runconfig import RunConfig, config_from_yaml
 
 POOLINGS = ("last_real", "last_position", "mean")
 TRAINABLE = ("book", "all", "lora")
@@ -54,8 +58,8 @@ HEAD = "cls_head"
 
 @dataclass(frozen=True)
 class ClassifierConfig:
-    # "scratch", a GPT-2 name (gpt2, gpt2-medium, ...), a local Hugging Face directory, or a
-    # jaxgpt pretraining run directory
+    # "scratch", a GPT-2 name (gpt2, gpt2-medium, ...), a local Hugging Face directory (GPT-2,
+    # Llama 3 or Qwen3), or a jaxgpt pretraining or instruction run directory
     init_from: str = "scratch"
     pooling: str = "last_real"  # "last_real" | "last_position" (the book's) | "mean"
     trainable: str = "book"  # "book" | "all" | "lora"
@@ -136,7 +140,7 @@ def classification_loss_fn(config: GPTConfig, pooling: str = "last_real"):
     apply = classifier_logits(config, pooling)
 
     def loss_fn(params, frozen, batch, rng, deterministic):
-        full = params if frozen is None else {**frozen, **params}
+        full = params if frozen is None else _join(params, frozen)
         logits = apply(full, batch["inputs"], batch["mask"], deterministic, rng)
         labels = batch["targets"][:, 0]  # [B]
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
@@ -160,11 +164,36 @@ def _lora_config(cfg: ClassifierConfig) -> lora.LoRAConfig:
     return dataclasses.replace(cfg.lora, trainable=cfg.lora.trainable + (f"^{HEAD}/",))
 
 
+def _book_names(config: GPTConfig) -> tuple[str, str]:
+    """(block prefix or scanned stack, final norm): GPT-2's h / ln_f, Llama 3 / Qwen3's layers /
+    norm (their Hugging Face names)."""
+    return ("h", "ln_f") if config.family == "gpt2" else ("layers", "norm")
+
+
 def _book_keys(config: GPTConfig) -> set[str]:
+    """The top-level keys "book" trains whole: the last block, the final norm and the head (a
+    scanned stack of several layers is sliced instead, see split_trainable)."""
+    block, norm = _book_names(config)
     if config.scan_layers:
-        raise ConfigError("classifier.trainable='book' needs model.scan_layers=false "
-                          "(the last block must be a subtree of its own)")
-    return {f"h_{config.n_layers - 1}", "ln_f", HEAD}
+        return {block, norm, HEAD} if config.n_layers == 1 else {norm, HEAD}
+    return {f"{block}_{config.n_layers - 1}", norm, HEAD}
+
+
+LAST = "_last"  # "book" with a scanned stack trains its last layer as "<stack>_last" [1, ...]
+
+
+def _slice(leaf, part: slice):
+    """leaf[part] along the stacked L axis, for values, abstract leaves and their boxes."""
+    if isinstance(leaf, nn.LogicallyPartitioned):
+        return leaf.replace_boxed(_slice(leaf.value, part))
+    if isinstance(leaf, jax.ShapeDtypeStruct):
+        n = len(range(*part.indices(leaf.shape[0])))
+        return jax.ShapeDtypeStruct((n, *leaf.shape[1:]), leaf.dtype)
+    return leaf[part]
+
+
+def _is_box(x) -> bool:
+    return isinstance(x, nn.LogicallyPartitioned)
 
 
 def split_trainable(params, config: GPTConfig, cfg: ClassifierConfig, key=None):
@@ -176,8 +205,24 @@ def split_trainable(params, config: GPTConfig, cfg: ClassifierConfig, key=None):
             return lora.boxed_trees(params, _lora_config(cfg))
         return lora.partition(params, _lora_config(cfg), key)
     keys = _book_keys(config)
-    return ({k: v for k, v in params.items() if k in keys},
-            {k: v for k, v in params.items() if k not in keys})
+    trainable = {k: v for k, v in params.items() if k in keys}
+    frozen = {k: v for k, v in params.items() if k not in keys}
+    stack = _book_names(config)[0]
+    if config.scan_layers and config.n_layers > 1:  # layers [L-1] frozen, the last [1] trains
+        frozen[stack] = jax.tree.map(lambda x: _slice(x, slice(None, -1)), params[stack], is_leaf=_is_box)
+        trainable[stack + LAST] = jax.tree.map(lambda x: _slice(x, slice(-1, None)), params[stack],
+                                               is_leaf=_is_box)
+    return trainable, frozen
+
+
+def _join(trainable, frozen):
+    """The book split's full params: a scanned stack's last layer put back under its frozen ones."""
+    full = {**frozen, **{k: v for k, v in trainable.items() if not k.endswith(LAST)}}
+    for k in trainable:
+        if k.endswith(LAST):
+            stack = k[:-len(LAST)]
+            full[stack] = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), frozen[stack], trainable[k])
+    return full
 
 
 def merge_trainable(trainable, frozen, cfg: ClassifierConfig):
@@ -186,7 +231,7 @@ def merge_trainable(trainable, frozen, cfg: ClassifierConfig):
         return trainable
     if cfg.trainable == "lora":
         return lora.combine(trainable, frozen, _lora_config(cfg))
-    return {**frozen, **trainable}
+    return _join(trainable, frozen)
 
 
 def loss_for(config: GPTConfig, cfg: ClassifierConfig):
@@ -207,7 +252,7 @@ class Classifier:
     labels: tuple[str, ...]
     pooling: str
     max_length: int
-    tokenizer: str = "gpt2"
+    tokenizer: str = "gpt2"  # or the directory of a Llama/Qwen3 tokenizer.json (the run's copy)
     pad_id: int = 50256
 
 
@@ -220,6 +265,11 @@ def load_classifier(run_dir: str | Path) -> Classifier:
         raise CheckpointError(f"{run_dir} is not a classifier run; its model predicts tokens "
                               "(load it with jaxgpt.load_model)")
     cfg = config_from_yaml(run_dir / "config.yaml", ClassifierRunConfig)
+    tokenizer = cfg.data.tokenizer  # "gpt2" (also runs saved before "auto"), or the run's copy
+    if (run_dir / "tokenizer" / "tokenizer.json").is_file():
+        tokenizer = str(run_dir / "tokenizer")
+    elif tokenizer == "auto":
+        tokenizer = "gpt2"
     trainable, _ = read_latest_verified(run_dir / "checkpoints")
     frozen = None
     if (run_dir / "frozen").is_dir():
@@ -228,7 +278,7 @@ def load_classifier(run_dir: str | Path) -> Classifier:
     params = merge_trainable(trainable, frozen, cfg.classifier)
     return Classifier(cfg.model, params, tuple(load_labels(run_dir / "labels.json")),
                       cfg.classifier.pooling, cfg.data.max_length or cfg.model.context_length,
-                      cfg.data.tokenizer, cfg.data.pad_id)
+                      tokenizer, default_pad_id(tokenizer) if cfg.data.pad_id is None else cfg.data.pad_id)
 
 
 @functools.lru_cache(maxsize=8)

@@ -27,6 +27,7 @@ from jaxgpt.cli.serve_api import (
     Job,
     TextStream,
     chat_renderer,
+    family_chat_renderer,
     parse_chat,
     parse_completion,
 )
@@ -35,11 +36,11 @@ from jaxgpt.cli.serve_api import (
 class Server:
     """The engine, the tokenizer and the chat template behind the routes."""
 
-    def __init__(self, engine, tokenizer, name: str, render, eos_id: int | None,
+    def __init__(self, engine, tokenizer, name: str, render, stop_ids: tuple[int, ...],
                  aliases: tuple[str, ...] = ()):
         self.engine, self.tokenizer, self.name, self.render = engine, tokenizer, name, render
         self.names = [name, *[a for a in aliases if a != name]]
-        self.stop_ids = () if eos_id is None else (eos_id,)
+        self.stop_ids = tuple(stop_ids)  # any one ends a reply (a family's end of text or turn)
         self.created = int(time.time())
 
     def submit(self, job: Job, loop: asyncio.AbstractEventLoop):
@@ -208,14 +209,15 @@ def make_server(source: str, *, slots: int = 8, max_queue: int = 64, max_len: in
     """Load `source`, start its engine thread and wrap both for the routes."""
     from jaxgpt.cli.chat import load_chat_model
     from jaxgpt.engine import Engine
-    from jaxgpt.tokenizer import get_tokenizer
+    from jaxgpt.tokenizer import FamilyTokenizer, model_tokenizer
 
-    config, params, template = load_chat_model(source, template)
-    tokenizer = get_tokenizer("gpt2")
-    eos = tokenizer.eot_token if tokenizer.eot_token < config.vocab_size else None
+    config, params, chosen = load_chat_model(source, template)
+    tokenizer, stop_ids = model_tokenizer(source, config, template)
+    render = family_chat_renderer(tokenizer) if isinstance(tokenizer, FamilyTokenizer) \
+        else chat_renderer(chosen)
     engine = Engine(params, config, slots=slots, max_len=max_len, max_queue=max_queue).start()
     shown = name or Path(str(source)).name or str(source)
-    return Server(engine, tokenizer, shown, chat_renderer(template), eos, aliases=(str(source),))
+    return Server(engine, tokenizer, shown, render, stop_ids, aliases=(str(source),))
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -237,13 +237,13 @@ def copy_tokenizer_files(source, target) -> None:
             shutil.copyfile(Path(source) / name, Path(target) / name)
 
 
-def model_tokenizer(model, config, template: str | None = None):
+def model_tokenizer(model, config):
     """(tokenizer, stop ids) the model `model` (a name or directory, of `config`) is used with:
-    a Llama 3 / Qwen3 directory's own tokenizer.json (a FamilyTokenizer; every end-of-text and
-    end-of-turn id it names) unless an instruction `template` is named, else GPT-2's
+    a Llama 3 / Qwen3 directory's own tokenizer.json, or a run's model/ copy of it (a
+    FamilyTokenizer; every end-of-text and end-of-turn id it names), else GPT-2's
     (<|endoftext|>, when the model's vocabulary holds it). GPT-2 models always get GPT-2's."""
     vocab_size = config.vocab_size
-    directory = tokenizer_dir(model) if template is None and config.family != "gpt2" else None
+    directory = tokenizer_dir(model) if config.family != "gpt2" else None
     if directory is not None:
         tok = load_family_tokenizer(directory)
         return tok, tuple(i for i in tok.stop_ids if i < vocab_size)

@@ -10,6 +10,7 @@ swapped so that greedy decoding of the chat meets the end-of-turn token (checked
 transformers side), and the reply must end there with finish_reason "stop".
 """
 
+import dataclasses
 import json
 import socket
 import threading
@@ -238,3 +239,21 @@ def test_text_decoder_pieces_join_to_the_whole_decode(family_dir):
     pieces = [dec.feed(t) for t in ids] + [dec.flush()]
     assert "".join(pieces) == tok.decode(ids[:-1], skip_special_tokens=True)
     assert all("\ufffd" not in p for p in pieces)  # a character split over tokens waits
+
+
+def test_model_tokenizer_picks_by_family(family_dir):
+    """A family directory gets its own tokenizer and stop ids; a GPT-2 model keeps GPT-2's
+    tokenizer even beside a tokenizer.json, and its <|endoftext|> only while the vocabulary
+    holds it."""
+    from jaxgpt.config import GPTConfig
+    from jaxgpt.tokenizer import EOT_ID, model_tokenizer
+
+    family, path, _, _, stops = family_dir
+    config, _ = load_model(str(path))
+    tok, got = model_tokenizer(str(path), config)
+    assert isinstance(tok, FamilyTokenizer) and got == stops
+    gpt2 = GPTConfig(vocab_size=50257, context_length=8, emb_dim=12, n_heads=3, n_layers=1)
+    tok, got = model_tokenizer(str(path), gpt2)
+    assert not isinstance(tok, FamilyTokenizer) and got == (EOT_ID,)
+    tok, got = model_tokenizer(str(path), dataclasses.replace(gpt2, vocab_size=50000))
+    assert got == ()

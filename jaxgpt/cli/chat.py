@@ -58,12 +58,12 @@ def main(argv=None) -> int:
         check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
         check_size(1, 1, args.max_new_tokens)
         config, params, template = load_chat_model(args.model, args.template)
-        tok, stop_ids = model_tokenizer(args.model, config, args.template)
+        tok, stop_ids = model_tokenizer(args.model, config)
     except USER_ERRORS as err:  # a bad option, path or checkpoint: one line
         return fail(err, 1)
     interactive = sys.stdin.isatty()
     key = jax.random.key(args.seed)
-    if isinstance(tok, FamilyTokenizer):
+    if isinstance(tok, FamilyTokenizer) and args.template is None:  # its own chat template
         return _converse(config, params, tok, stop_ids, args, interactive, key)
     for turn, line in enumerate(iter(lambda: _read(interactive), None)):
         instruction = line.strip()

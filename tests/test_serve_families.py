@@ -257,3 +257,21 @@ def test_model_tokenizer_picks_by_family(family_dir):
     assert not isinstance(tok, FamilyTokenizer) and got == (EOT_ID,)
     tok, got = model_tokenizer(str(path), dataclasses.replace(gpt2, vocab_size=50000))
     assert got == ()
+
+
+def test_chat_cli_with_a_named_template_reads_with_the_family_tokenizer(family_dir, monkeypatch,
+                                                                         capsys):
+    """--template alpaca on a family directory: the Alpaca text, tokenized by the model's own
+    tokenizer, continued as transformers continues it, stopping at the family's ids."""
+    import io
+
+    from jaxgpt.cli import chat
+    from jaxgpt.tasks.instruct.prompts import get_template
+
+    _, path, model, ref_tok, stops = family_dir
+    monkeypatch.setattr("sys.stdin", io.StringIO("Say hi\nexit\n"))
+    assert chat.main(["--model", str(path), "--template", "alpaca", "--max-new-tokens", "6"]) == 0
+    query = get_template("alpaca").query({"instruction": "Say hi", "input": ""})
+    new = hf_greedy(model, ref_tok(query, add_special_tokens=False)["input_ids"], 6, stops)
+    want = ref_tok.decode([t for t in new if t not in stops]).strip()
+    assert capsys.readouterr().out == want + "\n"

@@ -65,6 +65,9 @@ def main(argv=None) -> int:
     key = jax.random.key(args.seed)
     if isinstance(tok, FamilyTokenizer) and args.template is None:  # its own chat template
         return _converse(config, params, tok, stop_ids, args, interactive, key)
+    # A family model with --template: that text format, read by the model's own tokenizer.
+    family = {} if not isinstance(tok, FamilyTokenizer) else \
+        {"tokenizer": tok, **({"eos_id": stop_ids} if stop_ids else {})}
     for turn, line in enumerate(iter(lambda: _read(interactive), None)):
         instruction = line.strip()
         if instruction == "exit":
@@ -75,7 +78,8 @@ def main(argv=None) -> int:
             [reply] = generate_responses(
                 params, config, [{"instruction": instruction, "input": "", "output": ""}], template,
                 max_new_tokens=args.max_new_tokens, batch_size=1, temperature=args.temperature,
-                top_k=args.top_k, top_p=args.top_p, key=jax.random.fold_in(key, turn))
+                top_k=args.top_k, top_p=args.top_p, key=jax.random.fold_in(key, turn),
+                **family)
         except ValueError as err:  # options the model cannot take
             return fail(err, 1)
         print(reply["model_response"], flush=True)

@@ -275,3 +275,16 @@ def test_chat_cli_with_a_named_template_reads_with_the_family_tokenizer(family_d
     new = hf_greedy(model, ref_tok(query, add_special_tokens=False)["input_ids"], 6, stops)
     want = ref_tok.decode([t for t in new if t not in stops]).strip()
     assert capsys.readouterr().out == want + "\n"
+
+
+def test_a_base_model_without_a_chat_template_refuses_chat_only(family_dir):
+    from jaxgpt.cli.serve_api import ApiError, family_chat_renderer
+
+    tok = FamilyTokenizer(family_dir[1])
+    text, stops = family_chat_renderer(tok)(CHAT)
+    assert text == family_dir[3].apply_chat_template(CHAT, add_generation_prompt=True,
+                                                     tokenize=False) and stops == []
+    tok.chat_template = None
+    with pytest.raises(ApiError, match="no chat template") as err:
+        family_chat_renderer(tok)(CHAT)
+    assert err.value.status == 400 and err.value.param == "messages"

@@ -78,13 +78,13 @@ def chat_renderer(template_name: str) -> Callable[[list[dict]], tuple[str, list[
 def family_chat_renderer(tokenizer) -> Callable[[list[dict]], tuple[str, list[str]]]:
     """The renderer of a model with its own chat template (a FamilyTokenizer's): the messages
     as transformers' apply_chat_template(add_generation_prompt=True) writes them. No stop
-    strings: the end-of-turn ids stop a reply."""
-    tokenizer.render_chat([{"role": "user", "content": ""}])  # no template: refused at startup
+    strings: the end-of-turn ids stop a reply. A model without a template (a base model) still
+    serves completions; its chat requests are refused in one line."""
 
     def render(messages: list[dict]) -> tuple[str, list[str]]:
         try:
             return tokenizer.render_chat(messages, add_generation_prompt=True), []
-        except ValueError as err:  # the template refused the conversation (e.g. role order)
+        except ValueError as err:  # no template, or it refused the conversation (role order)
             raise ApiError(str(err), "messages") from None
 
     return render

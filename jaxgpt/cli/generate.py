@@ -36,7 +36,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop-at-eot", action=argparse.BooleanOptionalAction, default=True,
-                   help="stop at <|endoftext|>")
+                   help="stop at <|endoftext|> (a Llama/Qwen3 model: any of its end-of-text/turn ids)")
     return p.parse_args(argv)
 
 

@@ -187,6 +187,11 @@ class FamilyTokenizer:
     def encode(self, text: str, disallowed_special=()) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
+    def encode_text(self, text: str) -> list[int]:
+        """Plain text (a completion's prompt) as transformers' `tokenizer(text)` gives it: with
+        the special tokens the post-processor adds (Llama 3's <|begin_of_text|>)."""
+        return self.tokenizer.encode(text, add_special_tokens=True).ids
+
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
@@ -230,3 +235,54 @@ def copy_tokenizer_files(source, target) -> None:
     for name in TOKENIZER_FILES:
         if (Path(source) / name).is_file():
             shutil.copyfile(Path(source) / name, Path(target) / name)
+
+
+def model_tokenizer(model, config):
+    """(tokenizer, stop ids) the model `model` (a name or directory, of `config`) is used with:
+    a Llama 3 / Qwen3 directory's own tokenizer.json, or a run's model/ copy of it (a
+    FamilyTokenizer; every end-of-text and end-of-turn id it names), else GPT-2's
+    (<|endoftext|>, when the model's vocabulary holds it). GPT-2 models always get GPT-2's."""
+    vocab_size = config.vocab_size
+    directory = tokenizer_dir(model) if config.family != "gpt2" else None
+    if directory is not None:
+        tok = load_family_tokenizer(directory)
+        return tok, tuple(i for i in tok.stop_ids if i < vocab_size)
+    tok = get_tokenizer("gpt2")
+    return tok, (tok.eot_token,) if tok.eot_token < vocab_size else ()
+
+
+class TextDecoder:
+    """The text of generated ids, one id at a time, released once whole: GPT-2's bytes through
+    an incremental UTF-8 decoder; a FamilyTokenizer by decoding a short window of ids (special
+    tokens skipped) and holding back a piece that ends inside a character. The pieces join to
+    the decode of all the ids; ids past the tokenizer's vocabulary (padding) have no text."""
+
+    def __init__(self, tokenizer):
+        import codecs
+
+        self.tokenizer = tokenizer
+        self.bytes = hasattr(tokenizer, "decode_single_token_bytes")
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.ids: list[int] = []
+        self.start = self.read = 0  # the window ids[start:] decoded; ids[:read] already sent
+
+    def feed(self, token: int) -> str:
+        if token >= self.tokenizer.n_vocab:
+            return ""
+        if self.bytes:
+            return self.utf8.decode(self.tokenizer.decode_single_token_bytes(token))
+        self.ids.append(token)
+        return self._window(final=False)
+
+    def flush(self) -> str:
+        """What is held back, at the end of the ids."""
+        return self.utf8.decode(b"", final=True) if self.bytes else self._window(final=True)
+
+    def _window(self, final: bool) -> str:
+        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+        sent = decode(self.ids[self.start:self.read])
+        text = decode(self.ids[self.start:])
+        if not final and (len(text) <= len(sent) or text.endswith("\ufffd")):
+            return ""
+        self.start, self.read = self.read, len(self.ids)
+        return text[len(sent):]

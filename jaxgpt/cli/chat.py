@@ -21,7 +21,7 @@ from jaxgpt.cli.common import USER_ERRORS, fail, setup_process
 from jaxgpt.generation_inputs import check_sampling, check_size
 from jaxgpt.loading import is_run_dir, load_model, read_run_yaml
 from jaxgpt.tasks.instruct.prompts import TEMPLATES
-from jaxgpt.tokenizer import tokenizer_dir as _tokenizer_dir
+from jaxgpt.tokenizer import FamilyTokenizer, model_tokenizer
 
 
 def load_chat_model(name_or_dir: str, template: str | None = None):
@@ -58,13 +58,16 @@ def main(argv=None) -> int:
         check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
         check_size(1, 1, args.max_new_tokens)
         config, params, template = load_chat_model(args.model, args.template)
+        tok, stop_ids = model_tokenizer(args.model, config)
     except USER_ERRORS as err:  # a bad option, path or checkpoint: one line
         return fail(err, 1)
     interactive = sys.stdin.isatty()
     key = jax.random.key(args.seed)
-    tokenizer_dir = _tokenizer_dir(args.model) if args.template is None else None
-    if tokenizer_dir is not None:
-        return _converse(config, params, tokenizer_dir, args, interactive, key)
+    if isinstance(tok, FamilyTokenizer) and args.template is None:  # its own chat template
+        return _converse(config, params, tok, stop_ids, args, interactive, key)
+    # A family model with --template: that text format, read by the model's own tokenizer.
+    family = {} if not isinstance(tok, FamilyTokenizer) else \
+        {"tokenizer": tok, **({"eos_id": stop_ids} if stop_ids else {})}
     for turn, line in enumerate(iter(lambda: _read(interactive), None)):
         instruction = line.strip()
         if instruction == "exit":
@@ -75,20 +78,19 @@ def main(argv=None) -> int:
             [reply] = generate_responses(
                 params, config, [{"instruction": instruction, "input": "", "output": ""}], template,
                 max_new_tokens=args.max_new_tokens, batch_size=1, temperature=args.temperature,
-                top_k=args.top_k, top_p=args.top_p, key=jax.random.fold_in(key, turn))
+                top_k=args.top_k, top_p=args.top_p, key=jax.random.fold_in(key, turn),
+                **family)
         except ValueError as err:  # options the model cannot take
             return fail(err, 1)
         print(reply["model_response"], flush=True)
     return 0
 
 
-def _converse(config, params, tokenizer_dir, args, interactive: bool, key) -> int:
+def _converse(config, params, tok, stop_ids, args, interactive: bool, key) -> int:
     """A multi-turn chat in the model's own template; replies stop at its end-of-turn ids."""
     from jaxgpt.generation import generate
-    from jaxgpt.tokenizer import load_family_tokenizer
 
     try:
-        tok = load_family_tokenizer(tokenizer_dir)
         tok.render_chat([{"role": "user", "content": ""}])  # no template: refused before a turn
     except USER_ERRORS as err:
         return fail(err, 1)
@@ -103,11 +105,11 @@ def _converse(config, params, tokenizer_dir, args, interactive: bool, key) -> in
         try:
             ids = tok.encode_chat(messages)
             new = generate(params, config, [ids], args.max_new_tokens, temperature=args.temperature,
-                           top_k=args.top_k, top_p=args.top_p, eos_id=tok.stop_ids or None,
+                           top_k=args.top_k, top_p=args.top_p, eos_id=stop_ids or None,
                            key=jax.random.fold_in(key, turn))[0, len(ids):].tolist()
         except ValueError as err:  # options the model cannot take, a prompt past its context
             return fail(err, 1)
-        ends = [i for i, t in enumerate(new) if t in tok.stop_ids]
+        ends = [i for i, t in enumerate(new) if t in stop_ids]
         reply = tok.decode(new[:ends[0]] if ends else new, skip_special_tokens=True).strip()
         messages.append({"role": "assistant", "content": reply})
         print(reply, flush=True)

@@ -3,11 +3,13 @@
   python -m jaxgpt.cli.serve --model SOURCE [--host 127.0.0.1 --port 8000 --slots 8]
 
 SOURCE is anything `jaxgpt.load_model` takes (a GPT-2 name, an exported or Hugging Face
-directory, a run directory, finetuned or LoRA). Routes: POST /v1/completions and
-/v1/chat/completions (both with "stream": true as server-sent events), GET /v1/models,
-GET /health, and GET / (a chat page). The engine loop runs in one background thread; each
-request waits on its own asyncio queue, which the engine's thread feeds. A full queue answers
-429; a bad request 400 with an OpenAI-style error body; a client that disconnects frees its slot.
+directory, a run directory, finetuned or LoRA); a Llama 3 / Qwen3 directory brings its own
+tokenizer.json, chat template and end-of-turn ids (`jaxgpt.tokenizer.model_tokenizer`).
+Routes: POST /v1/completions and /v1/chat/completions (both with "stream": true as server-sent
+events), GET /v1/models, GET /health, and GET / (a chat page). The engine loop runs in one
+background thread; each request waits on its own asyncio queue, which the engine's thread
+feeds. A full queue answers 429; a bad request 400 with an OpenAI-style error body; a client
+that disconnects frees its slot.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from jaxgpt.cli.serve_api import (
     Job,
     TextStream,
     chat_renderer,
+    family_chat_renderer,
     parse_chat,
     parse_completion,
 )
@@ -35,11 +38,11 @@ from jaxgpt.cli.serve_api import (
 class Server:
     """The engine, the tokenizer and the chat template behind the routes."""
 
-    def __init__(self, engine, tokenizer, name: str, render, eos_id: int | None,
+    def __init__(self, engine, tokenizer, name: str, render, stop_ids: tuple[int, ...],
                  aliases: tuple[str, ...] = ()):
         self.engine, self.tokenizer, self.name, self.render = engine, tokenizer, name, render
         self.names = [name, *[a for a in aliases if a != name]]
-        self.stop_ids = () if eos_id is None else (eos_id,)
+        self.stop_ids = tuple(stop_ids)  # any one ends a reply (a family's end of text or turn)
         self.created = int(time.time())
 
     def submit(self, job: Job, loop: asyncio.AbstractEventLoop):
@@ -208,14 +211,17 @@ def make_server(source: str, *, slots: int = 8, max_queue: int = 64, max_len: in
     """Load `source`, start its engine thread and wrap both for the routes."""
     from jaxgpt.cli.chat import load_chat_model
     from jaxgpt.engine import Engine
-    from jaxgpt.tokenizer import get_tokenizer
+    from jaxgpt.tokenizer import FamilyTokenizer, model_tokenizer
 
-    config, params, template = load_chat_model(source, template)
-    tokenizer = get_tokenizer("gpt2")
-    eos = tokenizer.eot_token if tokenizer.eot_token < config.vocab_size else None
+    config, params, chosen = load_chat_model(source, template)
+    tokenizer, stop_ids = model_tokenizer(source, config)
+    # A family's own chat template, unless --template names an instruction format (rendered as
+    # text, then read by the model's tokenizer all the same).
+    own = isinstance(tokenizer, FamilyTokenizer) and template is None
+    render = family_chat_renderer(tokenizer) if own else chat_renderer(chosen)
     engine = Engine(params, config, slots=slots, max_len=max_len, max_queue=max_queue).start()
     shown = name or Path(str(source)).name or str(source)
-    return Server(engine, tokenizer, shown, chat_renderer(template), eos, aliases=(str(source),))
+    return Server(engine, tokenizer, shown, render, stop_ids, aliases=(str(source),))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -228,8 +234,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="requests that may wait for a slot; more are answered 429")
     p.add_argument("--max-len", type=int, default=None,
                    help="cache positions per slot, prompt plus reply (default: the context)")
-    p.add_argument("--template", default=None, help="chat prompt format (default: the run's, "
-                   "else alpaca)")
+    p.add_argument("--template", default=None, help="chat prompt format (default: a Llama/Qwen3 "
+                   "directory's own chat template, else the run's, else alpaca)")
     p.add_argument("--name", default=None, help="the model's id in the API (default: the "
                    "source's last path part)")
     return p.parse_args(argv)

@@ -8,12 +8,12 @@ A bad request raises `ApiError` with the status and the OpenAI error body
 
 from __future__ import annotations
 
-import codecs
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from jaxgpt.tasks.instruct.prompts import get_template
+from jaxgpt.tokenizer import TextDecoder
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # as OpenAI's /v1/completions
 MAX_STOPS = 4
@@ -53,8 +53,8 @@ class Job:
 def chat_renderer(template_name: str) -> Callable[[list[dict]], tuple[str, list[str]]]:
     """The function that renders a conversation for this model: messages -> (prompt text, stop
     strings that mean the model began a new turn). GPT-2 models use their instruction template
-    (jaxgpt/tasks/instruct/prompts.py: alpaca, phi3); a model family with its own chat template
-    gets a branch here."""
+    (jaxgpt/tasks/instruct/prompts.py: alpaca, phi3); a Llama 3 / Qwen3 model renders with its
+    own chat template (`family_chat_renderer`)."""
     template = get_template(template_name)
 
     def render(messages: list[dict]) -> tuple[str, list[str]]:
@@ -71,6 +71,21 @@ def chat_renderer(template_name: str) -> Callable[[list[dict]], tuple[str, list[
             else:  # an assistant's earlier reply closes its turn
                 text += m["content"] + "\n\n"
         return text, list(template.turn_starts)
+
+    return render
+
+
+def family_chat_renderer(tokenizer) -> Callable[[list[dict]], tuple[str, list[str]]]:
+    """The renderer of a model with its own chat template (a FamilyTokenizer's): the messages
+    as transformers' apply_chat_template(add_generation_prompt=True) writes them. No stop
+    strings: the end-of-turn ids stop a reply. A model without a template (a base model) still
+    serves completions; its chat requests are refused in one line."""
+
+    def render(messages: list[dict]) -> tuple[str, list[str]]:
+        try:
+            return tokenizer.render_chat(messages, add_generation_prompt=True), []
+        except ValueError as err:  # no template, or it refused the conversation (role order)
+            raise ApiError(str(err), "messages") from None
 
     return render
 
@@ -165,8 +180,9 @@ def parse_completion(body: Any, tokenizer, model_names: list[str], max_len: int,
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
-    if isinstance(prompt, str):
-        ids = tokenizer.encode(prompt, disallowed_special=())
+    if isinstance(prompt, str):  # a family's tokenizer adds its BOS, as transformers does
+        ids = tokenizer.encode_text(prompt) if hasattr(tokenizer, "encode_text") \
+            else tokenizer.encode(prompt, disallowed_special=())
     elif isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
         bad = [t for t in prompt if not 0 <= t < vocab_size]
         if bad:
@@ -218,17 +234,14 @@ class TextStream:
 
     def __init__(self, tokenizer, stops: list[str]):
         self.tokenizer, self.stops = tokenizer, stops
-        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.decoder = TextDecoder(tokenizer)
         self.text, self.sent, self.stopped = "", 0, False
 
     def feed(self, token: int | None) -> str:
         """The new text to send after `token` (None: the end, flush everything)."""
         if self.stopped:
             return ""
-        if token is None:
-            self.text += self.decoder.decode(b"", final=True)
-        elif token < self.tokenizer.n_vocab:  # a padded vocabulary's extra ids have no text
-            self.text += self.decoder.decode(self.tokenizer.decode_single_token_bytes(token))
+        self.text += self.decoder.flush() if token is None else self.decoder.feed(token)
         hits = [i for s in self.stops if (i := self.text.find(s)) >= 0]
         if hits:
             self.text, self.stopped = self.text[:min(hits)], True

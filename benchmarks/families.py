@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -29,22 +28,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+from hardware import hardware  # benchmarks/hardware.py
 
 SHAPES = {
     "1b": dict(vocab_size=128256, emb_dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, mlp_dim=8192),
     "small": dict(vocab_size=32000, emb_dim=768, n_layers=12, n_heads=12, n_kv_heads=4, mlp_dim=2048),
     "quick": dict(vocab_size=3001, emb_dim=128, n_layers=2, n_heads=4, n_kv_heads=2, mlp_dim=352),
 }
-
-
-def hardware() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}; {len(os.sched_getaffinity(0))} usable cores (load average {os.getloadavg()[0]:.1f})"
 
 
 def config_of(shape: str):
@@ -177,7 +167,7 @@ def main() -> None:
     args = p.parse_args()
     if args.child_load:
         return child_load(*args.child_load)
-    print(hardware())
+    print(hardware(device=False))
     load_shape = "quick" if args.quick else "1b"
     with tempfile.TemporaryDirectory() as d:
         nbytes = write_random(Path(d), load_shape)

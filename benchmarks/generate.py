@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import platform
 import tempfile
 import threading
 import time
@@ -35,6 +34,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from hardware import hardware  # noqa: E402  (benchmarks/hardware.py)
 from jax import lax  # noqa: E402
 
 from jaxgpt import GPT, GPTConfig, count_params, init_params  # noqa: E402
@@ -43,18 +43,6 @@ from jaxgpt.hostmem import retain_freed_memory  # noqa: E402
 from jaxgpt.pretrained import save_pretrained  # noqa: E402
 
 retain_freed_memory()  # before the first JAX computation (jaxgpt/hostmem.py)
-
-
-def hardware() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (f"{cpu}; {len(os.sched_getaffinity(0))} usable cores (load average {load:.1f}); "
-            f"jax {jax.__version__} on {jax.devices()[0].device_kind}")
 
 
 # Datasheet HBM bandwidth in bytes/s, by a substring of jax's device_kind (first match wins).

@@ -21,8 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
 import socket
 import sys
 import threading
@@ -30,6 +28,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from hardware import hardware  # noqa: E402  (benchmarks/hardware.py)
 
 from jaxgpt.hostmem import retain_freed_memory  # noqa: E402
 
@@ -45,18 +45,6 @@ from jaxgpt.cli.serve_api import chat_renderer  # noqa: E402
 from jaxgpt.engine import Engine  # noqa: E402
 from jaxgpt.generation import generate  # noqa: E402
 from jaxgpt.tokenizer import EOT_ID, get_tokenizer  # noqa: E402
-
-
-def hardware() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (f"{cpu}; {len(os.sched_getaffinity(0))} usable cores (load average {load:.1f}); "
-            f"jax {jax.__version__} on {jax.devices()[0].device_kind}")
 
 
 async def stream_one(port: int, body: dict) -> dict:

@@ -38,7 +38,7 @@ from jaxgpt.hf_files import (
     weight_files,
 )
 from jaxgpt.model import abstract_params
-from jaxgpt.trees import flatten, unflatten
+from jaxgpt.trees import check_like, flatten, unflatten
 
 FAMILY_TYPES = ("llama", "qwen3")  # config.json model_type values loaded here
 _ARCH = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
@@ -262,14 +262,7 @@ def to_hf_tensors(config: GPTConfig, params) -> dict[str, np.ndarray]:
     """jaxgpt params (plain or scanned) -> the HF model's named float32 tensors, shapes checked."""
     expected = flatten(abstract_params(config, boxed=False), sep=None)
     flat = flatten(params, sep=None)
-    if set(flat) != set(expected):
-        missing = sorted("/".join(p) for p in set(expected) - set(flat))
-        extra = sorted("/".join(p) for p in set(flat) - set(expected))
-        raise ValueError(f"params do not match the config: missing {missing or 'none'}; "
-                         f"unexpected {extra or 'none'}")
-    for path, leaf in expected.items():
-        if flat[path].shape != leaf.shape:
-            raise ValueError(f"param {'/'.join(path)} has shape {flat[path].shape}, expected {leaf.shape}")
+    check_like(flat, expected)
     get = lambda path: np.asarray(flat[path], np.float32)  # noqa: E731
     out = {}
     for name, (path, _, to_hf) in _TOP.items():

@@ -41,7 +41,7 @@ from jaxgpt.hf_files import (
     weight_files,
 )
 from jaxgpt.model import abstract_params
-from jaxgpt.trees import flatten, unflatten
+from jaxgpt.trees import check_like, flatten, unflatten
 
 # Causal-mask buffers that old GPT-2 checkpoints store beside the weights.
 # Block tensors whose layout jaxgpt shares with GPT-2: HF suffix -> jaxgpt path inside h_<i>.
@@ -225,14 +225,7 @@ def to_hf_tensors(config: GPTConfig, params) -> dict[str, np.ndarray]:
     """jaxgpt params (plain or scanned) -> GPT2LMHeadModel's named float32 tensors, shapes checked."""
     expected = flatten(abstract_params(config, boxed=False), sep=None)
     flat = {p: np.asarray(x, np.float32) for p, x in flatten(params, sep=None).items()}
-    if set(flat) != set(expected):
-        missing = sorted("/".join(p) for p in set(expected) - set(flat))
-        extra = sorted("/".join(p) for p in set(flat) - set(expected))
-        raise ValueError(f"params do not match the config: missing {missing or 'none'}; "
-                         f"unexpected {extra or 'none'}")
-    for path, leaf in expected.items():
-        if flat[path].shape != leaf.shape:
-            raise ValueError(f"param {'/'.join(path)} has shape {flat[path].shape}, expected {leaf.shape}")
+    check_like(flat, expected)
     if config.scan_layers:  # unstack h/... [L, ...] into h_<i>/...
         for path in [p for p in flat if p[0] == "h"]:
             stacked = flat.pop(path)

@@ -36,3 +36,16 @@ def unflatten(flat: dict, *, leaf: Callable[[Any], Any] | None = None, consume: 
             node = node.setdefault(part, {})
         node[last] = value if leaf is None else leaf(value)
     return tree
+
+
+def check_like(flat: dict, expected: dict) -> None:
+    """Raise a one-line ValueError unless `flat` (tuple paths, as flatten(sep=None) gives) has
+    exactly `expected`'s paths, each with the expected shape."""
+    if set(flat) != set(expected):
+        missing = sorted("/".join(p) for p in set(expected) - set(flat))
+        extra = sorted("/".join(p) for p in set(flat) - set(expected))
+        raise ValueError(f"params do not match the config: missing {missing or 'none'}; "
+                         f"unexpected {extra or 'none'}")
+    for path, leaf in expected.items():
+        if flat[path].shape != leaf.shape:
+            raise ValueError(f"param {'/'.join(path)} has shape {flat[path].shape}, expected {leaf.shape}")

@@ -166,7 +166,7 @@ def main(argv=None) -> int:
 
     engine = Engine(params, config, slots=args.slots, max_len=args.max_len,
                     max_queue=n_req).start()
-    server = Server(engine, get_tokenizer("gpt2"), "bench", chat_renderer("alpaca"), EOT_ID)
+    server = Server(engine, get_tokenizer("gpt2"), "bench", chat_renderer("alpaca"), (EOT_ID,))
     import uvicorn
 
     sock = socket.socket()

@@ -20,16 +20,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from hardware import cpu_model  # noqa: E402  (benchmarks/hardware.py)
+
 HERE = Path(__file__).resolve().parent
 LINE = re.compile(r"jax: state init ([\d.]+) s, trace\+lower ([\d.]+) s, compile ([\d.]+) s")
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return "unknown CPU"
 
 
 def run(extra: list[str], env: dict) -> tuple[float, float, float, float]:

@@ -63,6 +63,7 @@ if "--no-peer" not in sys.argv:
 import jax
 import jax.numpy as jnp
 import numpy as np
+from hardware import cpu_model  # benchmarks/hardware.py
 
 import jaxgpt
 from jaxgpt import kernels
@@ -106,14 +107,6 @@ def usable_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:
         return os.cpu_count() or 1
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 def cpu_features() -> str:

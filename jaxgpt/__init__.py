@@ -31,7 +31,7 @@ _EXPORTS = {
     "generate_stream": "jaxgpt.generation",
     "get_batch": "jaxgpt.data",
     "get_tokenizer": "jaxgpt.tokenizer",
-    "init_cache": "jaxgpt.model",
+    "init_cache": "jaxgpt.cache",
     "init_params": "jaxgpt.model",
     "load_family_tokenizer": "jaxgpt.tokenizer",
     "load_classifier": "jaxgpt.tasks.classification.model",

@@ -8,6 +8,7 @@ With several processes, each takes a contiguous slice of the same global batch.
 
 from __future__ import annotations
 
+import abc
 import functools
 from dataclasses import dataclass
 
@@ -153,19 +154,19 @@ def get_batch(
     return inputs[idx], targets[idx]  # [B / process_count, T] each, fresh contiguous copies
 
 
-class Windows:
+class Windows(abc.ABC):
     """The dataset interface the trainer reads: `len(ds)` windows and `ds.rows(indices)`.
 
     Subclasses hold the windows in memory (WindowDataset) or read them from token shards on
     disk (jaxgpt.shards.ShardDataset); batching by step is shared, so both give the same batch
     for the same (seed, step) over the same token stream."""
 
-    def __len__(self) -> int:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def __len__(self) -> int: ...
 
+    @abc.abstractmethod
     def rows(self, indices: np.ndarray) -> dict[str, np.ndarray]:
         """The windows at `indices` as the trainer's batch dict ("inputs", "targets")."""
-        raise NotImplementedError
 
     def num_batches(self, batch_size: int, drop_last: bool = True) -> int:
         """Batches per epoch."""

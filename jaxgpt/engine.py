@@ -32,10 +32,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxgpt.cache import init_cache
 from jaxgpt.config import GPTConfig
 from jaxgpt.generation import _head
 from jaxgpt.generation_inputs import check_sampling, prompt_bucket
-from jaxgpt.model import GPT, init_cache
+from jaxgpt.model import GPT
 
 
 class QueueFull(RuntimeError):

@@ -34,6 +34,7 @@ import numpy as np
 from jax import lax
 
 from jaxgpt import kernels
+from jaxgpt.cache import init_cache
 from jaxgpt.config import GPTConfig
 from jaxgpt.generation_inputs import (
     _as_prompts,
@@ -42,7 +43,7 @@ from jaxgpt.generation_inputs import (
     check_size,
     prompt_bucket,
 )
-from jaxgpt.model import GPT, init_cache, output_head, validate_ids
+from jaxgpt.model import GPT, output_head, validate_ids
 
 
 def _head(params, config: GPTConfig, h: jax.Array) -> jax.Array:

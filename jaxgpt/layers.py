@@ -31,16 +31,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxgpt import kernels
+from jaxgpt.cache import build_mask, write_cache
 from jaxgpt.config import GPTConfig
 from jaxgpt.kernels.attention import masked_softmax
 from jaxgpt.kernels.dropout import Dropout
 from jaxgpt.model import (
     Dense,
-    _build_mask,
     _kernel_init,
     _param,
     _remat_policy,
-    write_cache,
 )
 from jaxgpt.sharding import constrain
 
@@ -186,7 +185,7 @@ def family_forward(module: nn.Module, ids, deterministic, positions, attention_m
                      name="embed_tokens")
     x = Dropout(cfg.drop_rate, deterministic=deterministic)(embed(ids))  # [B, T, D]
     x = constrain(x.astype(cfg.compute_dtype), ("batch", "length", "embed"))
-    mask = _build_mask(T, cache, cache_index, attention_mask)  # None or [B|1, 1, T, S]
+    mask = build_mask(T, cache, cache_index, attention_mask)  # None or [B|1, 1, T, S]
     block = FamilyBlock
     if cfg.remat_policy != "none":
         block = nn.remat(block, policy=_remat_policy(cfg.remat_policy), prevent_cse=not cfg.scan_layers)

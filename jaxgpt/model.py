@@ -11,10 +11,9 @@ head. Every parameter carries logical axis names (see `jaxgpt.sharding` for the 
 and the activations between layers are pinned by the same names with `constrain`.
 
 With `scan_layers` the blocks live under one `h` entry whose leaves have a leading L axis.
-A KV cache, when given, is a dict {"k", "v"} of [L, B, H, S, K] arrays (heads before slots,
-so attention reads it without a transposed copy); the call writes the new
-keys and values at `cache_index` (a scalar, or an int array [B] of one slot per row) and returns
-the updated cache beside the logits.
+A KV cache, when given, is a dict {"k", "v"} of [L, B, H, S, K] arrays (jaxgpt/cache.py: its
+layout, the write at `cache_index`, the mask over it); the call returns the updated cache beside
+the logits.
 
 Llama 3 and Qwen3 (config.family) run through the same `GPT` call, built from the pieces in
 `jaxgpt.layers` (RMSNorm, rotary positions, SwiGLU, grouped-query attention) under Hugging
@@ -32,12 +31,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxgpt import kernels
+from jaxgpt.cache import Cache, build_mask, write_cache
 from jaxgpt.config import GPTConfig
-from jaxgpt.kernels.attention import causal_mask
 from jaxgpt.kernels.dropout import Dropout
 from jaxgpt.sharding import constrain
-
-Cache = dict[str, jax.Array]
 
 
 def _kernel_init(cfg: GPTConfig, residual: bool = False):
@@ -231,7 +228,7 @@ class GPT(nn.Module):
         x = Dropout(cfg.drop_rate, deterministic=deterministic)(x)
         x = constrain(x.astype(cfg.compute_dtype), ("batch", "length", "embed"))
 
-        mask = _build_mask(T, cache, cache_index, attention_mask)  # None or [B|1, 1, T, S]
+        mask = build_mask(T, cache, cache_index, attention_mask)  # None or [B|1, 1, T, S]
         block = Block
         if cfg.remat_policy != "none":
             block = nn.remat(block, policy=_remat_policy(cfg.remat_policy),
@@ -293,44 +290,6 @@ def mask_padded_logits(logits: jax.Array, config: GPTConfig) -> jax.Array:
     return jnp.where(real, logits, jnp.asarray(PADDED_LOGIT, logits.dtype))
 
 
-def write_cache(buf: jax.Array, new: jax.Array, lead: tuple, cache_index) -> jax.Array:
-    """`buf` [*lead, B, H, S, K] with new [B, T, H, K] written at slots cache_index.. +T: one
-    index for every row (a scalar), or one per row (an int array [B], continuous batching)."""
-    new = new.astype(buf.dtype)
-    if jnp.ndim(cache_index) == 0:
-        start = (*lead, 0, 0, cache_index, 0)
-        return jax.lax.dynamic_update_slice(buf, jnp.swapaxes(new, 1, 2)[(None,) * len(lead)], start)
-    B, T = new.shape[:2]
-    rows = jnp.arange(B)[:, None]  # [B, 1]
-    slots = jnp.asarray(cache_index)[:, None] + jnp.arange(T)[None, :]  # [B, T]
-    # Two index arrays split by a slice: numpy puts their broadcast [B, T] first, then [H, K].
-    if buf.dtype.itemsize != 2:
-        return buf.at[(*lead, rows, slice(None), slots)].set(new, mode="drop")
-    # 16-bit floats are scattered as their bits: XLA:CPU's bfloat16 scatter made a 32-row
-    # GPT-2 decode step ~5x slower (2.6 s, against 0.4-0.7 s this way).
-    bits = jax.lax.bitcast_convert_type
-    out = bits(buf, jnp.uint16).at[(*lead, rows, slice(None), slots)].set(
-        bits(new, jnp.uint16), mode="drop")
-    return bits(out, buf.dtype)
-
-
-def _build_mask(t, cache, cache_index, attention_mask):
-    """Boolean mask [B|1, 1, T, S], or None for the plain causal case (fused kernels)."""
-    if cache is None:
-        if attention_mask is None:
-            return None
-        mask = causal_mask(t)[None, None]  # [1, 1, T, T]
-    else:
-        s = cache["k"].shape[3]
-        if jnp.ndim(cache_index) == 0:
-            mask = causal_mask(t, s, cache_index)[None, None]  # [1, 1, T, S]
-        else:  # one offset per row
-            mask = causal_mask(t, s, jnp.asarray(cache_index)[:, None, None])[:, None]  # [B, 1, T, S]
-    if attention_mask is not None:
-        mask = mask & attention_mask.astype(bool)[:, None, None, :]  # [B, 1, T, S]
-    return mask
-
-
 def validate_ids(ids, config: GPTConfig) -> None:
     """Raise a one-line ValueError for ids a GPT cannot take (checked on the host)."""
     if ids.ndim != 2:
@@ -347,14 +306,6 @@ def validate_ids(ids, config: GPTConfig) -> None:
     if host.size and (host.min() < 0 or host.max() >= config.vocab_size):
         bad = host[(host < 0) | (host >= config.vocab_size)][0]
         raise ValueError(f"token id {int(bad)} is outside the vocabulary [0, {config.vocab_size})")
-
-
-def init_cache(config: GPTConfig, batch: int, length: int, dtype=None) -> Cache:
-    """An empty KV cache of `length` slots: {"k", "v"} each [L, B, Hkv, S, K] (Hkv = H but for
-    grouped-query attention)."""
-    shape = (config.n_layers, batch, config.kv_heads, length, config.head_dim)
-    dtype = config.compute_dtype if dtype is None else dtype
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
 
 def _init(config: GPTConfig, key: jax.Array):

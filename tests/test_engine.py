@@ -8,10 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxgpt.cache import write_cache
 from jaxgpt.config import GPTConfig
 from jaxgpt.engine import Engine, QueueFull, Request, check_request, run_to_end
 from jaxgpt.generation import generate
-from jaxgpt.model import init_params, write_cache
+from jaxgpt.model import init_params
 from tests.conftest import TINY
 
 CONFIG = GPTConfig(**{**TINY, "context_length": 23})

@@ -13,9 +13,10 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from jaxgpt import families  # noqa: E402
+from jaxgpt.cache import init_cache  # noqa: E402
 from jaxgpt.generation import generate, generate_simple  # noqa: E402
 from jaxgpt.loading import load_model  # noqa: E402
-from jaxgpt.model import GPT, init_cache  # noqa: E402
+from jaxgpt.model import GPT  # noqa: E402
 from jaxgpt.pretrained import load_pretrained, save_pretrained  # noqa: E402
 
 V = 41

@@ -112,7 +112,7 @@ def run_sampled(cmd: list[str], env=None) -> tuple[float, float, int, str]:
 
 def peer_loop(files: list[Path], out: Path) -> tuple[float, float, int]:
     """The plain loop: read, encode with tiktoken in this process, write uint16."""
-    from jaxgpt.tokenizer import get_tokenizer
+    from jaxgpt.data.tokenizer import get_tokenizer
 
     enc = get_tokenizer("gpt2")
     cpu0 = cpu_seconds(resource.RUSAGE_SELF)
@@ -130,8 +130,8 @@ import sys, time, json, re
 import numpy as np
 from pathlib import Path
 sys.path.insert(0, {root!r})
-from jaxgpt.data import batch_indices
-from jaxgpt.shards import ShardDataset
+from jaxgpt.data.windows import batch_indices
+from jaxgpt.data.shards import ShardDataset
 def rss():
     status = Path("/proc/self/status").read_text()
     return {{k: int(re.search(k + r":\\s+(\\d+) kB", status).group(1)) * 1024 for k in ("RssAnon", "RssFile")}}

@@ -49,7 +49,7 @@ def write_random(directory: Path, shape: str) -> int:
     """A random Llama checkpoint, one shard per layer (and one for the rest); returns its bytes."""
     from safetensors.numpy import save_file
 
-    from jaxgpt.families import hf_config, hf_shapes
+    from jaxgpt.weights.llama import hf_config, hf_shapes
 
     config = config_of(shape)
     rng = np.random.default_rng(0)
@@ -82,7 +82,7 @@ def child_load(directory: str, who: str) -> None:
     if who == "jaxgpt":
         import jax
 
-        from jaxgpt.loading import load_model
+        from jaxgpt.weights.loader import load_model
 
         jax.numpy.zeros(1).block_until_ready()  # the runtime up before the baseline
         before = _rss_kib()
@@ -119,9 +119,9 @@ def measure_decode(shape: str, new_tokens: int, prompt_len: int = 16) -> dict:
     import torch
     import transformers
 
-    from jaxgpt.families import save_family
-    from jaxgpt.generation import generate
-    from jaxgpt.model import count_params, init_params
+    from jaxgpt.weights.llama import save_family
+    from jaxgpt.inference.generate import generate
+    from jaxgpt.models.model import count_params, init_params
 
     config = config_of(shape)
     params = init_params(config, jax.random.key(0))

@@ -38,9 +38,9 @@ from hardware import hardware  # noqa: E402  (benchmarks/hardware.py)
 from jax import lax  # noqa: E402
 
 from jaxgpt import GPT, GPTConfig, count_params, init_params  # noqa: E402
-from jaxgpt.generation import _head, generate  # noqa: E402
+from jaxgpt.inference.generate import _head, generate  # noqa: E402
 from jaxgpt.hostmem import retain_freed_memory  # noqa: E402
-from jaxgpt.pretrained import save_pretrained  # noqa: E402
+from jaxgpt.weights.gpt2 import save_pretrained  # noqa: E402
 
 retain_freed_memory()  # before the first JAX computation (jaxgpt/hostmem.py)
 

@@ -30,11 +30,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from jaxgpt import lora  # noqa: E402
+from jaxgpt.lora import transform as lora  # noqa: E402
 from jaxgpt.config import GPTConfig  # noqa: E402
 from jaxgpt.hostmem import retain_freed_memory  # noqa: E402
-from jaxgpt.lora_io import base_fingerprint  # noqa: E402
-from jaxgpt.model import (  # noqa: E402
+from jaxgpt.lora.adapters import base_fingerprint  # noqa: E402
+from jaxgpt.models.model import (  # noqa: E402
     abstract_params,  # noqa: E402
     count_params,
     init_params,

@@ -41,10 +41,10 @@ import numpy as np  # noqa: E402
 
 from jaxgpt import GPTConfig, init_params  # noqa: E402
 from jaxgpt.cli.serve import Server, build_app  # noqa: E402
-from jaxgpt.cli.serve_api import chat_renderer  # noqa: E402
-from jaxgpt.engine import Engine  # noqa: E402
-from jaxgpt.generation import generate  # noqa: E402
-from jaxgpt.tokenizer import EOT_ID, get_tokenizer  # noqa: E402
+from jaxgpt.inference.api import chat_renderer  # noqa: E402
+from jaxgpt.inference.engine import Engine  # noqa: E402
+from jaxgpt.inference.generate import generate  # noqa: E402
+from jaxgpt.data.tokenizer import EOT_ID, get_tokenizer  # noqa: E402
 
 
 async def stream_one(port: int, body: dict) -> dict:

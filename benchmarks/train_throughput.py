@@ -12,7 +12,7 @@
 The jax contender is the library's own path: `create_state` + `compile_steps` (one jit with
 explicit shardings and the state donated), `lm_loss_fn` and the AdamW of `make_optimizer`
 (lr 4e-4, weight decay 0.1 on matrices only). The peer is `transformers`' GPT2LMHeadModel built
-from the same config (`jaxgpt.pretrained.hf_config`: same widths, untied head, dropout, GELU
+from the same config (`jaxgpt.weights.gpt2.hf_config`: same widths, untied head, dropout, GELU
 tanh), trained with torch.optim.AdamW (same lr, betas, eps, decay on the same matrices) on the
 same batches, with as many torch threads as this process may use. The peer always computes in
 float32; with `--dtype bfloat16` a second peer line runs it under torch.autocast(bfloat16).
@@ -68,12 +68,12 @@ from hardware import cpu_model  # benchmarks/hardware.py
 import jaxgpt
 from jaxgpt import kernels
 from jaxgpt.config import GPTConfig
-from jaxgpt.corpus import load_text
+from jaxgpt.data.corpus import load_text
 from jaxgpt.hostmem import retain_freed_memory
-from jaxgpt.model import count_params
-from jaxgpt.pretrained import hf_config, save_pretrained
+from jaxgpt.models.model import count_params
+from jaxgpt.weights.gpt2 import hf_config, save_pretrained
 from jaxgpt.sharding import MeshConfig, batch_sharding, make_mesh
-from jaxgpt.tokenizer import get_tokenizer
+from jaxgpt.data.tokenizer import get_tokenizer
 from jaxgpt.training.losses import lm_loss_fn
 from jaxgpt.training.optim import make_optimizer, schedule
 from jaxgpt.training.runconfig import OptimConfig
@@ -492,7 +492,7 @@ def breakdown(jx: JaxContender, args) -> None:
     """Time separately jitted pieces of the step, interleaved with the step itself."""
     import optax
 
-    from jaxgpt.model import GPT
+    from jaxgpt.models.model import GPT
     from jaxgpt.sharding import traced_under
 
     state, loss_fn, tx, cfg = jx.state, jx.loss_fn, jx.tx, jx.config
@@ -717,7 +717,7 @@ def main(argv=None) -> None:
         torch.set_num_threads(usable_cores())
     if args.compile_cache:
         os.environ["JAXGPT_CACHE_DIR"] = args.compile_cache
-        from jaxgpt.cli.common import enable_compile_cache
+        from jaxgpt.entrypoint import enable_compile_cache
 
         print(f"compilation cache: {enable_compile_cache()}")
     print("\n".join(hardware_lines(torch)))

@@ -73,8 +73,8 @@ class GPTConfig:
     # Training loss from the hidden states in chunks of this many tokens (the LM head and the
     # cross-entropy fused; no [B, T, V] float32 logits held); 0: the head, then the loss.
     loss_chunk: int = 0
-    # Architecture family (the pieces are in jaxgpt/layers.py, the weight names in
-    # jaxgpt/families.py): "gpt2" (LayerNorm, learned positions, GELU MLP, biases), "llama"
+    # Architecture family (the pieces are in jaxgpt/models/llama.py, the weight names in
+    # jaxgpt/weights/llama.py): "gpt2" (LayerNorm, learned positions, GELU MLP, biases), "llama"
     # (RMSNorm, rotary positions, SwiGLU MLP, no biases), "qwen3" (llama plus RMSNorm on each
     # query and key head). The fields below are the llama/qwen3 shapes; GPT-2 leaves them unset.
     family: str = "gpt2"

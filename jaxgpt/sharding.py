@@ -1,6 +1,6 @@
 """Device mesh and shardings: one rules table from logical axis names to mesh axes.
 
-Every parameter carries logical axis names from the model (`jaxgpt.model.logical_axes`);
+Every parameter carries logical axis names from the model (`jaxgpt.models.model.logical_axes`);
 `RULES` maps them to the mesh axes ("data", "fsdp", "tensor"). Nothing else in the library names
 a mesh axis. A mesh shape picks the strategy with no code change:
   data=N            pure data parallel (parameters replicated)

@@ -1,6 +1,6 @@
 """Sharded steps equal the single-device step, and the state is split as the rules table says.
 
-The 8-device checks run in tests/workers/sharded_step.py: the CPU device count is fixed when
+The 8-device checks run in tests/e2e/workers/sharded_step.py: the CPU device count is fixed when
 JAX starts, and this process may already have started it with one device.
 """
 
@@ -29,7 +29,7 @@ from jaxgpt.sharding import (
 from jaxgpt.training.report import _bytes
 from jaxgpt.training.runconfig import MeshConfig
 
-WORKER = Path(__file__).resolve().parent / "workers" / "sharded_step.py"
+WORKER = Path(__file__).resolve().parents[1] / "e2e" / "workers" / "sharded_step.py"
 MESHES = ["data8", "fsdp8", "tensor8", "data2_fsdp4", "data2_tensor4", "fsdp2_tensor4"]
 
 

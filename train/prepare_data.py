@@ -1,4 +1,4 @@
-"""Tokenize a corpus into uint16 token shards for pretraining (see jaxgpt/prepare.py).
+"""Tokenize a corpus into uint16 token shards for pretraining (see jaxgpt/data/prepare.py).
 
     python train/prepare_data.py SOURCE OUT_DIR [--shard-tokens N] [--val-tokens N] ...
 
@@ -15,9 +15,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 
-from jaxgpt.cli.common import USER_ERRORS, fail  # noqa: E402
-from jaxgpt.prepare import PrepareOptions, prepare  # noqa: E402
-from jaxgpt.sources import SourceSpec  # noqa: E402
+from jaxgpt.entrypoint import USER_ERRORS, fail  # noqa: E402
+from jaxgpt.data.prepare import PrepareOptions, prepare  # noqa: E402
+from jaxgpt.data.sources import SourceSpec  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 
-from jaxgpt.cli.common import USER_ERRORS, enable_compile_cache, fail, setup_process  # noqa: E402
+from jaxgpt.entrypoint import USER_ERRORS, enable_compile_cache, fail, setup_process  # noqa: E402
 
 setup_process()  # malloc retention, quiet library logs; before any JAX computation
 enable_compile_cache()  # reruns load compiled programs (JAXGPT_COMPILE_CACHE=0: off)

@@ -17,11 +17,11 @@ import sys
 
 import jax
 
-from jaxgpt.cli.common import USER_ERRORS, fail, setup_process
-from jaxgpt.generation_inputs import check_sampling, check_size
-from jaxgpt.loading import is_run_dir, load_model, read_run_yaml
+from jaxgpt.entrypoint import USER_ERRORS, fail, setup_process
+from jaxgpt.inference.requests import check_sampling, check_size
+from jaxgpt.weights.loader import is_run_dir, load_model, read_run_yaml
 from jaxgpt.tasks.instruct.prompts import TEMPLATES
-from jaxgpt.tokenizer import FamilyTokenizer, model_tokenizer
+from jaxgpt.data.tokenizer import FamilyTokenizer, model_tokenizer
 
 
 def load_chat_model(name_or_dir: str, template: str | None = None):
@@ -47,7 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    setup_process()  # this process's settings (jaxgpt/cli/common.py), before any JAX computation
+    setup_process()  # this process's settings (jaxgpt/entrypoint.py), before any JAX computation
     args = parse_args(argv)
     from jaxgpt.tasks.instruct.responses import generate_responses
 
@@ -88,7 +88,7 @@ def main(argv=None) -> int:
 
 def _converse(config, params, tok, stop_ids, args, interactive: bool, key) -> int:
     """A multi-turn chat in the model's own template; replies stop at its end-of-turn ids."""
-    from jaxgpt.generation import generate
+    from jaxgpt.inference.generate import generate
 
     try:
         tok.render_chat([{"role": "user", "content": ""}])  # no template: refused before a turn

@@ -10,11 +10,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jaxgpt.cli.common import USER_ERRORS, fail, setup_process
+from jaxgpt.entrypoint import USER_ERRORS, fail, setup_process
 
 
 def main(argv: list[str] | None = None) -> int:
-    setup_process()  # this process's settings (jaxgpt/cli/common.py), before any JAX computation
+    setup_process()  # this process's settings (jaxgpt/entrypoint.py), before any JAX computation
     parser = argparse.ArgumentParser(prog="python -m jaxgpt.cli.classify", description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="run directory of train/finetune_classifier.py")
     parser.add_argument("texts", nargs="+", help="texts to classify")

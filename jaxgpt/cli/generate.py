@@ -17,10 +17,10 @@ import sys
 
 import jax
 
-from jaxgpt.cli.common import USER_ERRORS, fail, setup_process
-from jaxgpt.generation import generate_stream
-from jaxgpt.generation_inputs import check_sampling, check_size
-from jaxgpt.loading import load_model
+from jaxgpt.entrypoint import USER_ERRORS, fail, setup_process
+from jaxgpt.inference.generate import generate_stream
+from jaxgpt.inference.requests import check_sampling, check_size
+from jaxgpt.weights.loader import load_model
 
 DEFAULT_TOP_K = 40
 
@@ -41,9 +41,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    setup_process()  # this process's settings (jaxgpt/cli/common.py), before any JAX computation
+    setup_process()  # this process's settings (jaxgpt/entrypoint.py), before any JAX computation
     args = parse_args(argv)
-    from jaxgpt.tokenizer import TextDecoder, model_tokenizer
+    from jaxgpt.data.tokenizer import TextDecoder, model_tokenizer
 
     try:
         # Options first: a request no model could take is refused before the weights load.

@@ -13,7 +13,7 @@ import argparse
 import json
 import sys
 
-from jaxgpt.cli.common import USER_ERRORS, fail, setup_process
+from jaxgpt.entrypoint import USER_ERRORS, fail, setup_process
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -27,9 +27,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    setup_process()  # this process's settings (jaxgpt/cli/common.py), before any JAX computation
+    setup_process()  # this process's settings (jaxgpt/entrypoint.py), before any JAX computation
     args = parse_args(argv)
-    from jaxgpt.loading import load_model
+    from jaxgpt.weights.loader import load_model
     from jaxgpt.tasks.hellaswag import read_examples, score
 
     try:

@@ -1,10 +1,10 @@
-"""An OpenAI-compatible HTTP server over the continuous-batching engine (jaxgpt/engine.py).
+"""An OpenAI-compatible HTTP server over the continuous-batching engine (jaxgpt/inference/engine.py).
 
   python -m jaxgpt.cli.serve --model SOURCE [--host 127.0.0.1 --port 8000 --slots 8]
 
 SOURCE is anything `jaxgpt.load_model` takes (a GPT-2 name, an exported or Hugging Face
 directory, a run directory, finetuned or LoRA); a Llama 3 / Qwen3 directory brings its own
-tokenizer.json, chat template and end-of-turn ids (`jaxgpt.tokenizer.model_tokenizer`).
+tokenizer.json, chat template and end-of-turn ids (`jaxgpt.data.tokenizer.model_tokenizer`).
 Routes: POST /v1/completions and /v1/chat/completions (both with "stream": true as server-sent
 events), GET /v1/models, GET /health, and GET / (a chat page). The engine loop runs in one
 background thread; each request waits on its own asyncio queue, which the engine's thread
@@ -23,8 +23,8 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from jaxgpt.cli.common import USER_ERRORS, fail, setup_process
-from jaxgpt.cli.serve_api import (
+from jaxgpt.entrypoint import USER_ERRORS, fail, setup_process
+from jaxgpt.inference.api import (
     ApiError,
     Job,
     TextStream,
@@ -47,7 +47,7 @@ class Server:
 
     def submit(self, job: Job, loop: asyncio.AbstractEventLoop):
         """Queue `job`; returns (request, asyncio.Queue of ("text", delta) and ("done", reason))."""
-        from jaxgpt.engine import QueueFull, Request
+        from jaxgpt.inference.engine import QueueFull, Request
 
         events: asyncio.Queue = asyncio.Queue()
         put = lambda *event: loop.call_soon_threadsafe(events.put_nowait, event)  # noqa: E731
@@ -192,7 +192,7 @@ def build_app(server: Server):
         return JSONResponse({"status": "ok", "model": server.name, **load})
 
     async def page(_):
-        return HTMLResponse(resources.files("jaxgpt.cli").joinpath("chat.html").read_text())
+        return HTMLResponse(resources.files("jaxgpt.inference").joinpath("chat.html").read_text())
 
     async def not_found(http: HttpRequest, exc):
         status = getattr(exc, "status_code", 404)
@@ -210,8 +210,8 @@ def make_server(source: str, *, slots: int = 8, max_queue: int = 64, max_len: in
                 template: str | None = None, name: str | None = None) -> Server:
     """Load `source`, start its engine thread and wrap both for the routes."""
     from jaxgpt.cli.chat import load_chat_model
-    from jaxgpt.engine import Engine
-    from jaxgpt.tokenizer import FamilyTokenizer, model_tokenizer
+    from jaxgpt.inference.engine import Engine
+    from jaxgpt.data.tokenizer import FamilyTokenizer, model_tokenizer
 
     config, params, chosen = load_chat_model(source, template)
     tokenizer, stop_ids = model_tokenizer(source, config)

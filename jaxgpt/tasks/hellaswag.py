@@ -25,8 +25,8 @@ import numpy as np
 
 from jaxgpt.config import GPTConfig
 from jaxgpt.distributed import host_copy
-from jaxgpt.model import GPT
-from jaxgpt.tokenizer import get_tokenizer
+from jaxgpt.models.model import GPT
+from jaxgpt.data.tokenizer import get_tokenizer
 
 
 @dataclass(frozen=True)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from jaxgpt.corpus import load_text, tokenize_cached
-from jaxgpt.data import WindowDataset, Windows, split_ids
+from jaxgpt.data.corpus import load_text, tokenize_cached
+from jaxgpt.data.windows import WindowDataset, Windows, split_ids
 from jaxgpt.distributed import host_copy
-from jaxgpt.model import init_params
-from jaxgpt.shards import ShardDataset
-from jaxgpt.tokenizer import get_tokenizer
+from jaxgpt.models.model import init_params
+from jaxgpt.data.shards import ShardDataset
+from jaxgpt.data.tokenizer import get_tokenizer
 from jaxgpt.training.losses import lm_loss_fn
 from jaxgpt.training.runconfig import RunConfig
 from jaxgpt.training.trainer import FitResult, Trainable, fit
@@ -60,7 +60,7 @@ def sampler(cfg: RunConfig):
         return None
     import jax
 
-    from jaxgpt.generation import generate
+    from jaxgpt.inference.generate import generate
 
     tok = get_tokenizer(cfg.data.tokenizer)
     prompt = np.asarray([tok.encode(cfg.train.sample_prompt)], np.int32)

@@ -5,7 +5,7 @@ of the run (its configuration and the data position, which is just the step beca
 a pure function of seed and step). Saves are asynchronous. A step directory counts only when
 Orbax has committed it (`commit_success.txt`); anything else (a crash mid-write, a copy gone
 wrong) is moved aside on start, never loaded and never deleted. Reading a run's model without
-resuming it is `jaxgpt.loading.load_model`, which changes nothing on disk.
+resuming it is `jaxgpt.weights.loader.load_model`, which changes nothing on disk.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from jaxgpt.config import RUNTIME_FIELDS, GPTConfig
-from jaxgpt.restore import (
+from jaxgpt.weights.runs import (
     CheckpointError,
     CorruptCheckpoint,
     checksums,

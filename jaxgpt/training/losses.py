@@ -13,9 +13,9 @@ import jax.numpy as jnp
 
 from jaxgpt import kernels
 from jaxgpt.config import GPTConfig
-from jaxgpt.data import IGNORE
+from jaxgpt.data.windows import IGNORE
 from jaxgpt.kernels.chunked_loss import chunked_head_cross_entropy_sum
-from jaxgpt.model import GPT, output_head
+from jaxgpt.models.model import GPT, output_head
 
 
 def token_counts(targets: jax.Array) -> jax.Array:

@@ -20,7 +20,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxgpt.config import GPTConfig
-from jaxgpt.model import abstract_params
+from jaxgpt.models.model import abstract_params
 from jaxgpt.sharding import RULES, batch_sharding, boxed_shardings, mesh_spec
 from jaxgpt.training.checkpoint import abstract_with_shardings
 from jaxgpt.training.losses import lm_loss_fn

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxgpt.config import GPTConfig
-from jaxgpt.model import abstract_params, init_params
+from jaxgpt.models.model import abstract_params, init_params
 from jaxgpt.sharding import boxed_shardings
 
 

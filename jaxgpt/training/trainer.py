@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax
 
-from jaxgpt.data import batch_indices, num_batches
+from jaxgpt.data.windows import batch_indices, num_batches
 from jaxgpt.sharding import (
     boxed_shardings,
     data_parallel_size,

@@ -171,7 +171,7 @@ def test_model_with_cudnn_equals_reference_with_left_padding():
     """The whole model in bfloat16 on a GPU: kernels=auto (cuDNN, a padding mask as its bias)
     against kernels=reference, logits and gradients, rows with left padding included."""
     from jaxgpt.config import GPTConfig
-    from jaxgpt.model import GPT, init_params
+    from jaxgpt.models.model import GPT, init_params
 
     cfg = GPTConfig(vocab_size=17, context_length=16, emb_dim=32, n_heads=4, n_layers=2,
                     drop_rate=0.0, dtype="bfloat16")

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxgpt.data import IGNORE
+from jaxgpt.data.windows import IGNORE
 from jaxgpt.kernels.chunked_loss import chunked_head_cross_entropy_sum
 from jaxgpt.kernels.cross_entropy import reference_cross_entropy_sum
 from jaxgpt.kernels.dense import reference_project

@@ -14,9 +14,9 @@ import numpy as np
 import optax
 import pytest
 
-from jaxgpt import lora
+from jaxgpt.lora import transform as lora
 from jaxgpt.config import GPTConfig
-from jaxgpt.model import init_params
+from jaxgpt.models.model import init_params
 from jaxgpt.tasks.classification.data import (
     ClassifierDataConfig,
     balance,
@@ -46,7 +46,7 @@ from jaxgpt.tasks.classification.model import (
     with_head,
 )
 from jaxgpt.tasks.classification.readers import read_sms_spam, read_source, read_table
-from jaxgpt.tokenizer import EOT_ID
+from jaxgpt.data.tokenizer import EOT_ID
 from jaxgpt.training.checkpoint import Checkpointer
 from jaxgpt.training.runconfig import ConfigError, RunConfig, load_config, save_config
 from jaxgpt.training.state import init_state
@@ -83,7 +83,7 @@ def sms_file(tmp_path_factory):
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
     """A tiny GPT-2 checkpoint in Hugging Face's layout (the pretrained-weights path)."""
-    from jaxgpt.pretrained import save_pretrained
+    from jaxgpt.weights.gpt2 import save_pretrained
 
     config = GPTConfig(**TINY, qkv_bias=True, tie_embeddings=True)
     return save_pretrained(config, init_params(config, jax.random.key(3)),

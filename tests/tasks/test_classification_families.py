@@ -23,7 +23,7 @@ from jaxgpt.tasks.classification.model import (  # noqa: E402
     classify,
     load_classifier,
 )
-from jaxgpt.tokenizer import FamilyTokenizer  # noqa: E402
+from jaxgpt.data.tokenizer import FamilyTokenizer  # noqa: E402
 from jaxgpt.training.metrics import read_metrics  # noqa: E402
 from jaxgpt.training.runconfig import config_from_yaml, load_config  # noqa: E402
 
@@ -94,7 +94,7 @@ def test_book_split_trains_the_last_llama_block_and_its_loss_falls(book_run, lla
 
 def _reference_logits(llama_dir, classifier, texts, tmp_path):
     """transformers' LlamaModel on each unpadded text, its last hidden state through the head."""
-    from jaxgpt.families import save_family
+    from jaxgpt.weights.llama import save_family
 
     backbone = {k: v for k, v in classifier.params.items() if k != "cls_head"}
     # the classifier has no LM head: written tied, the HF model's head is the embedding (unused)
@@ -151,7 +151,7 @@ def test_qwen3_lora_config_runs_on_a_scanned_llama_base(tmp_path, llama_dir, sms
     clf = load_classifier(run)  # frozen stacked base + adapters merged + head
     assert clf.config.scan_layers and "layers" in clf.params and "lm_head" not in clf.params
     # Adapters on the seven Llama projections changed exactly those kernels; the rest is the base.
-    from jaxgpt.loading import load_model
+    from jaxgpt.weights.loader import load_model
     from jaxgpt.trees import flatten
 
     _, base = load_model(llama_dir, scan_layers=True, tie_embeddings=True, dtype="float32")
@@ -179,7 +179,7 @@ def test_book_split_of_a_scanned_stack_trains_only_its_last_layer():
     import optax
 
     from jaxgpt.config import GPTConfig
-    from jaxgpt.model import init_params
+    from jaxgpt.models.model import init_params
     from jaxgpt.tasks.classification.model import (
         ClassifierConfig,
         classification_loss_fn,

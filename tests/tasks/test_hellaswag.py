@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 
 from jaxgpt.config import GPTConfig
-from jaxgpt.model import GPT, init_params
+from jaxgpt.models.model import GPT, init_params
 from jaxgpt.tasks.hellaswag import read_examples, score
-from jaxgpt.tokenizer import get_tokenizer
+from jaxgpt.data.tokenizer import get_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "tests" / "workers"))
+sys.path.insert(0, str(ROOT / "tests" / "e2e" / "workers"))
 from train_run import TINY_RUN  # noqa: E402
 
 # GPT-2's vocabulary (the scorer tokenizes text), everything else tiny and odd; a context of
@@ -96,7 +96,7 @@ def test_scorer_equals_one_forward_pass_per_ending(data_file, params, rows_per_c
 
 def test_command_scores_an_exported_model(data_file, params, tmp_path, capsys):
     from jaxgpt.cli.hellaswag import main
-    from jaxgpt.pretrained import save_pretrained
+    from jaxgpt.weights.gpt2 import save_pretrained
 
     save_pretrained(CONFIG, params, tmp_path / "model")
     assert main(["--model", str(tmp_path / "model"), "--data", str(data_file), "--json"]) == 0
@@ -108,7 +108,7 @@ def test_command_scores_an_exported_model(data_file, params, tmp_path, capsys):
 
 
 def test_evaluations_log_the_score_of_the_checkpointed_model(data_file, corpus, tmp_path):
-    from jaxgpt.loading import load_model
+    from jaxgpt.weights.loader import load_model
     from jaxgpt.tasks.pretraining import pretrain
     from jaxgpt.training.metrics import read_metrics
     from jaxgpt.training.runconfig import load_config

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from jaxgpt import GPTConfig, init_params
-from jaxgpt.corpus import dataset_path
-from jaxgpt.data import IGNORE as STEP_IGNORE
+from jaxgpt.data.corpus import dataset_path
+from jaxgpt.data.windows import IGNORE as STEP_IGNORE
 from jaxgpt.tasks.instruct.data import (
     IGNORE,
     InstructDataset,
@@ -23,7 +23,7 @@ from jaxgpt.tasks.instruct.data import (
 from jaxgpt.tasks.instruct.finetune import InstructRunConfig, mean_loss
 from jaxgpt.tasks.instruct.prompts import extract_response, get_template
 from jaxgpt.tasks.instruct.responses import generate_responses
-from jaxgpt.tokenizer import EOT_ID, get_tokenizer
+from jaxgpt.data.tokenizer import EOT_ID, get_tokenizer
 from jaxgpt.training.losses import cross_entropy_sum, lm_loss_fn
 from jaxgpt.training.runconfig import load_config
 from tests.conftest import TINY

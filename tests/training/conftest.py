@@ -1,6 +1,6 @@
 """Tiny training runs in their own processes, shared by the trainer and fault-injection tests.
 
-`uninterrupted` is one complete run of tests/workers/train_run.py (8 steps, checkpoints every
+`uninterrupted` is one complete run of tests/e2e/workers/train_run.py (8 steps, checkpoints every
 2); tests compare interrupted, damaged or contended runs against it, bit for bit.
 """
 
@@ -14,7 +14,7 @@ import pytest
 from jaxgpt.training.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
-WORKER = ROOT / "tests" / "workers" / "train_run.py"
+WORKER = ROOT / "tests" / "e2e" / "workers" / "train_run.py"
 sys.path.insert(0, str(WORKER.parent))
 
 

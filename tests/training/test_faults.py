@@ -14,8 +14,8 @@ import jax
 import numpy as np
 import pytest
 
-from jaxgpt.loading import load_model
-from jaxgpt.restore import (
+from jaxgpt.weights.loader import load_model
+from jaxgpt.weights.runs import (
     CheckpointError,
     CorruptCheckpoint,
     complete_steps,
@@ -72,9 +72,9 @@ def test_damaged_latest_step_falls_back_to_the_previous_one(tmp_path, corpus, un
         read_verified(run / "checkpoints", 8)
     # A reader serves step 6, says so, and changes nothing.
     before = sorted(p.name for p in (run / "checkpoints").iterdir())
-    code = ("import sys; from jaxgpt.loading import load_model; load_model(sys.argv[1])")
+    code = ("import sys; from jaxgpt.weights.loader import load_model; load_model(sys.argv[1])")
     reader = subprocess.run([sys.executable, "-c", code, str(run)], capture_output=True, text=True,
-                            timeout=120, cwd=Path(WORKER).parents[2])
+                            timeout=120, cwd=Path(WORKER).parents[3])
     assert reader.returncode == 0, reader.stderr[-2000:]
     assert "checkpoint step 8" in reader.stderr and "loading step 6 instead" in reader.stderr
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
@@ -120,7 +120,7 @@ def test_full_disk_refuses_in_one_line_and_resumes(tmp_path, corpus, uninterrupt
         pytest.skip("cannot mount a small tmpfs here (needs root and mount rights)")
     try:
         # Each checkpoint of this model takes ~8.5 MB: steps 2 and 4 fit in 20 MB, step 6 does not.
-        script = Path(WORKER).parents[2] / "train" / "pretrain.py"
+        script = Path(WORKER).parents[3] / "train" / "pretrain.py"
         from train_run import TINY_RUN
 
         plain = tmp_path / "plain.yaml"  # the worker's settings: no config file, TINY_RUN only

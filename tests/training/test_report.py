@@ -4,7 +4,7 @@ import jax
 import pytest
 
 from jaxgpt import GPTConfig, count_params
-from jaxgpt.model import init_params
+from jaxgpt.models.model import init_params
 from jaxgpt.sharding import make_mesh
 from jaxgpt.training.report import sharding_report
 from jaxgpt.training.runconfig import MeshConfig

@@ -7,7 +7,7 @@ import optax
 import pytest
 
 from jaxgpt import GPT, GPTConfig, init_params
-from jaxgpt.data import IGNORE
+from jaxgpt.data.windows import IGNORE
 from jaxgpt.training.losses import cross_entropy_sum, lm_loss_fn
 from jaxgpt.training.optim import make_optimizer, schedule
 from jaxgpt.training.runconfig import OptimConfig

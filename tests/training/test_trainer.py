@@ -7,9 +7,9 @@ import sys
 import jax
 import numpy as np
 import pytest
-from train_run import TINY_RUN  # noqa: E402  (tests/workers is on sys.path via the conftest)
+from train_run import TINY_RUN  # noqa: E402  (tests/e2e/workers is on sys.path via the conftest)
 
-from jaxgpt.loading import load_model
+from jaxgpt.weights.loader import load_model
 from jaxgpt.training.checkpoint import Checkpointer, complete_steps
 from jaxgpt.training.metrics import read_metrics
 from jaxgpt.training.runconfig import ConfigError, load_config

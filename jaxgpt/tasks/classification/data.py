@@ -27,7 +27,7 @@ from jaxgpt.checks import (
     optional,
 )
 from jaxgpt.tasks.classification.readers import Rows, read_source
-from jaxgpt.tokenizer import EOT_ID, get_tokenizer, load_family_tokenizer, tokenizer_dir
+from jaxgpt.data.tokenizer import EOT_ID, get_tokenizer, load_family_tokenizer, tokenizer_dir
 
 SPLITS = ("train", "validation", "test")
 

@@ -20,10 +20,10 @@ import jax
 import numpy as np
 
 from jaxgpt.config import GPTConfig
-from jaxgpt.data import num_batches
+from jaxgpt.data.windows import num_batches
 from jaxgpt.distributed import host_copy, is_lead
-from jaxgpt.loading import is_family_dir, load_model, start_overrides
-from jaxgpt.model import abstract_params, init_params
+from jaxgpt.weights.loader import is_family_dir, load_model, start_overrides
+from jaxgpt.models.model import abstract_params, init_params
 from jaxgpt.sharding import with_axes
 from jaxgpt.tasks.classification.data import (
     ClassificationData,
@@ -47,7 +47,7 @@ from jaxgpt.tasks.classification.model import (
     split_trainable,
     with_head,
 )
-from jaxgpt.tokenizer import copy_tokenizer_files
+from jaxgpt.data.tokenizer import copy_tokenizer_files
 from jaxgpt.training.checkpoint import complete_steps
 from jaxgpt.training.metrics import read_metrics
 from jaxgpt.training.runconfig import ConfigError, config_from_yaml

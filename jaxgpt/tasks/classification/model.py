@@ -11,7 +11,7 @@ What trains ("trainable"): "book", the last block, the final norm and the head (
 ln_f; Llama 3 / Qwen3's layers_<L-1>, norm), everything else frozen (passed to `fit` as
 `frozen`, so it gets no gradients and no optimizer state); with scanned layers the stack is
 sliced, its last layer training as "<stack>_last" and put back on top of the frozen ones in the
-loss (a copy of the stack per step); "all"; or "lora", rank-r adapters (`jaxgpt.lora`) plus the
+loss (a copy of the stack per step); "all"; or "lora", rank-r adapters (`jaxgpt.lora.transform`) plus the
 head trained in full.
 """
 
@@ -29,13 +29,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxgpt import lora
+from jaxgpt.lora import transform as lora
 from jaxgpt.checks import NON_EMPTY, check_fields, one_of
 from jaxgpt.config import GPTConfig
-from jaxgpt.loading import is_run_dir, read_run_yaml
-from jaxgpt.lora import LoRAConfig
-from jaxgpt.model import GPT
-from jaxgpt.restore import (  # save_tree: finetune.py imports it from here
+from jaxgpt.weights.loader import is_run_dir, read_run_yaml
+from jaxgpt.lora.transform import LoRAConfig
+from jaxgpt.models.model import GPT
+from jaxgpt.weights.runs import (  # save_tree: finetune.py imports it from here
     CheckpointError,
     read_latest_verified,
     restore_tree,
@@ -115,7 +115,7 @@ def with_head(gpt_params: dict, head: dict) -> dict:
 
 def classifier_boxed(config: GPTConfig, num_classes: int) -> dict:
     """The classifier's abstract parameter tree with logical axis boxes."""
-    from jaxgpt.model import abstract_params
+    from jaxgpt.models.model import abstract_params
 
     return with_head(abstract_params(config), head_boxed(config.emb_dim, num_classes))
 

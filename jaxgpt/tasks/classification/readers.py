@@ -168,7 +168,7 @@ def read_hf(source: str, text_column: str = "text", label_column: str = "label")
 def read_source(source: str, text_column: str = "text", label_column: str = "label") -> dict[str, Rows]:
     """{split: rows}: {"train": all rows} for a single file, every split of a HF data set."""
     if source == "sms-spam":
-        from jaxgpt.corpus import dataset_path
+        from jaxgpt.data.corpus import dataset_path
 
         source = str(dataset_path("sms-spam"))
     # Every reader refuses an empty text or label, naming its line or record.

@@ -19,9 +19,9 @@ from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
-from jaxgpt.data import IGNORE
+from jaxgpt.data.windows import IGNORE
 from jaxgpt.tasks.instruct.prompts import Template, get_template
-from jaxgpt.tokenizer import EOT_ID, get_tokenizer
+from jaxgpt.data.tokenizer import EOT_ID, get_tokenizer
 
 FIELDS = ("instruction", "input", "output")
 _SHOWN = 5  # record indices named in an error
@@ -65,7 +65,7 @@ def _rows(source: Any, hf_split: str) -> Iterable:
         return datasets.load_dataset(path, config or None, split=hf_split)
     path = Path(source)
     if not path.is_file():
-        from jaxgpt.corpus import DATASETS, dataset_path
+        from jaxgpt.data.corpus import DATASETS, dataset_path
 
         if str(source) not in DATASETS:
             raise FileNotFoundError(f"instruction data {str(source)!r} is neither a file nor a "

@@ -26,7 +26,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from jaxgpt import lora
+from jaxgpt.lora import transform as lora
 from jaxgpt.checks import (
     FRACTION,
     NON_EMPTY,
@@ -39,9 +39,9 @@ from jaxgpt.checks import (
 )
 from jaxgpt.config import GPTConfig
 from jaxgpt.distributed import host_copy, is_lead
-from jaxgpt.loading import load_model, start_overrides
-from jaxgpt.lora import LoRAConfig
-from jaxgpt.model import abstract_params, init_params
+from jaxgpt.weights.loader import load_model, start_overrides
+from jaxgpt.lora.transform import LoRAConfig
+from jaxgpt.models.model import abstract_params, init_params
 from jaxgpt.sharding import with_axes
 from jaxgpt.tasks.instruct.data import (
     IGNORE,
@@ -51,7 +51,7 @@ from jaxgpt.tasks.instruct.data import (
 )
 from jaxgpt.tasks.instruct.prompts import TEMPLATES, ChatTemplate, get_template
 from jaxgpt.tasks.instruct.responses import generate_responses
-from jaxgpt.tokenizer import (
+from jaxgpt.data.tokenizer import (
     EOT_ID,
     copy_tokenizer_files,
     get_tokenizer,
@@ -245,7 +245,7 @@ def _finetune(cfg: InstructRunConfig, **fit_kwargs) -> InstructResult:
     }
     if is_lead():
         if ic.export:
-            from jaxgpt.pretrained import save_pretrained
+            from jaxgpt.weights.gpt2 import save_pretrained
 
             save_pretrained(model, params, result.run_dir / "model")
             if ic.template == "chat":  # the chat CLI and a re-finetune read the tokenizer beside it

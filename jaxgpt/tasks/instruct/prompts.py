@@ -98,7 +98,7 @@ class ChatTemplate:
     instruction, then the input after a blank line) answered by one assistant turn (the output).
     Its texts hold the family's special tokens; tokenize them with the same FamilyTokenizer."""
 
-    tokenizer: Any  # jaxgpt.tokenizer.FamilyTokenizer
+    tokenizer: Any  # jaxgpt.data.tokenizer.FamilyTokenizer
     name: str = "chat"
     marker: str = ""  # the query ends with the assistant header the template writes
     turn_starts: tuple[str, ...] = ()

@@ -8,9 +8,9 @@ import jax
 import numpy as np
 
 from jaxgpt.config import GPTConfig
-from jaxgpt.generation import eos_ids, generate
+from jaxgpt.inference.generate import eos_ids, generate
 from jaxgpt.tasks.instruct.prompts import Template, extract_response, get_template
-from jaxgpt.tokenizer import EOT_ID, get_tokenizer
+from jaxgpt.data.tokenizer import EOT_ID, get_tokenizer
 
 
 def generate_responses(params, config: GPTConfig, records: Sequence[Mapping[str, str]],

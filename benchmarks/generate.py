@@ -38,7 +38,8 @@ from hardware import hardware  # noqa: E402  (benchmarks/hardware.py)
 from jax import lax  # noqa: E402
 
 from jaxgpt import GPT, GPTConfig, count_params, init_params  # noqa: E402
-from jaxgpt.inference.generate import _head, generate  # noqa: E402
+from jaxgpt.inference.generate import generate  # noqa: E402
+from jaxgpt.models.model import head_logits  # noqa: E402
 from jaxgpt.hostmem import retain_freed_memory  # noqa: E402
 from jaxgpt.weights.gpt2 import save_pretrained  # noqa: E402
 
@@ -94,7 +95,7 @@ def interleaved_best(contenders: dict, repeats: int) -> dict:
 @functools.partial(jax.jit, static_argnums=0)
 def _last_logits(config, params, ids, last):
     hidden = GPT(config).apply({"params": params}, ids, return_hidden=True)  # [B, Tpad, D]
-    return _head(params, config, hidden[:, last])  # [B, V]
+    return head_logits(params, config, hidden[:, last])  # [B, V]
 
 
 def uncached_generate(params, config, prompt, new_tokens, bucket=32):

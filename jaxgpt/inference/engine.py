@@ -34,7 +34,7 @@ from jax import lax
 
 from jaxgpt.models.cache import init_cache
 from jaxgpt.config import GPTConfig
-from jaxgpt.inference.generate import _head
+from jaxgpt.models.model import head_logits
 from jaxgpt.inference.requests import check_sampling, prompt_bucket
 from jaxgpt.models.model import GPT
 
@@ -106,7 +106,7 @@ def _prefill(params, cache, prompt, length, slot, opts, *, config):
     )  # [1, P, D]; fresh {"k", "v"} [L, 1, H, P, K]
     cache = {n: lax.dynamic_update_slice(cache[n], fresh[n], (0, slot, 0, 0, 0)) for n in cache}
     last = lax.dynamic_slice_in_dim(hidden, length - 1, 1, axis=1)[:, 0]  # [1, D]
-    logits = _head(params, config, last)  # [1, V]
+    logits = head_logits(params, config, last)  # [1, V]
     return cache, _pick(logits, opts), jnp.all(jnp.isfinite(logits))
 
 

@@ -33,7 +33,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxgpt import kernels
 from jaxgpt.models.cache import init_cache
 from jaxgpt.config import GPTConfig
 from jaxgpt.inference.requests import (
@@ -43,15 +42,7 @@ from jaxgpt.inference.requests import (
     check_size,
     prompt_bucket,
 )
-from jaxgpt.models.model import GPT, output_head, validate_ids
-
-
-def _head(params, config: GPTConfig, h: jax.Array) -> jax.Array:
-    """Output head on final hidden states [B, D] -> float32 logits [B, V], as the model does."""
-    dt, project = config.compute_dtype, kernels.select(config.kernels).project
-    weight, transposed = output_head(params, config)
-    logits = project(h.astype(dt), weight.astype(dt), transposed, jnp.float32)  # [B, V padded]
-    return logits[:, :config.vocab_size]  # a padded vocabulary's extra columns: never drawn
+from jaxgpt.models.model import GPT, head_logits, validate_ids
 
 
 def _filter_logits(logits, temperature, top_k, top_p):
@@ -95,7 +86,7 @@ def _start(params, prompt, prompt_mask, key, opts, *, config, max_new_tokens, gr
         {"params": params}, prompt, positions=positions, attention_mask=mask[:, :slots],
         cache=init_cache(config, B, slots), cache_index=0, return_hidden=True,
     )  # [B, P, D]
-    logits = _head(params, config, hidden[:, -1])  # left padding puts every last token here
+    logits = head_logits(params, config, hidden[:, -1])  # left padding puts every last token here
     first = _next_token(logits, key, 0, opts, greedy=greedy, top_k=top_k, use_top_p=use_top_p)
     done = jnp.isin(first, opts["eos_id"]) if use_eos else jnp.zeros((B,), bool)
     return {
@@ -137,7 +128,7 @@ def _continue(params, state, stop, opts, *, config, max_new_tokens, greedy, top_
         positions = jnp.maximum(jnp.cumsum(real, axis=1) - 1, 0)
         hidden = model.apply({"params": params}, ids, positions=positions, attention_mask=real,
                              return_hidden=True)  # [B, C, D]
-        return _head(params, config, hidden[:, -1]), s["cache"]
+        return head_logits(params, config, hidden[:, -1]), s["cache"]
 
     def body(s):
         if P + max_new_tokens - 1 > C:  # static: only then can a position reach the context

@@ -277,6 +277,14 @@ def output_head(params, config: GPTConfig) -> tuple[jax.Array, bool]:
     return params["lm_head"], False
 
 
+def head_logits(params, config: GPTConfig, h: jax.Array) -> jax.Array:
+    """Output head on final hidden states [B, D] -> float32 logits [B, V], as the model does."""
+    dt, project = config.compute_dtype, kernels.select(config.kernels).project
+    weight, transposed = output_head(params, config)
+    logits = project(h.astype(dt), weight.astype(dt), transposed, jnp.float32)  # [B, V padded]
+    return logits[:, :config.vocab_size]  # a padded vocabulary's extra columns: never drawn
+
+
 # What padded vocabulary columns' logits become: finite, so that 0 * logit stays 0, and low
 # enough that softmax gives them exactly 0 and neither argmax nor sampling can pick them.
 PADDED_LOGIT = -1e30

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from hardware import hardware  # benchmarks/hardware.py
+from common import hardware  # benchmarks/common.py
 
 SHAPES = {
     "1b": dict(vocab_size=128256, emb_dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, mlp_dim=8192),

@@ -54,6 +54,11 @@ def test_prompt_holds_task_reference_response_and_scale():
     # Without a score line only an unambiguous reply counts.
     ("Response 1 of 2: compared to 100 it is an 85", None), ("I give it 8/10 for 3 reasons", None),
     ("On a 0-100 scale, 85", None),
+    # Unusual notation is read whole or not at all, never as its first digits.
+    ("Score: 8.5e1", 85.0), ("Score: 1e2", 100.0), ("Score: .5", 0.5), ("Score: 8.5E+1/100", 85.0),
+    ("Score: 0x55", None), ("Score: 85,5", None), ("Score: 9\u00bd", None), ("Score: 1_000", None),
+    ("Score: 85.5.3", None), ("Score: 85e", None), ("Score: 1e400", None), ("8,5", None),
+    ("Score: 85, which is fair.", 85.0), ("Score: **85**.", 85.0), ("Score: 85%", 85.0),
 ])
 def test_parse_score(reply, score):
     assert parse_score(reply) == score

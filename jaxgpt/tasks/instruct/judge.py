@@ -51,7 +51,9 @@ def judge_prompt(record: Mapping[str, str], response: str, template: str = "alpa
             "your reply with a final line of the form `Score: N`, with N an integer from 0 to 100.")
 
 
-_NUM = r"(-?\d+(?:\.\d+)?)"
+# A number stands alone: "8.5e1" is 85 and ".5" is 0.5, while a token it is only the start of
+# ("0x55", "85,5", "9½", "1_000", "85.5.3") is no number at all, never read as its first digits.
+_NUM = r"(?<![\w.,])(-?(?:\d+(?:\.\d+)?|\.\d+)(?:[eE][+-]?\d+)?)(?![\w]|[.,]\d)"
 _OF = rf"[ \t]*(?:/|out of)[ \t]*{_NUM}"
 # "Score: 85", "**Score:** 85", "Score (0-100): 85", "score = 85/100", "Score: 7/10"
 _SCORE_LINE = re.compile(rf"\bscore\b\s*(?:\([^)\n]*\))?[*_\s]*[:=][*_\s]*{_NUM}(?:{_OF})?",

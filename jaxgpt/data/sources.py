@@ -92,10 +92,13 @@ def cut_pieces(text: str, size: int = PIECE_CHARS) -> Iterator[str]:
     yield text[start:]
 
 
-# The same safe cut on the file's bytes (the ASCII bytes of UTF-8 are the characters), never
-# between "\r" and "\n": `decode_piece` then turns "\r\n" and "\r" into "\n" in each piece as
-# universal-newline reading (corpus.load_text) does in the whole file.
-_SAFE_SPLIT_BYTES = re.compile(rb"(?<!\r)(?=\n[!-~])")
+# The same safe cut on the file's bytes (the ASCII bytes of UTF-8 are the characters), for every
+# line-ending convention: before a "\n" (LF), or before the "\r" of a "\r\n" (CRLF) or of a lone
+# "\r" (old Mac), when a visible character follows the line end; never between "\r" and "\n".
+# `decode_piece` then turns "\r\n" and "\r" into "\n" in each piece as universal-newline reading
+# (corpus.load_text) does in the whole file, so the cut falls just before a "\n" of that text.
+_SAFE_SPLIT_BYTES = re.compile(rb"(?<!\r)(?=\n[!-~])|(?=\r\n?[!-~])")
+_LOOKAHEAD = 3  # bytes a cut's pattern reads past the cut: "\r\n" and the visible character
 
 
 def _next_cut(f, target: int) -> int | None:
@@ -103,11 +106,11 @@ def _next_cut(f, target: int) -> int | None:
     lo, block = target, _CUT_BLOCK
     while True:
         f.seek(lo - 1)  # one byte before, for the "\r" lookbehind
-        chunk = f.read(block + 2)  # positions lo - 1 .. lo + block: cuts at lo .. lo + block - 1
+        chunk = f.read(1 + block + _LOOKAHEAD)  # cuts at lo .. lo + block - 1, with what follows
         match = _SAFE_SPLIT_BYTES.search(chunk, 1)
         if match is not None and match.start() <= block:
             return lo - 1 + match.start()
-        if len(chunk) < block + 2:
+        if len(chunk) < 1 + block + _LOOKAHEAD:
             return None
         lo += block
 

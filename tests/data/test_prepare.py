@@ -93,6 +93,26 @@ def test_text_files_decode_to_the_source_stream(tmp_path, small_pieces):
     np.testing.assert_array_equal(stream.read(0, len(stream)), ref[val["tokens"] :])
 
 
+@pytest.mark.parametrize("ending", ["\n", "\r\n", "\r", "mixed"])
+def test_text_files_are_cut_under_every_line_ending(tmp_path, small_pieces, ending):
+    # A CRLF (or CR) file is cut as often as the same file with LF endings, never read whole,
+    # and its pieces decode to exactly what universal-newline reading of the whole file gives.
+    rng = np.random.default_rng(3)
+    lines = [" ".join(rng.choice(["alpha", "Beta", "  gamma", "d\u00e9j\u00e0", "42"], 6)) for _ in range(300)]
+    ends = ["\n", "\r\n", "\r"]
+    body = "".join(line + (ends[i % 3] if ending == "mixed" else ending) for i, line in enumerate(lines))
+    path = tmp_path / "doc.txt"
+    path.write_bytes(body.encode("utf-8"))
+    got = list(sources_mod.pieces(SourceSpec(str(path))))
+    spans = [p for _, p in got]
+    assert len(spans) > 20 and all(end - start <= 257 + 200 for _, start, end in spans)
+    assert [first for first, _ in got] == [True] + [False] * (len(got) - 1)
+    assert "".join(sources_mod.decode_piece(p) for p in spans) == path.open(encoding="utf-8").read()
+    lf = tmp_path / "lf.txt"
+    lf.write_bytes("".join(line + "\n" for line in lines).encode("utf-8"))
+    assert len(spans) >= 0.8 * len(list(sources_mod.pieces(SourceSpec(str(lf)))))
+
+
 def test_jsonl_parquet_and_streamed_dataset_rows_are_documents(tmp_path, small_pieces):
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -162,3 +162,58 @@ def test_chat_cli_replies_as_transformers_generate(tok_dir, tmp_path, monkeypatc
         assert got == expect
         messages.append({"role": "assistant", "content": expect})
     assert len(replies) == 2 and any(replies)  # not two empty strings
+
+
+# Templates transformers renders that use more of its environment: the {% generation %} block of
+# assistant-only-loss templates (TRL's style), `tools`/`documents` always defined, dict(),
+# namespace(), and reasoning read as reasoning_content or thinking.
+GENERATION = """{%- for m in messages %}<|im_start|>{{ m['role'] }}
+{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}<|im_end|>{% endgeneration %}
+{% else %}{{ m['content'] }}<|im_end|>
+{% endif %}{%- endfor %}{% if add_generation_prompt %}<|im_start|>assistant
+{% endif %}"""
+TOOLS = """{%- if tools is defined %}[tools defined: {{ tools is none }}]{% endif -%}
+{%- if documents is not none %}{{ documents|length }} docs{% endif -%}
+{%- for m in messages %}{{ m.role }}: {{ m.content }};{% endfor %}"""
+DICT_NS = """{%- set ns = namespace(count=0) %}{%- set d = dict(a=1, b=2) %}
+{%- for m in messages %}{% set ns.count = ns.count + 1 %}{% endfor -%}
+{{ ns.count }} {{ d|tojson }} {{ dict.fromkeys(['x', 'y'], 0)|tojson }}"""
+REASONING = """{%- for m in messages %}{{ m.role }}:
+{%- if m.reasoning_content is defined %} <think>{{ m.reasoning_content }}</think>{% endif %}
+{%- if m.thinking is defined %} [{{ m.thinking }}]{% endif %} {{ m.content }}
+{% endfor %}"""
+TRICKY = {"generation": GENERATION, "tools": TOOLS, "dict_namespace": DICT_NS, "reasoning": REASONING}
+TRICKY_CHAT = [{"role": "system", "content": "Be terse."},
+               {"role": "user", "content": "2+2?"},
+               {"role": "assistant", "content": "4", "reasoning": "add them"},
+               {"role": "user", "content": "and 3+3?"}]
+
+
+@pytest.mark.parametrize("name", sorted(TRICKY))
+@pytest.mark.parametrize("gen", [True, False])
+def test_templates_transformers_renders_render_the_same(name, gen):
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    from jaxgpt.data.chat_template import render_chat
+
+    (want,), _ = render_jinja_template(conversations=[TRICKY_CHAT], chat_template=TRICKY[name],
+                                       add_generation_prompt=gen)
+    assert render_chat(TRICKY[name], TRICKY_CHAT, add_generation_prompt=gen) == want
+
+
+def test_documents_and_tools_given_are_passed_on():
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    from jaxgpt.data.chat_template import render_chat
+
+    docs = [{"title": "a", "text": "x"}, {"title": "b", "text": "y"}]
+    (want,), _ = render_jinja_template(conversations=[TRICKY_CHAT], chat_template=TOOLS,
+                                       documents=docs)
+    assert render_chat(TOOLS, TRICKY_CHAT, add_generation_prompt=False, documents=docs) == want
+
+
+def test_namespace_refuses_underscore_names_in_one_line():
+    from jaxgpt.data.chat_template import render_chat
+
+    with pytest.raises(ValueError, match="underscore-prefixed namespace attribute: '_x'"):
+        render_chat("{% set ns = namespace(_x=1) %}{{ ns }}", TRICKY_CHAT)

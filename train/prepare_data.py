@@ -29,7 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-files", nargs="*", default=None, help="data_files of an hf: dataset")
     parser.add_argument("--shard-tokens", type=int, default=PrepareOptions.shard_tokens)
     parser.add_argument("--val-tokens", type=int, default=PrepareOptions.val_tokens,
-                        help="the validation shard ends at the first document end after this many tokens")
+                        help="the validation shard ends at the first document end after this many tokens, "
+                             "or right there when none comes within --shard-tokens more (one long document)")
     parser.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: all cores)")
     args = parser.parse_args(argv)
     try:

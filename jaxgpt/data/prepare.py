@@ -19,6 +19,7 @@ import collections
 import itertools
 import multiprocessing
 import os
+import shutil
 import sys
 import threading
 from dataclasses import dataclass
@@ -47,7 +48,9 @@ TASK_CHARS = 1 << 20  # text per pool task
 @dataclass(frozen=True)
 class PrepareOptions:
     shard_tokens: int = 100_000_000  # llm.c's shard size: 200 MB of uint16
-    val_tokens: int = 10_000_000  # the validation shard ends at the first document end after this
+    # The validation shard ends at the first document end after this many tokens, if one comes
+    # within shard_tokens more; otherwise (one long document: a single text file) right here.
+    val_tokens: int = 10_000_000
     tokenizer: str = "gpt2"
     workers: int | None = None  # None: all the cores this process may use; 0: in this process
     in_flight: int | None = None  # tasks queued at once; None: 2 per worker
@@ -130,7 +133,7 @@ class _ShardWriter:
         self.pieces = done[-1]["pieces"] if done else 0  # pieces whose ids are all in shards
         self.carry = done[-1]["carry"] if done else 0  # ids of the next piece already in shards
         self.documents = done[-1]["documents"] if done else 0  # documents with ids in shards
-        self.buf = np.empty(max(opts.shard_tokens, opts.val_tokens) + 1, DTYPE)
+        self.buf = np.empty(opts.shard_tokens + opts.val_tokens + 1, DTYPE)
         self.fill = 0
         self.searched = 0  # validation: the buffer has no separator before this position
         self.lengths = collections.deque()  # [ids still buffered, starts a document] per piece
@@ -139,10 +142,6 @@ class _ShardWriter:
         self.lengths.append([len(ids), starts_document])
         done = 0
         while done < len(ids):  # piece by piece into the fixed buffer, cutting shards as it fills
-            if self.fill == len(self.buf):  # only a validation shard waiting for a document end
-                grown = np.empty(2 * len(self.buf), DTYPE)
-                grown[: self.fill] = self.buf
-                self.buf = grown
             take = min(len(ids) - done, len(self.buf) - self.fill)
             self.buf[self.fill : self.fill + take] = ids[done : done + take]
             self.fill, done = self.fill + take, done + take
@@ -152,15 +151,27 @@ class _ShardWriter:
             while (cut := self._cut()) is not None:
                 self.write(cut)
 
-    def _cut(self) -> int | None:
-        """Tokens of the buffer that make the next shard, or None if it is not full yet."""
+    def _cut(self, final: bool = False) -> int | None:
+        """Tokens of the buffer that make the next shard, or None if it is not full yet (`final`:
+        the stream has ended)."""
         if self.manifest["shards"]:
             return self.opts.shard_tokens if self.fill >= self.opts.shard_tokens else None
-        # Validation ends just before the first separator at or after val_tokens.
-        start = max(self.opts.val_tokens, self.searched)
-        hits = np.flatnonzero(self.buf[start : self.fill] == EOT_ID)
+        # Validation ends just before the first separator in [val, val + shard_tokens]; with
+        # none there (a document that long, or the corpus ends first), at val_tokens exactly.
+        val, limit = self.opts.val_tokens, self.opts.val_tokens + self.opts.shard_tokens
+        start = max(val, self.searched)
+        hits = np.flatnonzero(self.buf[start : min(self.fill, limit + 1)] == EOT_ID)
         self.searched = max(start, self.fill)
-        return start + int(hits[0]) if hits.size else None
+        if hits.size:
+            return start + int(hits[0])
+        return val if self.fill > limit or (final and self.fill > val) else None
+
+    def finish(self) -> None:
+        """Write what is still buffered at the end of the stream."""
+        if not self.manifest["shards"] and (cut := self._cut(final=True)) is not None:
+            self.write(cut)
+        if self.fill or not self.manifest["shards"]:
+            self.write(self.fill)
 
     def _account(self, n: int) -> None:
         """Advance (pieces, carry, documents) past the next `n` buffered ids."""
@@ -217,6 +228,7 @@ def prepare(spec: SourceSpec, out: str | os.PathLike, opts: PrepareOptions = Pre
     """Tokenize `spec` into shards in `out` (resuming a partial run there); the manifest."""
     log = log or (lambda text: print(text, file=sys.stderr, flush=True))
     out = Path(out)
+    fresh = not out.exists() or not any(out.iterdir())  # nothing of a user's in it to keep
     out.mkdir(parents=True, exist_ok=True)
     manifest = _new_manifest(spec, opts)
     if (out / MANIFEST).exists():
@@ -245,12 +257,15 @@ def prepare(spec: SourceSpec, out: str | os.PathLike, opts: PrepareOptions = Pre
         if i == 0 and resume_carry:  # this piece's first ids are already in the last shard
             ids, starts = ids[resume_carry:], False
         writer.add(ids, starts)
-    if writer.fill or not manifest["shards"]:
-        writer.write(writer.fill)
-    train = sum(s["tokens"] for s in manifest["shards"] if s["split"] == "train")
-    if train == 0:
-        raise ValueError(f"the source has {manifest['shards'][0]['tokens']:,} tokens, all in the "
-                         f"validation shard; lower val_tokens (now {opts.val_tokens:,})")
+    writer.finish()
+    total = sum(s["tokens"] for s in manifest["shards"])
+    if total == manifest["shards"][0]["tokens"]:  # nothing for training
+        if fresh:  # what this call made is of no use: leave no half-made directory behind
+            shutil.rmtree(out)
+        if total == 0:
+            raise ValueError(f"the source {spec.source} holds no text (0 tokens)")
+        raise ValueError(f"the source has only {total:,} tokens, not more than val_tokens="
+                         f"{opts.val_tokens:,}: lower val_tokens below {total:,}")
     manifest["complete"] = True
     manifest["tokens"] = sum(s["tokens"] for s in manifest["shards"])
     manifest["documents"] = manifest["shards"][-1]["documents"]

@@ -78,11 +78,12 @@ def test_text_files_decode_to_the_source_stream(tmp_path, small_pieces):
     ref = reference_ids(texts)
     np.testing.assert_array_equal(shard_ids(out), ref)
     assert get_tokenizer("gpt2").decode(shard_ids(out).tolist()) == EOT_TOKEN.join(texts)
-    # The validation shard ends just before a separator (no document split between splits),
-    # the first one at or after val_tokens; training shards are exactly shard_tokens long.
+    # The validation shard ends just before the first separator at or after val_tokens (no
+    # document in both splits) when one comes within shard_tokens more, else at val_tokens;
+    # training shards are exactly shard_tokens long.
     val, *train = m["shards"]
-    assert val["split"] == "val" and val["tokens"] >= 300
-    assert ref[val["tokens"]] == EOT_ID and EOT_ID not in ref[300 : val["tokens"]]
+    hits = np.flatnonzero(ref[300 : 300 + 211 + 1] == EOT_ID)
+    assert val["split"] == "val" and val["tokens"] == (300 + int(hits[0]) if hits.size else 300)
     assert all(s["tokens"] == 211 for s in train[:-1]) and 0 < train[-1]["tokens"] <= 211
     assert m["complete"] and m["tokens"] == len(ref) and m["documents"] == len(docs)
     assert m["tokenizer"]["name"] == "gpt2" and len(m["fingerprint"]) == 64
@@ -143,8 +144,43 @@ def test_resume_refuses_other_arguments(tmp_path):
     (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
     with pytest.raises(ValueError, match="latin1.txt is not UTF-8 text"):
         prepare(SourceSpec(str(tmp_path / "latin1.txt")), tmp_path / "l1", PrepareOptions(workers=2), **QUIET)
-    with pytest.raises(ValueError, match="all in the validation shard"):
-        prepare(SourceSpec(str(tmp_path / "a.txt")), tmp_path / "one", PrepareOptions(val_tokens=20, workers=0), **QUIET)
+
+
+def test_a_single_text_file_is_split_inside_its_one_document(tmp_path):
+    # One file is one document: validation ends at val_tokens exactly, the rest trains.
+    (tmp_path / "a.txt").write_text("one two three\n" * 50)
+    out = tmp_path / "one"
+    m = prepare(SourceSpec(str(tmp_path / "a.txt")), out, PrepareOptions(val_tokens=20, workers=0), **QUIET)
+    ref = reference_ids([(tmp_path / "a.txt").read_text()])
+    assert m["complete"] and [s["tokens"] for s in m["shards"]] == [20, len(ref) - 20]
+    np.testing.assert_array_equal(shard_ids(out), ref)
+    # A document end within shard_tokens past val_tokens still ends validation there.
+    for name in "bc":
+        (tmp_path / f"{name}.txt").write_text("one two three\n" * 10)  # 40 tokens each
+    m = prepare(SourceSpec(str(tmp_path / "[bc].txt")), tmp_path / "two",
+                PrepareOptions(shard_tokens=30, val_tokens=20, workers=0), **QUIET)
+    assert m["shards"][0]["tokens"] == 40  # the end of b.txt, 20 past val_tokens (<= 30)
+    m = prepare(SourceSpec(str(tmp_path / "[bc].txt")), tmp_path / "three",
+                PrepareOptions(shard_tokens=10, val_tokens=20, workers=0), **QUIET)
+    assert m["shards"][0]["tokens"] == 20  # b.txt's end is too far: cut inside it
+
+
+@pytest.mark.parametrize("text", ["", "one two three\n" * 4])
+def test_too_small_a_source_names_the_fix_and_leaves_no_directory(tmp_path, text):
+    n = len(reference_ids([text]))
+    match = f"only {n} tokens, not more than val_tokens=20: lower val_tokens below {n}" if n \
+        else "holds no text"
+    (tmp_path / "a.txt").write_text(text)
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=match):
+        prepare(SourceSpec(str(tmp_path / "a.txt")), out, PrepareOptions(val_tokens=20, workers=0), **QUIET)
+    assert not out.exists()
+    keep = tmp_path / "mine"
+    keep.mkdir()
+    (keep / "notes.txt").write_text("a user's file")
+    with pytest.raises(ValueError, match=match):
+        prepare(SourceSpec(str(tmp_path / "a.txt")), keep, PrepareOptions(val_tokens=20, workers=0), **QUIET)
+    assert (keep / "notes.txt").read_text() == "a user's file"  # a directory not ours is kept
 
 
 def _big_corpus(root: Path) -> Path:

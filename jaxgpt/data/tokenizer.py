@@ -244,6 +244,11 @@ def model_tokenizer(model, config):
     (<|endoftext|>, when the model's vocabulary holds it). GPT-2 models always get GPT-2's."""
     vocab_size = config.vocab_size
     directory = tokenizer_dir(model) if config.family != "gpt2" else None
+    if directory is None and config.family != "gpt2" and (Path(model) / "config.json").is_file():
+        # A Hugging Face directory of a Llama/Qwen3 model: its ids mean nothing in GPT-2's BPE.
+        raise FileNotFoundError(
+            f"{model} has no tokenizer.json: a {config.family} model is read with its own "
+            f"tokenizer files ({', '.join(TOKENIZER_FILES[:2])}); copy them beside its config.json")
     if directory is not None:
         tok = load_family_tokenizer(directory)
         return tok, tuple(i for i in tok.stop_ids if i < vocab_size)

@@ -259,6 +259,24 @@ def test_model_tokenizer_picks_by_family(family_dir):
     assert got == ()
 
 
+def test_a_family_directory_without_its_tokenizer_is_named_not_read_as_gpt2(family_dir, tmp_path,
+                                                                            capsys):
+    import shutil
+
+    from jaxgpt.cli import generate as generate_cli
+    from jaxgpt.data.tokenizer import TOKENIZER_FILES, model_tokenizer
+
+    family, path, _, _, _ = family_dir
+    bare = tmp_path / "bare"
+    shutil.copytree(path, bare, ignore=shutil.ignore_patterns(*TOKENIZER_FILES))
+    config, _ = load_model(str(bare))
+    with pytest.raises(FileNotFoundError, match=f"bare has no tokenizer.json: a {family} model"):
+        model_tokenizer(str(bare), config)
+    assert generate_cli.main(["--model", str(bare), "--prompt", "hi", "--max-new-tokens", "2"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "has no tokenizer.json" in err and "config.json" in err
+
+
 def test_chat_cli_with_a_named_template_reads_with_the_family_tokenizer(family_dir, monkeypatch,
                                                                          capsys):
     """--template alpaca on a family directory: the Alpaca text, tokenized by the model's own

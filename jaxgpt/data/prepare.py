@@ -33,6 +33,7 @@ from jaxgpt.data.shards import (
     FORMAT,
     MANIFEST,
     VERSION,
+    block_sums,
     read_manifest,
     sha256_bytes,
     shard_name,
@@ -196,7 +197,8 @@ class _ShardWriter:
         name = shard_name(index)
         write_atomic(self.out / name, raw)
         entry = {"file": name, "split": "val" if index == 0 else "train", "tokens": int(n),
-                 "sha256": sha256_bytes(raw), "max_id": int(data.max()) if n else -1}
+                 "sha256": sha256_bytes(raw), "block_sha256": block_sums(raw),
+                 "max_id": int(data.max()) if n else -1}
         self._account(n)
         self.buf[: self.fill - n] = self.buf[n : self.fill]  # the rest moves to the front
         self.fill -= n

@@ -11,6 +11,13 @@ Windows cross shard boundaries: a split (its shards concatenated) is read as one
 `ShardDataset(dir, "train", L, s)` has exactly the windows of `sliding_windows(stream, L, s)`
 and no token is lost at a cut. A window is one or two small reads of one or two files, so
 reading one costs the same whatever the corpus size, and memory holds only the batch.
+
+Shards are checked, not trusted: the first time a process reads from a shard, the whole shard is
+read once and checked against the sha256 the manifest recorded (per block of BLOCK_TOKENS tokens,
+so a corruption is located; manifests without block sums: the whole file's), and its ids
+against the model's vocabulary; every batch's ids are checked against the vocabulary too. A
+failed check names the shard and the token offset. `verify=False` (`data.verify_shards=false`)
+skips the read of whole shards, never the per-batch check.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ FORMAT = "jaxgpt-token-shards"
 VERSION = 1
 DTYPE = np.dtype("<u2")  # GPT-2's 50257 ids fit in 16 bits
 SPLITS = ("train", "val")
+BLOCK_TOKENS = 1 << 20  # the manifest's block sums: one sha256 per this many tokens (2 MiB)
 
 
 def shard_name(index: int) -> str:
@@ -96,18 +104,47 @@ def split_shards(manifest: dict, split: str) -> list[dict]:
     return [s for s in manifest["shards"] if s["split"] == split]
 
 
-def verify_shards(directory: str | os.PathLike, manifest: dict | None = None) -> None:
-    """Check every shard's size and sha256 against the manifest (reads every byte)."""
+def block_sums(data: bytes | memoryview) -> list[str]:
+    """sha256 of each BLOCK_TOKENS-token block of a shard's bytes (what the manifest records)."""
+    step = BLOCK_TOKENS * DTYPE.itemsize
+    return [sha256_bytes(data[i : i + step]) for i in range(0, len(data), step)]
+
+
+def verify_shard(path: Path, entry: dict, vocab_size: int | None = None) -> None:
+    """Read one shard whole and check it against its manifest entry: its size, its sha256 (by
+    block where the manifest has block sums) and, with `vocab_size`, that every id fits."""
+    size = path.stat().st_size if path.is_file() else None
+    if size != entry["tokens"] * DTYPE.itemsize:
+        raise ValueError(f"{path}: expected {entry['tokens'] * DTYPE.itemsize} bytes (manifest), "
+                         f"found {'no file' if size is None else size}")
+    blocks, whole = entry.get("block_sha256"), hashlib.sha256()
+    step = BLOCK_TOKENS * DTYPE.itemsize
+    with open(path, "rb") as f:
+        for i, data in enumerate(iter(lambda: f.read(step), b"")):
+            first = i * BLOCK_TOKENS
+            if blocks is None:
+                whole.update(data)
+            elif i >= len(blocks) or sha256_bytes(data) != blocks[i]:
+                raise ValueError(f"{path}: tokens {first:,} to {first + len(data) // 2:,} are not "
+                                 "what prepare_data wrote (sha256); the shard is corrupt, prepare "
+                                 "the corpus again")
+            ids = np.frombuffer(data, DTYPE)
+            if vocab_size is not None and ids.size and int(ids.max()) >= vocab_size:
+                at = int(np.argmax(ids >= vocab_size))
+                raise ValueError(f"{path}: token id {int(ids[at])} at offset {first + at:,} does "
+                                 f"not fit model.vocab_size={vocab_size}")
+    if blocks is None and whole.hexdigest() != entry["sha256"]:
+        raise ValueError(f"{path}: sha256 {whole.hexdigest()} does not match the manifest's "
+                         f"{entry['sha256']}; the shard is corrupt, prepare the corpus again")
+
+
+def verify_shards(directory: str | os.PathLike, manifest: dict | None = None,
+                  vocab_size: int | None = None) -> None:
+    """Check every shard of a directory against the manifest (reads every byte)."""
     directory = Path(directory)
     manifest = read_manifest(directory) if manifest is None else manifest
     for entry in manifest["shards"]:
-        path = directory / entry["file"]
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 24), b""):
-                digest.update(block)
-        if digest.hexdigest() != entry["sha256"]:
-            raise ValueError(f"{path}: sha256 {digest.hexdigest()} does not match the manifest's {entry['sha256']}")
+        verify_shard(directory / entry["file"], entry, vocab_size)
 
 
 class TokenStream:
@@ -120,8 +157,10 @@ class TokenStream:
     the kernel can drop, but counted, nanoGPT's memmap "leak"); pread maps nothing and RSS
     stays flat whatever the corpus size (benchmarks/data_pipeline.py measures both)."""
 
-    def __init__(self, directory: str | os.PathLike, split: str = "train", *, memory_map: bool = False):
+    def __init__(self, directory: str | os.PathLike, split: str = "train", *, memory_map: bool = False,
+                 verify: bool = True, vocab_size: int | None = None):
         self.directory = Path(directory)
+        self.verify, self.vocab_size, self.verified = verify, vocab_size, set()
         self.manifest = read_manifest(self.directory)
         if not self.manifest.get("complete"):
             raise ValueError(f"{self.directory} is still being prepared (or was interrupted); "
@@ -135,6 +174,12 @@ class TokenStream:
                 raise ValueError(f"{path}: expected {entry['tokens'] * DTYPE.itemsize} bytes "
                                  f"(manifest), found {'no file' if size is None else size}")
             paths.append(path)
+        self.entries, self.paths = entries, paths
+        if vocab_size is not None:
+            top = max(entries, key=lambda e: e["max_id"], default=None)
+            if top is not None and top["max_id"] >= vocab_size:
+                raise ValueError(f"{self.directory / top['file']} holds token id {top['max_id']} "
+                                 f"(manifest), which does not fit model.vocab_size={vocab_size}")
         self.maps = [np.memmap(p, dtype=DTYPE, mode="r") for p in paths] if memory_map else None
         self.fds = None if memory_map else [os.open(p, os.O_RDONLY) for p in paths]
         # starts[i]: position in the stream of shard i's first token; starts[-1]: the length.
@@ -162,9 +207,16 @@ class TokenStream:
         shard = int(np.searchsorted(self.starts, start, side="right")) - 1
         done = 0
         while done < n:
+            if self.verify and shard not in self.verified:  # once per shard and process
+                verify_shard(self.paths[shard], self.entries[shard], self.vocab_size)
+                self.verified.add(shard)
             offset = start + done - int(self.starts[shard])
             take = min(n - done, int(self.starts[shard + 1] - self.starts[shard]) - offset)
             out[done : done + take] = self._shard_slice(shard, offset, take)
+            if self.vocab_size is not None and int(out[done : done + take].max()) >= self.vocab_size:
+                at = offset + int(np.argmax(out[done : done + take] >= self.vocab_size))
+                raise ValueError(f"{self.paths[shard]}: token id {int(out[done + at - offset])} at "
+                                 f"offset {at:,} does not fit model.vocab_size={self.vocab_size}")
             done += take
             shard += 1
         return out
@@ -177,11 +229,12 @@ class ShardDataset(Windows):
     first max_length, targets the last), exactly as `sliding_windows` makes them in memory."""
 
     def __init__(self, directory: str | os.PathLike, split: str, max_length: int, stride: int | None = None,
-                 *, memory_map: bool = False):
+                 *, memory_map: bool = False, verify: bool = True, vocab_size: int | None = None):
         _check_positive_int("max_length", max_length)
         stride = max_length if stride is None else stride
         _check_positive_int("stride", stride)
-        self.stream = TokenStream(directory, split, memory_map=memory_map)
+        self.stream = TokenStream(directory, split, memory_map=memory_map, verify=verify,
+                                  vocab_size=vocab_size)
         self.max_length, self.stride = max_length, stride
         n = len(self.stream)
         if n < max_length + 1:

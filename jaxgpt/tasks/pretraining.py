@@ -40,16 +40,13 @@ def window_datasets(cfg: RunConfig) -> tuple[Windows, Windows]:
 
 def shard_datasets(cfg: RunConfig, length: int, stride: int) -> tuple[ShardDataset, ShardDataset]:
     """The shard directory's train and validation splits, checked against the model."""
-    train = ShardDataset(cfg.data.shards, "train", length, stride)
-    val = ShardDataset(cfg.data.shards, "val", length, stride)
+    checks = dict(verify=cfg.data.verify_shards, vocab_size=cfg.model.vocab_size)
+    train = ShardDataset(cfg.data.shards, "train", length, stride, **checks)
+    val = ShardDataset(cfg.data.shards, "val", length, stride, **checks)
     made_with = train.manifest["tokenizer"]["name"]
     if made_with != cfg.data.tokenizer:
         raise ValueError(f"{cfg.data.shards} was tokenized with {made_with!r}, but "
                          f"data.tokenizer={cfg.data.tokenizer!r}")
-    top = max(train.stream.max_id, val.stream.max_id)
-    if top >= cfg.model.vocab_size:
-        raise ValueError(f"token id {top} in {cfg.data.shards} does not fit "
-                         f"model.vocab_size={cfg.model.vocab_size}")
     return train, val
 
 

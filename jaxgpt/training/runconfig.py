@@ -71,6 +71,9 @@ class DataConfig:
     # A directory of token shards (train/prepare_data.py): when set, windows are read from its
     # memory-mapped shards (its own validation shard; `source` and `train_ratio` are unused).
     shards: Optional[str] = None
+    # Read each shard whole once per process, when first used, and check it against the
+    # manifest's sha256 and the vocabulary (false: only each batch's ids are checked).
+    verify_shards: bool = True
     hellaswag: Optional[str] = None  # a HellaSwag-format JSONL file scored at each evaluation
     hellaswag_examples: Optional[int] = None  # score only the first N examples (None: all)
 

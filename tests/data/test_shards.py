@@ -135,3 +135,85 @@ def test_two_processes_each_read_their_rows_of_the_shard_batches(shard_dir, tmp_
     for step, (a, b) in enumerate(zip(steps, p1["rows"][1:])):
         assert len(a) == len(b) == 4 and not set(a) & set(b)
         assert a + b == batch_indices(n, batch_size=8, step=step, seed=123).tolist()
+
+
+# --- shards are checked, not trusted ---
+
+def _copy(shard_dir, tmp_path):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(shard_dir, out)
+    return out, read_manifest(out)
+
+
+def _poke(path, token_offset, value):
+    data = bytearray(path.read_bytes())
+    data[2 * token_offset : 2 * token_offset + 2] = int(value).to_bytes(2, "little")
+    path.write_bytes(bytes(data))
+
+
+def test_a_corrupted_shard_is_refused_naming_the_shard_and_tokens(shard_dir, tmp_path):
+    import jaxgpt.data.shards as shards
+
+    out, m = _copy(shard_dir, tmp_path)
+    second = m["shards"][2]  # train shard 2: tokens 97..193 of the train stream
+    _poke(out / second["file"], 40, (np.fromfile(out / second["file"], "<u2")[40] + 1) % 50257)
+    ds = ShardDataset(out, "train", 11, 11, vocab_size=50257)
+    ds.rows([0])  # shard 1 is intact and reads
+    with pytest.raises(ValueError, match=rf"{second['file']}: tokens 0 to 97 are not what "
+                                         "prepare_data wrote \\(sha256\\); the shard is corrupt"):
+        ds.rows([10])  # tokens 110..121: shard 2
+    assert ShardDataset(out, "train", 11, 11, verify=False).rows([10])["inputs"].shape == (1, 11)
+    # A manifest of before block sums: the whole file's sha256 is checked instead.
+    for entry in m["shards"]:
+        entry.pop("block_sha256")
+    write_manifest(out, m)
+    with pytest.raises(ValueError, match=rf"{second['file']}: sha256 \w+ does not match"):
+        ShardDataset(out, "train", 11, 11).rows([10])
+    small = dict(BLOCK_TOKENS=8)  # blocks name where in a long shard the damage is
+    for name, value in small.items():
+        setattr(shards, name, value)
+    try:
+        sums = shards.block_sums((shard_dir / second["file"]).read_bytes())
+        entry = {**second, "block_sha256": sums}
+        with pytest.raises(ValueError, match="tokens 40 to 48 are not what prepare_data wrote"):
+            shards.verify_shard(out / second["file"], entry)
+    finally:
+        shards.BLOCK_TOKENS = 1 << 20
+
+
+def test_ids_beyond_the_vocabulary_are_refused_with_their_offset(shard_dir, tmp_path):
+    from jaxgpt.data.shards import block_sums, sha256_bytes
+
+    out, m = _copy(shard_dir, tmp_path)
+    entry = m["shards"][3]
+    path = out / entry["file"]
+    _poke(path, 17, 60000)  # then the manifest made to agree: bytes as written, max_id a lie
+    raw = path.read_bytes()
+    entry.update(sha256=sha256_bytes(raw), block_sha256=block_sums(raw))
+    write_manifest(out, m)
+    with pytest.raises(ValueError, match=rf"{entry['file']}: token id 60000 at offset 17 does "
+                                         "not fit model.vocab_size=50257"):
+        ShardDataset(out, "train", 11, 11, vocab_size=50257).rows(np.arange(30))
+    # With verification off, the batch's own check still refuses the id, at its offset.
+    with pytest.raises(ValueError, match=rf"{entry['file']}: token id 60000 at offset 17 does"):
+        ShardDataset(out, "train", 11, 11, vocab_size=50257, verify=False).rows(np.arange(30))
+    # A manifest that records an id too large is refused when the split opens.
+    entry["max_id"] = 60000
+    write_manifest(out, m)
+    with pytest.raises(ValueError, match=rf"{entry['file']} holds token id 60000 \(manifest\)"):
+        ShardDataset(out, "train", 11, 11, vocab_size=50257)
+
+
+def test_each_shard_is_read_whole_once_per_process(shard_dir, monkeypatch):
+    import jaxgpt.data.shards as shards
+
+    calls = []
+    real = shards.verify_shard
+    monkeypatch.setattr(shards, "verify_shard", lambda *a: calls.append(a[0].name) or real(*a))
+    ds = ShardDataset(shard_dir, "train", 13, 7, vocab_size=50257)
+    for step in range(6):
+        ds.batch(step, batch_size=12, seed=9)
+    ds.rows(np.arange(len(ds)))  # every window: every shard
+    assert sorted(calls) == sorted(set(calls)) and len(calls) == len(ds.stream.entries)

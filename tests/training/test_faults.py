@@ -183,3 +183,45 @@ def test_generation_refuses_non_finite_weights():
     params["ln_f"]["scale"] = params["ln_f"]["scale"].at[0].set(np.nan)
     with pytest.raises(ValueError, match="logits for the prompt are NaN or infinite"):
         generate(params, cfg, [[1, 2, 3]], 5)
+
+
+@pytest.mark.parametrize("fault, verify", [("flipped", True), ("garbage", True), ("garbage", False),
+                                           ("out_of_vocabulary", False)])
+def test_a_bad_shard_stops_the_run_naming_it(tmp_path, corpus, fault, verify):
+    # Shards from the corpus, then one damaged: a run on them must refuse in one line naming
+    # the shard (and where in it), never train on it to "done".
+    from train_run import TINY_RUN
+
+    from jaxgpt.data.prepare import PrepareOptions, prepare
+    from jaxgpt.data.shards import block_sums, read_manifest, sha256_bytes, write_manifest
+    from jaxgpt.data.sources import SourceSpec
+
+    shards = tmp_path / "shards"
+    prepare(SourceSpec(corpus), shards, PrepareOptions(shard_tokens=2000, val_tokens=400, workers=0),
+            log=lambda text: None)
+    m = read_manifest(shards)
+    victim = m["shards"][1]
+    path = shards / victim["file"]
+    ids = np.fromfile(path, "<u2")
+    if fault == "flipped":
+        ids[123] ^= 1  # one bit; the id is still a word of the vocabulary
+    elif fault == "garbage":
+        ids[:] = np.random.default_rng(0).integers(0, 1 << 16, ids.size)
+    else:  # ids past the vocabulary (in every window), and a manifest rewritten to agree
+        ids[700::9] = 50300
+    ids.tofile(path)
+    if fault == "out_of_vocabulary":
+        raw = path.read_bytes()
+        victim.update(sha256=sha256_bytes(raw), block_sha256=block_sums(raw))
+        write_manifest(shards, m)
+    plain = tmp_path / "plain.yaml"
+    plain.write_text("{}\n")
+    run = subprocess.run([sys.executable, str(Path(WORKER).parents[3] / "train" / "pretrain.py"),
+                          "--config", str(plain), *TINY_RUN, f"runs_dir={tmp_path / 'runs'}",
+                          f"data.shards={shards}", f"data.verify_shards={str(verify).lower()}"],
+                         capture_output=True, text=True, timeout=300)
+    lines = _error_lines(run.stderr)
+    assert run.returncode == 2 and len(lines) == 1 and victim["file"] in lines[0], run.stderr[-3000:]
+    assert ("not what prepare_data wrote" in lines[0] or "sha256" in lines[0]) if verify and \
+        fault != "out_of_vocabulary" else "does not fit model.vocab_size=50257" in lines[0]
+    assert "offset" in lines[0] or "tokens" in lines[0]

@@ -131,7 +131,7 @@ from jaxgpt.data.shards import ShardDataset
 def rss():
     status = Path("/proc/self/status").read_text()
     return {{k: int(re.search(k + r":\\s+(\\d+) kB", status).group(1)) * 1024 for k in ("RssAnon", "RssFile")}}
-ds = ShardDataset({path!r}, "train", 1024, memory_map={memory_map})
+ds = ShardDataset({path!r}, "train", 1024, memory_map={memory_map}, verify=False)
 n = len(ds)
 first = int(np.random.default_rng(0).integers(0, 10**6))  # consecutive steps, as a run reads them
 ds.rows(batch_indices(n, batch_size=16, step=first, seed=1))  # warm the code paths
@@ -141,6 +141,29 @@ for step in range(first, first + {batches}):
 elapsed = time.perf_counter() - start
 print(json.dumps({{"windows": n, "batches_per_s": {batches} / elapsed, **rss()}}))
 """
+
+
+VERIFY = """
+import sys, time, json
+sys.path.insert(0, {root!r})
+from jaxgpt.data.shards import ShardDataset, verify_shards
+from jaxgpt.data.windows import batch_indices
+start = time.perf_counter()
+ds = ShardDataset({path!r}, "train", 1024, verify=False, vocab_size=50257)
+ds.rows(batch_indices(len(ds), batch_size=16, step=0, seed=1))
+off = time.perf_counter() - start
+start = time.perf_counter()
+verify_shards({path!r}, vocab_size=50257)  # what a process reads once, over its first batches
+print(json.dumps({{"off_s": off, "verify_s": time.perf_counter() - start}}))
+"""
+
+
+def verification_figures(path: Path) -> dict:
+    """Seconds to check every shard (sha256 by block, ids against the vocabulary), and to open
+    the split and read a first batch with the check off; in a fresh process, warm page cache."""
+    code = VERIFY.format(root=str(ROOT), path=str(path))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
 
 
 def loader_figures(path: Path, batches: int, memory_map: bool) -> dict:
@@ -194,6 +217,12 @@ def main(argv=None) -> int:
         print(f"preparation / peer, wall clock: {seconds / mine[0]:.2f}x; CPU seconds per byte: "
               f"{mine[1] / cpu:.2f}x the peer's (the pool's overhead)", flush=True)
 
+        figs = verification_figures(results["all"][3])
+        nbytes = 2 * results["all"][2]
+        print(f"shard verification (data.verify_shards=true): {figs['verify_s']:.2f} s for "
+              f"{nbytes / 1e9:.2f} GB of shards ({nbytes / 1e9 / figs['verify_s']:.2f} GB/s), once per "
+              f"process, spread over the first batch that reads each shard; with it off, opening the "
+              f"split and reading a first batch: {figs['off_s']:.3f} s", flush=True)
         for memory_map in (False, True):
             for name in ("small", "all"):
                 figs = loader_figures(results[name][3], args.batches, memory_map)

@@ -4,7 +4,8 @@ A prepared corpus is a directory of flat little-endian uint16 token files plus `
 (written by jaxgpt.data.prepare, read here). The corpus is one token stream: the documents in source
 order, separated by `<|endoftext|>` (id 50256), cut into shards. Shard 0 is the held-out
 validation split: it ends at the first document end at or after `val_tokens`, so no document
-is split between validation and training. The training shards that follow hold exactly
+is split between validation and training (unless none comes within `shard_tokens` more: one long
+document, such as a single text file, is then cut at `val_tokens`). The training shards that follow hold exactly
 `shard_tokens` tokens each (the last one fewer), cut wherever that count falls.
 
 Windows cross shard boundaries: a split (its shards concatenated) is read as one stream, so

@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxgpt.kernels.dropout import dropout
-from jaxgpt.models.model import Dense
+from jaxgpt.models.layers import Dense
 from jaxgpt.sharding import is_boxed, with_axes
 from jaxgpt.trees import flatten as _flat
 from jaxgpt.trees import unflatten as _nest

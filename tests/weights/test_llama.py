@@ -312,7 +312,7 @@ def test_config_json_of_older_transformers_maps_the_same():
     ref = transformers.LlamaConfig(**{k: v for k, v in new.items() if k != "model_type"})
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    from jaxgpt.models.llama import rope_frequencies
+    from jaxgpt.models.layers import rope_frequencies
 
     inv, _ = ROPE_INIT_FUNCTIONS["llama3"](ref, "cpu")
     np.testing.assert_allclose(rope_frequencies(c), inv.numpy(), rtol=1e-6)  # Llama 3 scaling

@@ -20,7 +20,7 @@ import jax
 from jaxgpt.entrypoint import USER_ERRORS, fail, setup_process
 from jaxgpt.inference.requests import check_sampling, check_size
 from jaxgpt.weights.loader import is_run_dir, load_model, read_run_yaml
-from jaxgpt.tasks.instruct.prompts import TEMPLATES
+from jaxgpt.data.prompts import TEMPLATES
 from jaxgpt.data.tokenizer import FamilyTokenizer, model_tokenizer
 
 

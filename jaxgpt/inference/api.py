@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from jaxgpt.tasks.instruct.prompts import get_template
+from jaxgpt.data.prompts import get_template
 from jaxgpt.data.tokenizer import TextDecoder
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # as OpenAI's /v1/completions
@@ -53,7 +53,7 @@ class Job:
 def chat_renderer(template_name: str) -> Callable[[list[dict]], tuple[str, list[str]]]:
     """The function that renders a conversation for this model: messages -> (prompt text, stop
     strings that mean the model began a new turn). GPT-2 models use their instruction template
-    (jaxgpt/tasks/instruct/prompts.py: alpaca, phi3); a Llama 3 / Qwen3 model renders with its
+    (jaxgpt/data/prompts.py: alpaca, phi3); a Llama 3 / Qwen3 model renders with its
     own chat template (`family_chat_renderer`)."""
     template = get_template(template_name)
 

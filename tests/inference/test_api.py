@@ -10,7 +10,7 @@ from jaxgpt.inference.api import (
     parse_chat,
     parse_completion,
 )
-from jaxgpt.tasks.instruct.prompts import get_template
+from jaxgpt.data.prompts import get_template
 from jaxgpt.data.tokenizer import get_tokenizer
 
 

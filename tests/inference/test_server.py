@@ -26,7 +26,7 @@ from jaxgpt.config import GPTConfig  # noqa: E402
 from jaxgpt.inference.generate import generate  # noqa: E402
 from jaxgpt.models.model import init_params  # noqa: E402
 from jaxgpt.weights.gpt2 import save_pretrained  # noqa: E402
-from jaxgpt.tasks.instruct.prompts import get_template  # noqa: E402
+from jaxgpt.data.prompts import get_template  # noqa: E402
 from jaxgpt.data.tokenizer import EOT_ID, get_tokenizer  # noqa: E402
 
 CONFIG = GPTConfig(vocab_size=50257, context_length=256, emb_dim=12, n_heads=3, n_layers=2,

@@ -266,7 +266,7 @@ def test_chat_cli_with_a_named_template_reads_with_the_family_tokenizer(family_d
     import io
 
     from jaxgpt.cli import chat
-    from jaxgpt.tasks.instruct.prompts import get_template
+    from jaxgpt.data.prompts import get_template
 
     _, path, model, ref_tok, stops = family_dir
     monkeypatch.setattr("sys.stdin", io.StringIO("Say hi\nexit\n"))

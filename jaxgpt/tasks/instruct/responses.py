@@ -9,7 +9,7 @@ import numpy as np
 
 from jaxgpt.config import GPTConfig
 from jaxgpt.inference.generate import eos_ids, generate
-from jaxgpt.tasks.instruct.prompts import Template, extract_response, get_template
+from jaxgpt.data.prompts import Template, extract_response, get_template
 from jaxgpt.data.tokenizer import EOT_ID, get_tokenizer
 
 

@@ -20,7 +20,6 @@ from jaxgpt.inference.generate import (
     prefill,
     prompt_bucket,
 )
-from jaxgpt.inference.sampling import filter_logits
 from jaxgpt.weights.gpt2 import load_pretrained, save_pretrained
 
 # The CLI module by its full name: `jaxgpt.generate` could also name a re-exported function.
@@ -129,18 +128,6 @@ def test_sampling_is_fixed_by_the_key(model):
     a = generate(params, config, PROMPTS, 8, key=jax.random.key(1), **kw)
     np.testing.assert_array_equal(a, generate(params, config, PROMPTS, 8, key=jax.random.key(1), **kw))
     assert not np.array_equal(a, generate(params, config, PROMPTS, 8, key=jax.random.key(2), **kw))
-
-
-def test_filter_logits_semantics():
-    logits = jnp.array([[1.0, 3.0, 3.0, 2.0, 0.5]])
-    # The book's top-k keeps every logit >= the k-th largest (ties included).
-    np.testing.assert_array_equal(filter_logits(logits, 1.0, 2, None)[0] > -jnp.inf,
-                                  [False, True, True, False, False])
-    probs = np.array([0.4, 0.25, 0.2, 0.1, 0.05])
-    for p, kept in [(0.3, 1), (0.5, 2), (0.7, 3), (0.9, 4), (1.0, 5)]:
-        out = filter_logits(jnp.log(jnp.asarray(probs))[None], 1.0, None, p)
-        assert int(jnp.sum(out > -jnp.inf)) == kept, p  # smallest prefix with mass >= p
-    np.testing.assert_allclose(filter_logits(logits, 2.0, None, None), logits / 2.0)
 
 
 def test_eos_pads_finished_rows_and_stops_early(model):

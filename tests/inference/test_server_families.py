@@ -141,7 +141,7 @@ def test_engine_greedy_equals_generate_for_prompts_sharing_the_batch(family_dir)
 
 @pytest.fixture(scope="module")
 def served(family_dir):
-    from jaxgpt.cli.serve import build_app, make_server
+    from jaxgpt.inference.server import build_app, make_server
 
     family, path = family_dir[:2]
     server = make_server(str(path), slots=4, max_queue=4, name=family)

@@ -81,7 +81,7 @@ def test_pretraining_run_onto_a_mesh(pretraining_run, params):
 
 
 def test_finished_instruction_run_gives_its_export(tmp_path, params):
-    from jaxgpt.cli.chat import load_chat_model
+    from jaxgpt.inference.loading import load_chat_model
 
     exported = init_params(CONFIG, jax.random.key(5))
     run = write_run(tmp_path / "sft", InstructRunConfig(model=CONFIG, instruct=InstructConfig(

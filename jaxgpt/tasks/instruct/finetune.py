@@ -49,7 +49,7 @@ from jaxgpt.tasks.instruct.data import (
     load_records,
     split_records,
 )
-from jaxgpt.tasks.instruct.prompts import TEMPLATES, ChatTemplate, get_template
+from jaxgpt.data.prompts import TEMPLATES, ChatTemplate, get_template
 from jaxgpt.tasks.instruct.responses import generate_responses
 from jaxgpt.data.tokenizer import (
     EOT_ID,

@@ -30,7 +30,7 @@ import urllib.request
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
-from jaxgpt.tasks.instruct.prompts import get_template
+from jaxgpt.data.prompts import get_template
 
 DEFAULT_BASE_URL = "http://localhost:11434/v1"  # Ollama's OpenAI-compatible API
 RETRY_STATUS = (408, 409, 429, 500, 502, 503, 504)  # worth another try; other errors are not

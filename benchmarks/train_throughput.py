@@ -71,7 +71,8 @@ from jaxgpt.config import GPTConfig
 from jaxgpt.data.corpus import load_text
 from jaxgpt.hostmem import retain_freed_memory
 from jaxgpt.models.model import count_params
-from jaxgpt.weights.gpt2 import hf_config, save_pretrained
+from jaxgpt.weights.gpt2 import hf_config
+from jaxgpt.weights.huggingface import save_pretrained
 from jaxgpt.sharding import MeshConfig, batch_sharding, make_mesh
 from jaxgpt.data.tokenizer import get_tokenizer
 from jaxgpt.training.losses import lm_loss_fn

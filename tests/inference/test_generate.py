@@ -20,7 +20,7 @@ from jaxgpt.inference.generate import (
     prefill,
     prompt_bucket,
 )
-from jaxgpt.weights.gpt2 import load_pretrained, save_pretrained
+from jaxgpt.weights.huggingface import load_pretrained, save_pretrained
 
 # The CLI module by its full name: `jaxgpt.generate` could also name a re-exported function.
 cli = importlib.import_module("jaxgpt.cli.generate")

@@ -25,7 +25,7 @@ from jaxgpt.inference.server import build_app, make_server  # noqa: E402
 from jaxgpt.config import GPTConfig  # noqa: E402
 from jaxgpt.inference.generate import generate  # noqa: E402
 from jaxgpt.models.model import init_params  # noqa: E402
-from jaxgpt.weights.gpt2 import save_pretrained  # noqa: E402
+from jaxgpt.weights.huggingface import save_pretrained  # noqa: E402
 from jaxgpt.data.prompts import get_template  # noqa: E402
 from jaxgpt.data.tokenizer import EOT_ID, get_tokenizer  # noqa: E402
 

@@ -11,7 +11,7 @@ from jaxgpt.lora import transform as lora
 from jaxgpt.config import GPTConfig
 from jaxgpt.weights.loader import load_model
 from jaxgpt.models.model import GPT, init_params
-from jaxgpt.weights.gpt2 import load_pretrained, save_pretrained
+from jaxgpt.weights.huggingface import load_pretrained, save_pretrained
 from jaxgpt.weights.runs import CheckpointError
 from jaxgpt.sharding import MeshConfig, make_mesh
 from jaxgpt.tasks.classification.model import ClassifierRunConfig, init_head, with_head

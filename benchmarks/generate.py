@@ -41,7 +41,7 @@ from jaxgpt import GPT, GPTConfig, count_params, init_params  # noqa: E402
 from jaxgpt.inference.generate import generate  # noqa: E402
 from jaxgpt.models.model import head_logits  # noqa: E402
 from jaxgpt.hostmem import retain_freed_memory  # noqa: E402
-from jaxgpt.weights.gpt2 import save_pretrained  # noqa: E402
+from jaxgpt.weights.huggingface import save_pretrained  # noqa: E402
 
 retain_freed_memory()  # before the first JAX computation (jaxgpt/hostmem.py)
 

@@ -29,7 +29,7 @@ from jaxgpt.data.windows import batch_indices  # noqa: E402
 from jaxgpt.hostmem import retain_freed_memory  # noqa: E402
 from jaxgpt.models.model import init_params  # noqa: E402
 from jaxgpt.sharding import MeshConfig, make_mesh  # noqa: E402
-from jaxgpt.weights.gpt2 import save_pretrained  # noqa: E402
+from jaxgpt.weights.huggingface import save_pretrained  # noqa: E402
 from jaxgpt.tasks.pretraining import window_datasets  # noqa: E402
 from jaxgpt.training.runconfig import load_config  # noqa: E402
 

@@ -39,7 +39,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jaxgpt import GPTConfig, init_params  # noqa: E402
-from jaxgpt.cli.serve import Server, build_app  # noqa: E402
+from jaxgpt.inference.server import Server, build_app  # noqa: E402
 from jaxgpt.inference.api import chat_renderer  # noqa: E402
 from jaxgpt.inference.engine import Engine  # noqa: E402
 from jaxgpt.inference.generate import generate  # noqa: E402

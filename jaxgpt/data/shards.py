@@ -26,12 +26,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from jaxgpt.data.windows import Windows, _check_positive_int
+from jaxgpt.checks import check_positive_int
+from jaxgpt.data.windows import Windows
+from jaxgpt.fsutil import sha256_bytes, write_atomic
 
 MANIFEST = "manifest.json"
 FORMAT = "jaxgpt-token-shards"
@@ -44,38 +45,6 @@ BLOCK_TOKENS = 1 << 20  # the manifest's block sums: one sha256 per this many to
 def shard_name(index: int) -> str:
     """File name of shard `index` (0 is the validation shard)."""
     return f"{'val' if index == 0 else 'train'}_{index:06d}.bin"
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename inside `path` durable (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes | memoryview) -> None:
-    """Write `data` to `path` so that a reader (or a crash) sees the old file or the whole new
-    one: a temporary file beside it, fsync, rename, fsync of the directory."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
-def sha256_bytes(data: bytes | memoryview) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def read_manifest(directory: str | os.PathLike) -> dict:
@@ -231,9 +200,9 @@ class ShardDataset(Windows):
 
     def __init__(self, directory: str | os.PathLike, split: str, max_length: int, stride: int | None = None,
                  *, memory_map: bool = False, verify: bool = True, vocab_size: int | None = None):
-        _check_positive_int("max_length", max_length)
+        check_positive_int("max_length", max_length)
         stride = max_length if stride is None else stride
-        _check_positive_int("stride", stride)
+        check_positive_int("stride", stride)
         self.stream = TokenStream(directory, split, memory_map=memory_map, verify=verify,
                                   vocab_size=vocab_size)
         self.max_length, self.stride = max_length, stride

@@ -48,6 +48,7 @@ class KernelSet:
     project: Callable  # (x [..., C], w, rhs_t, out_dtype) -> [..., N]: the LM head
     attention: Callable  # (q, k, v, mask, *, dropout_rate, dropout_rng, deterministic) -> [B, T, H, K]
     cache_attention: Callable  # the same over a heads-major [B, H, S, K] cache
+    grouped_cache_attention: Callable  # (q, k, v, mask) over a [B, Hkv, S, K] cache, no dropout
     gelu: Callable
     cross_entropy_sum: Callable  # (logits, targets, ignore) -> float32 scalar
 
@@ -103,7 +104,8 @@ def select(name: str = "auto") -> KernelSet:
         raise ValueError(f"kernels must be one of {KERNEL_SETS}, got {name!r}")
     reference = KernelSet("reference", _dense.reference_dense, _dense.reference_project,
                           _attention.reference_attention, _attention.cache_attention,
-                          reference_gelu, _ce.reference_cross_entropy_sum)
+                          _attention.grouped_cache_attention, reference_gelu,
+                          _ce.reference_cross_entropy_sum)
     if name == "reference":
         return reference
     if backend() == "cpu":

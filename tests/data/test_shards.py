@@ -184,7 +184,8 @@ def test_a_corrupted_shard_is_refused_naming_the_shard_and_tokens(shard_dir, tmp
 
 
 def test_ids_beyond_the_vocabulary_are_refused_with_their_offset(shard_dir, tmp_path):
-    from jaxgpt.data.shards import block_sums, sha256_bytes
+    from jaxgpt.data.shards import block_sums
+    from jaxgpt.fsutil import sha256_bytes
 
     out, m = _copy(shard_dir, tmp_path)
     entry = m["shards"][3]

@@ -193,7 +193,8 @@ def test_a_bad_shard_stops_the_run_naming_it(tmp_path, corpus, fault, verify):
     from train_run import TINY_RUN
 
     from jaxgpt.data.prepare import PrepareOptions, prepare
-    from jaxgpt.data.shards import block_sums, read_manifest, sha256_bytes, write_manifest
+    from jaxgpt.data.shards import block_sums, read_manifest, write_manifest
+    from jaxgpt.fsutil import sha256_bytes
     from jaxgpt.data.sources import SourceSpec
 
     shards = tmp_path / "shards"

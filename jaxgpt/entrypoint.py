@@ -9,6 +9,7 @@ does none of this.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -49,10 +50,34 @@ def setup_process() -> None:
     if debugging():
         return
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # XLA's C++ info and warnings
-    for name in ("absl", "orbax", "orbax.checkpoint", "asyncio"):
+    for name in NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.CRITICAL)
     sys.unraisablehook = lambda unraisable: None
     threading.excepthook = lambda args: None  # a writer thread dying after the error was raised
+
+
+NOISY_LOGGERS = ("absl", "orbax", "orbax.checkpoint", "asyncio")
+
+
+@contextlib.contextmanager
+def quiet_libraries():
+    """Within: the libraries' logs and unraisable-exception reports stay off stderr, restored
+    after, so a library call that fails (a damaged checkpoint Orbax cannot read) is as quiet
+    as the command lines: one exception, not pages of asyncio's "Event loop is closed"."""
+    if debugging():
+        yield
+        return
+    levels = {name: logging.getLogger(name).level for name in NOISY_LOGGERS}
+    hook = sys.unraisablehook
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    sys.unraisablehook = lambda unraisable: None
+    try:
+        yield
+    finally:
+        sys.unraisablehook = hook
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
 
 
 COMPILE_CACHE_MAX_BYTES = 4 << 30

@@ -1,7 +1,12 @@
 """LoRA adapters on disk: adapters-only Orbax checkpoints bound to their base, and PEFT export.
 
 An adapters checkpoint holds only the trainable tree ({"lora": adapters, "full": leaves trained
-in full}) plus `lora.json`: the LoRAConfig and a sha256 of the frozen base weights. Adapters
+in full}) plus `lora.json`: the LoRAConfig, a sha256 of the frozen base weights, which of the two
+item directories holds the adapters, and the sha256 of each of that item's files. A save writes
+the other item directory, then commits by replacing lora.json (a rename), then removes the old
+item: a crash at any moment leaves lora.json naming a complete item, the old or the new. Loading
+checks every file against its recorded sha256 before Orbax reads it, so a damaged or truncated
+file is one line naming it. Adapters
 trained on one base are meaningless on another, so loading hashes the base it is given and
 refuses a different one. The hash copies every frozen leaf to the host once and runs sha256 over
 its bytes in sorted path order (with names, dtypes and shapes), on one core: its time is linear
@@ -29,6 +34,7 @@ import json
 import math
 import os
 import re
+import shutil
 from pathlib import Path
 
 import jax
@@ -37,12 +43,14 @@ import orbax.checkpoint as ocp
 from safetensors.numpy import save_file
 
 from jaxgpt.config import GPTConfig
-from jaxgpt.fsutil import write_text_atomic
+from jaxgpt.entrypoint import quiet_libraries
+from jaxgpt.fsutil import sha256_file, write_text_atomic
 from jaxgpt.lora.transform import LoRAConfig, adapter_pairs, init
 from jaxgpt.models.model import count_params
 from jaxgpt.trees import flatten, unflatten
 
 ADAPTERS, META = "adapters", "lora.json"
+ITEMS = (ADAPTERS, "adapters.next")  # a save writes the one lora.json does not name
 FORMAT = "jaxgpt-lora"
 # jaxgpt block paths -> GPT-2 module suffixes (query/key/value fuse into attn.c_attn).
 _MODULES = {"attn/c_proj/kernel": "attn.c_proj", "mlp/c_fc/kernel": "mlp.c_fc",
@@ -86,13 +94,44 @@ def save_adapters(directory: str | os.PathLike, trainable, config: LoRAConfig, b
             "base_sha256": base_fingerprint(base_params, config),
             "num_trainable": count_params(trainable), "shapes": _shapes(trainable)}
     directory.mkdir(parents=True, exist_ok=True)
+    old = _committed_item(directory)
+    item = ITEMS[1] if old == ITEMS[0] else ITEMS[0]
+    if jax.process_index() == 0 and (directory / item).exists():
+        shutil.rmtree(directory / item)  # a save that died before its commit
     ckpt = ocp.StandardCheckpointer()
-    ckpt.save(directory / ADAPTERS, trainable, force=True)
+    ckpt.save(directory / item, trainable, force=True)
     ckpt.wait_until_finished()
     ckpt.close()
-    if jax.process_index() == 0:  # written last: a directory with lora.json is complete
+    if jax.process_index() == 0:  # the commit: lora.json names the new, complete item
+        meta.update(adapters=item, files=_file_sums(directory / item))
         write_text_atomic(directory / META, json.dumps(meta, indent=2) + "\n")
+        if old is not None and old != item:
+            shutil.rmtree(directory / old, ignore_errors=True)
     return directory
+
+
+def _committed_item(directory: Path) -> str | None:
+    """The item directory lora.json names (None: no committed adapters here yet)."""
+    try:
+        meta = json.loads((directory / META).read_bytes())
+    except (OSError, ValueError):
+        return None
+    item = meta.get("adapters", ADAPTERS) if isinstance(meta, dict) else None
+    return item if item in ITEMS else None
+
+
+def _file_sums(item: Path) -> dict[str, str]:
+    return {str(p.relative_to(item)): sha256_file(p) for p in sorted(item.rglob("*")) if p.is_file()}
+
+
+def _check_files(item: Path, sums: dict) -> None:
+    """Every file lora.json recorded, present and with its sha256; one line naming the first not."""
+    for rel, digest in sums.items():
+        path = item / rel
+        if not path.is_file():
+            raise ValueError(f"{path} is missing: the adapters checkpoint is incomplete")
+        if sha256_file(path) != digest:
+            raise ValueError(f"{path} is damaged (its sha256 differs from the one {META} recorded)")
 
 
 def _read_meta(path: Path) -> tuple[dict, LoRAConfig]:
@@ -158,9 +197,14 @@ def load_adapters(directory: str | os.PathLike, base_params, shardings=None):
     if _shapes(expected) != recorded:
         raise ValueError(f"{meta_path} records adapter shapes that its LoRA config does not make "
                          "of these base params")
-    adapters = directory / ADAPTERS
+    item = meta.get("adapters", ADAPTERS)
+    if item not in ITEMS:
+        raise ValueError(f"{meta_path} names adapters={item!r}; expected one of {ITEMS}")
+    adapters = directory / item
     if not adapters.is_dir():
         raise FileNotFoundError(f"{adapters} is missing: the adapters checkpoint is incomplete")
+    if isinstance(meta.get("files"), dict):  # written by every save since checksums came in
+        _check_files(adapters, meta["files"])
     shardings = jax.sharding.SingleDeviceSharding(jax.devices()[0]) if shardings is None else shardings
     target = unflatten({p: jax.ShapeDtypeStruct(tuple(shape), np.dtype(dtype))
                     for p, (shape, dtype) in meta["shapes"].items()})
@@ -169,15 +213,16 @@ def load_adapters(directory: str | os.PathLike, base_params, shardings=None):
         shardings = jax.tree.map(lambda _: shardings, target)
     target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                           target, shardings)
-    ckpt = ocp.StandardCheckpointer()
-    try:
-        trainable = ckpt.restore(adapters, target)
-    except Exception as err:  # Orbax and tensorstore raise many kinds, each pages long
-        lines = str(err).strip().splitlines() or [type(err).__name__]
-        raise ValueError(f"{adapters} cannot be restored (missing or damaged files): "
-                         f"{lines[0][:300]}") from None
-    finally:
-        ckpt.close()
+    with quiet_libraries():  # a failed restore's asyncio and Orbax noise stays off stderr
+        ckpt = ocp.StandardCheckpointer()
+        try:
+            trainable = ckpt.restore(adapters, target)
+        except Exception as err:  # Orbax and tensorstore raise many kinds, each pages long
+            lines = str(err).strip().splitlines() or [type(err).__name__]
+            raise ValueError(f"{adapters} cannot be restored (missing or damaged files): "
+                             f"{lines[0][:300]}") from None
+        finally:
+            ckpt.close()
     return trainable, config
 
 

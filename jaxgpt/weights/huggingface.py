@@ -92,7 +92,9 @@ def load_hf(directory: str | os.PathLike, *, mesh=None, param_dtype=None,
                          f"layers: missing {missing or 'none'}; unexpected {extra or 'none'}")
     for name, shape in expected.items():
         if headers[name].shape != shape:
-            raise ValueError(f"tensor {name} has shape {headers[name].shape}, expected {shape}")
+            raise ValueError(f"tensor {name} has shape {headers[name].shape} in "
+                             f"{Path(headers[name].file).name}, but {source} describes {shape}: "
+                             "config.json and the weights disagree")
     sources = leaf_sources(family, config, untie=file_config.tie_embeddings)
     return config, _stream(sources, headers, config, mesh, jnp.dtype(param_dtype or jnp.float32))
 

@@ -207,7 +207,8 @@ def _nan(t, c):
 
 @pytest.mark.parametrize("change, message", [
     (_set("transformer.h.1.mlp.c_fc.weight", np.zeros((20, 79), np.float32)),
-     r"h\.1\.mlp\.c_fc\.weight has shape \(20, 79\), expected \(20, 80\)"),
+     r"h\.1\.mlp\.c_fc\.weight has shape \(20, 79\) in model\.safetensors, but .*config\.json "
+     r"describes \(20, 80\): config\.json and the weights disagree"),
     (lambda t, c: t.pop("transformer.h.2.ln_2.bias"), r"missing \['h\.2\.ln_2\.bias'\]"),
     (_set("transformer.h.0.attn.rotary.weight", np.zeros(3, np.float32)),
      r"unexpected \['h\.0\.attn\.rotary\.weight'\]"),

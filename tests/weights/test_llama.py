@@ -195,6 +195,23 @@ def test_bad_config_is_one_line(hf_model, tmp_path):
         config_from_hf(hf, n_kv_heads=1)
 
 
+def test_a_config_json_that_contradicts_the_weights_is_named(hf_model, tmp_path):
+    import shutil
+
+    from jaxgpt.weights.loader import load_model
+
+    bad = tmp_path / "bad"
+    shutil.copytree(hf_model[0], bad)
+    hf = json.loads((bad / "config.json").read_text())
+    hf["num_key_value_heads"] = hf["num_attention_heads"]  # the weights have fewer kv heads
+    (bad / "config.json").write_text(json.dumps(hf))
+    with pytest.raises(ValueError, match=r"k_proj\.weight has shape \(\d+, 24\) in model\.safetensors, "
+                                         r"but .*bad/config\.json describes .*: config\.json and the "
+                                         r"weights disagree") as err:
+        load_model(str(bad))
+    assert "\n" not in str(err.value)
+
+
 def test_sharded_mesh_steps_equal_single_device(hf_model):
     """Loaded straight into its shards on 4 CPU devices (a process of its own: the device count
     is fixed when JAX starts), two train steps equal the single-device ones."""

@@ -17,6 +17,7 @@ import sys
 
 import jax
 
+from jaxgpt.data.tokenizer import TextDecoder, model_tokenizer
 from jaxgpt.entrypoint import USER_ERRORS, fail, setup_process
 from jaxgpt.inference.generate import generate_stream
 from jaxgpt.inference.requests import check_request, check_size
@@ -44,8 +45,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     setup_process()  # this process's settings (jaxgpt/entrypoint.py), before any JAX computation
     args = parse_args(argv)
-    from jaxgpt.data.tokenizer import TextDecoder, model_tokenizer
-
     try:
         # Options first: a request no model could take is refused before the weights load.
         check_request(args.max_new_tokens, Sampling(args.temperature, args.top_k, args.top_p),

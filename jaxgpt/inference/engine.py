@@ -120,6 +120,9 @@ def _decode(params, cache, tokens, positions, opts, *, config):
     return cache, _pick(logits[:, 0], opts)
 
 
+decode_step = _decode  # public: jaxgpt.plan compiles the engine's decode step for a target
+
+
 def check_request(config: GPTConfig, max_len: int, prompt, max_tokens, temperature=0.0,
                   top_k=None, top_p=None) -> None:
     """Refuse a request the engine cannot run (one-line ValueError naming the problem)."""

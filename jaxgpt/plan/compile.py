@@ -99,9 +99,12 @@ def compile_decode(config: GPTConfig, device, *, slots: int, max_len: int) -> Co
     `max_len` positions) compiled for one chip, as the engine runs it."""
     mesh = Mesh(np.asarray([device]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
     args = decode_arguments(config, device, slots, max_len)
-    # A fresh jit of the engine's function: the engine's own jit caches its trace by argument
-    # shapes and config, so a trace made for another platform's mesh would be reused.
-    step = jax.jit(decode_step.__wrapped__, static_argnames=("config",), donate_argnames=("cache",))
+    # A fresh jit of a fresh function: JAX caches a trace by the function, argument shapes and
+    # config, so a trace made for another platform's mesh would be reused.
+    def fresh(params, cache, tokens, positions, opts, *, config):
+        return decode_step.__wrapped__(params, cache, tokens, positions, opts, config=config)
+
+    step = jax.jit(fresh, static_argnames=("config",), donate_argnames=("cache",))
     with activation_sharding(mesh):
         program, seconds = _timed(lambda: step.lower(*args, config=config))
     return Compiled(program, seconds, mesh)

@@ -109,9 +109,10 @@ def plan_train(config: GPTConfig, optim: OptimConfig, shape: Shape, target: Targ
     attention = attention_choice(config, target.chip.platform, rows, config.context_length)
     attention["evidence"] = program.attention_evidence(calls, attention["kernel"])
     state_traffic = STATE_BYTES_PER_PARAM * built.param_bytes / 4  # float32 parameters
-    hbm = cost.get("bytes accessed", state_traffic)
-    roof = roofline(target.chip, len(devices), tokens, model_flops,
-                    cost.get("flops", model_flops / len(devices)), hbm,
+    # XLA counts a loop body once (the accumulation scan): its FLOPs are reported, not used;
+    # its bytes are a floor where they exceed the optimizer state's traffic.
+    hbm = max(cost.get("bytes accessed", 0.0), state_traffic)
+    roof = roofline(target.chip, len(devices), tokens, model_flops, model_flops / len(devices), hbm,
                     sum(c["bytes"] for c in coll.values()))
     return {
         "batch_size": shape.batch_size, "accum_steps": shape.accum_steps,

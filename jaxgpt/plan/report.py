@@ -49,7 +49,7 @@ def train_lines(t: dict) -> list[str]:
         *_memory_lines(t["memory"]),
         f"  FLOPs: {flops['analytic_per_token'] / 1e9:.3f} GFLOP/token (6N + 12LDT), "
         f"{flops['analytic_per_step'] / 1e12:.2f} TFLOP/step; XLA's count per device: "
-        + (f"{xla / 1e12:.2f} TFLOP" if xla else "none (this backend does not count)"),
+        + (f"{xla / 1e12:.2f} TFLOP (a loop body, such as the accumulation scan, counted once)" if xla else "none (this backend does not count)"),
         f"  attention: {att['kernel']}{why}; in the program: {evidence}",
         f"  collectives per device: {coll or 'none'}",
         _roofline_line(t["roofline"], "tokens"),

@@ -64,8 +64,9 @@ def test_gpt2_data_parallel_step_all_reduces_its_gradients(gpt2_plan):
     coll = gpt2_plan["train"]["collectives"]
     if gpt2_plan["chips"] == 1:
         assert coll == {}
-    else:  # the gradients (float32, ~124M of them) are all-reduced over the data axis
-        assert coll["all-reduce"]["bytes"] >= 4 * 0.9 * gpt2_plan["parameters"]
+    else:  # the gradients (~124M; in bfloat16 where XLA reduces them before the cast) are
+        # all-reduced over the data axis
+        assert coll["all-reduce"]["bytes"] >= 2 * 0.9 * gpt2_plan["parameters"]
 
 
 @pytest.mark.parametrize("target", ["h100x8", "v5e-4"])

@@ -113,7 +113,8 @@ def missing_extra(platform: str) -> str | None:
     """The one-line install hint when the compiler for `platform` is absent, else None."""
     if platform == "tpu" and importlib.util.find_spec("libtpu") is None:
         return f"planning for a TPU needs the libtpu compiler: {TPU_EXTRA}"
-    if platform == "gpu" and importlib.util.find_spec("jax_plugins.xla_cuda12") is None:
+    if platform == "gpu" and (importlib.util.find_spec("jax_plugins") is None
+                              or importlib.util.find_spec("jax_plugins.xla_cuda12") is None):
         return f"planning for a GPU needs the CUDA compiler plugin: {GPU_EXTRA}"
     return None
 

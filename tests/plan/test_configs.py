@@ -12,8 +12,9 @@ from jaxgpt.plan.targets import parse_target, target_devices
 
 
 def _require(target: str) -> None:
-    extra, module = ("gpu-plan", "jax_plugins.xla_cuda12") if target.startswith("h") else ("tpu-plan", "libtpu")
-    if importlib.util.find_spec(module) is None:
+    extra, modules = (("gpu-plan", ("jax_plugins", "jax_plugins.xla_cuda12")) if target.startswith("h")
+                      else ("tpu-plan", ("libtpu",)))
+    if any(importlib.util.find_spec(m) is None for m in modules):
         pytest.skip(f'planning for {target} needs pip install "jaxgpt[{extra}]"')
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))

@@ -14,7 +14,8 @@ from jaxgpt.sharding import MeshConfig
 from jaxgpt.training.runconfig import OptimConfig
 
 HAS_TPU = importlib.util.find_spec("libtpu") is not None
-HAS_GPU = importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
+HAS_GPU = (importlib.util.find_spec("jax_plugins") is not None
+           and importlib.util.find_spec("jax_plugins.xla_cuda12") is not None)
 
 
 def _require(target: str) -> None:

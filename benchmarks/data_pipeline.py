@@ -34,16 +34,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-from hardware import cpu_model  # noqa: E402  (benchmarks/hardware.py)
+from common import cpu_model, usable_cores  # noqa: E402  (benchmarks/common.py)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 FILE_MB = 4
-
-
-def usable_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 def make_corpus(root: Path, gb: float, seed: int = 0) -> list[Path]:

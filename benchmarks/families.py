@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from hardware import hardware  # benchmarks/hardware.py
+from common import hardware  # benchmarks/common.py
 
 SHAPES = {
     "1b": dict(vocab_size=128256, emb_dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, mlp_dim=8192),
@@ -119,7 +119,7 @@ def measure_decode(shape: str, new_tokens: int, prompt_len: int = 16) -> dict:
     import torch
     import transformers
 
-    from jaxgpt.weights.llama import save_family
+    from jaxgpt.weights.huggingface import save_pretrained
     from jaxgpt.inference.generate import generate
     from jaxgpt.models.model import count_params, init_params
 
@@ -127,7 +127,7 @@ def measure_decode(shape: str, new_tokens: int, prompt_len: int = 16) -> dict:
     params = init_params(config, jax.random.key(0))
     out = {"params": count_params(params)}
     with tempfile.TemporaryDirectory() as d:
-        save_family(config, params, d)
+        save_pretrained(config, params, d)
         hf = transformers.LlamaForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
     rng = np.random.default_rng(1)
     for batch in (1, 8):

@@ -9,10 +9,11 @@ many torch threads as this process may use and, as a check on contention for the
 one. Contenders take turns, best time of each kept. The bandwidth bound: a decode step reads
 every weight once plus the keys/values so far; a threaded numpy copy measures how many bytes
 per second this machine moves (read + write), so the bound is an estimate. A tighter floor
-for this compiler: the same weights through XLA's own matmuls in a jitted loop, nothing else.
+for this compiler: the model's matmul shapes through XLA's own dots in a jitted loop, nothing
+else (common.matmul_floor).
 
 On a GPU both sides compute in bfloat16 (`--dtype`, default auto), transformers on the same GPU,
-and the bandwidth is the device's datasheet HBM bandwidth (HBM_BYTES_PER_S, by device name):
+and the bandwidth is the device's datasheet HBM bandwidth (common.HBM_BYTES_PER_S, by device name):
 the bound is tokens/s = batch x bandwidth / (weight bytes in the compute dtype + the KV cache
 bytes of the average context). jaxgpt keeps float32 parameters and casts them in the step; a
 second line runs it on parameters cast to the compute dtype first, which shows what the cast
@@ -26,7 +27,6 @@ import functools
 import os
 import tempfile
 import threading
-import time
 
 # On a GPU, JAX would otherwise take 75% of its memory up front, leaving little to transformers.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -34,27 +34,16 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from hardware import hardware  # noqa: E402  (benchmarks/hardware.py)
-from jax import lax  # noqa: E402
+from common import (  # noqa: E402  (benchmarks/common.py)
+    HBM_BYTES_PER_S, hardware, interleaved_best, lookup, matmul_floor, timed, usable_cores)
 
 from jaxgpt import GPT, GPTConfig, count_params, init_params  # noqa: E402
 from jaxgpt.inference.generate import generate  # noqa: E402
 from jaxgpt.models.model import head_logits  # noqa: E402
 from jaxgpt.hostmem import retain_freed_memory  # noqa: E402
-from jaxgpt.weights.gpt2 import save_pretrained  # noqa: E402
+from jaxgpt.weights.huggingface import save_pretrained  # noqa: E402
 
 retain_freed_memory()  # before the first JAX computation (jaxgpt/hostmem.py)
-
-
-# Datasheet HBM bandwidth in bytes/s, by a substring of jax's device_kind (first match wins).
-HBM_BYTES_PER_S = {
-    "H200": 4.8e12, "H100 PCIe": 2.0e12, "H100": 3.35e12, "GH200": 4.0e12, "B200": 8.0e12,
-    "A100-SXM4-80GB": 2.039e12, "A100": 1.555e12, "L40S": 0.864e12, "L4": 0.3e12, "A10G": 0.6e12,
-}
-
-
-def device_bandwidth(kind: str) -> float | None:
-    return next((bw for name, bw in HBM_BYTES_PER_S.items() if name in kind), None)
 
 
 def copy_bandwidth(nbytes: int = 256 << 20, threads: int = 1) -> float:
@@ -71,25 +60,7 @@ def copy_bandwidth(nbytes: int = 256 << 20, threads: int = 1) -> float:
         for j in jobs:
             j.join()
 
-    return 2 * nbytes / min(_timed(copy_all) for _ in range(5))
-
-
-def _timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def interleaved_best(contenders: dict, repeats: int) -> dict:
-    """Best time of each contender over `repeats` rounds, taking turns so that a burst of load
-    from other processes hits all of them alike (after one untimed warm-up run each)."""
-    for fn in contenders.values():
-        fn()
-    best = dict.fromkeys(contenders, float("inf"))
-    for _ in range(repeats):
-        for name, fn in contenders.items():
-            best[name] = min(best[name], _timed(fn))
-    return best
+    return 2 * nbytes / min(timed(copy_all) for _ in range(5))
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -113,33 +84,6 @@ def uncached_generate(params, config, prompt, new_tokens, bucket=32):
     return buf[:, :total]
 
 
-def matmul_floor(params, config, batch: int, steps: int):
-    """`steps` decode steps' worth of XLA matmuls alone, in a jitted loop: per layer the query,
-    key and value kernels on x, the attention output projection on their sum, the MLP's two
-    kernels in turn, then the tied head; the same dependencies as the model, nothing else. No
-    decoder built from XLA's dots can beat it: it separates what the compiler's matmuls cost
-    from what ours adds (attention over the cache, LayerNorms, sampling, the loop)."""
-    L, H, K, D = config.n_layers, config.n_heads, config.head_dim, config.emb_dim
-    layers = [params[f"h_{i}"] for i in range(L)]
-    kernels = [(*(a["attn"][n]["kernel"].reshape(D, H * K) for n in ("query", "key", "value")),
-                a["attn"]["c_proj"]["kernel"].reshape(H * K, D),
-                a["mlp"]["c_fc"]["kernel"], a["mlp"]["c_proj"]["kernel"]) for a in layers]
-    wte = params["wte"]["embedding"]  # [V, D]
-
-    @jax.jit
-    def run(kernels, wte, x):
-        def step(_, x):  # x [B, D]
-            for wq, wk, wv, wo, wfc, wproj in kernels:
-                x = x + (x @ wq + x @ wk + x @ wv) @ wo * 1e-3
-                x = x + jax.nn.gelu(x @ wfc) @ wproj * 1e-3
-            logits = jnp.einsum("bd,vd->bv", x, wte)
-            return x * 0.5 + logits[:, :D] * 1e-3
-        return lax.fori_loop(0, steps, step, x)
-
-    x = jnp.ones((batch, D), jnp.float32)
-    return lambda: run(kernels, wte, x).block_until_ready()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="32 new tokens, one repeat")
@@ -156,7 +100,7 @@ def main() -> None:
     repeats = 1 if args.quick else 3
     prompt_len = 16
     batches = [int(b) for b in args.batches.split(",")]
-    cores = len(os.sched_getaffinity(0))
+    cores = usable_cores()
     on_cpu = jax.default_backend() == "cpu"
 
     sizes = {k: int(v) for k, v in (o.split("=", 1) for o in args.override)}
@@ -192,7 +136,7 @@ def main() -> None:
     if on_cpu:
         bandwidth, source = copy_bandwidth(threads=cores), f"numpy copy, {cores} threads, read + write"
     else:
-        bandwidth, source = device_bandwidth(kind), f"datasheet HBM of {kind}"
+        bandwidth, source = lookup(HBM_BYTES_PER_S, kind), f"datasheet HBM of {kind}"
     # Every weight is read once per step; of the position table only one row.
     n_read = count_params(params) - (config.context_length - 1) * config.emb_dim
     weight_bytes = n_read * dt.itemsize
@@ -201,7 +145,7 @@ def main() -> None:
           f"random, compute {dt.name} (transformers in {dt.name} on {device}); prompt {prompt_len} "
           f"tokens, {new_tokens} new tokens, greedy")
     print(f"bandwidth: {bandwidth / 1e9:.1f} GB/s ({source})" if bandwidth else
-          f"bandwidth: unknown for {kind!r} (add it to HBM_BYTES_PER_S)")
+          f"bandwidth: unknown for {kind!r} (add it to common.HBM_BYTES_PER_S)")
 
     for batch in batches:
         ids = prompts[:batch]
@@ -216,7 +160,7 @@ def main() -> None:
         if on_cpu:
             contenders["transformers, 1 thread"] = functools.partial(hf_generate, batch, 1)
         if on_cpu or args.all:
-            contenders["XLA matmuls alone (floor)"] = matmul_floor(params, config, batch, new_tokens)
+            contenders["XLA matmuls alone (floor)"] = matmul_floor(config, batch, new_tokens)
         t = interleaved_best(contenders, repeats)
         kv_bytes = 2 * config.n_layers * batch * (prompt_len + new_tokens / 2) * config.emb_dim * dt.itemsize
         bound = batch * bandwidth / (weight_bytes + kv_bytes) if bandwidth else float("nan")

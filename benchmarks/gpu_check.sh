@@ -20,14 +20,14 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONPATH="${
 export JAXGPT_CACHE_DIR=${JAXGPT_CACHE_DIR:-$OUT/xla_cache}  # the compilation cache, fresh here
 left() { echo $((BUDGET - (SECONDS - START))); }
 
-TESTS_FIRST="tests/kernels/test_backend_attention.py tests/kernels/test_attention.py tests/test_accelerator_options.py"
-TESTS_REST="tests/kernels/test_chunked_loss.py tests/kernels/test_matmul.py tests/kernels/test_gelu.py tests/kernels/test_dropout.py tests/test_model.py tests/training/test_step.py tests/test_generation.py tests/training/test_precision.py"
+TESTS_FIRST="tests/kernels/test_backend_attention.py tests/kernels/test_attention.py tests/models/test_accelerator_options.py"
+TESTS_REST="tests/kernels/test_chunked_loss.py tests/kernels/test_matmul.py tests/kernels/test_gelu.py tests/kernels/test_dropout.py tests/models/test_model.py tests/training/test_step.py tests/inference/test_generate.py tests/training/test_precision.py"
 SIZE="--context 1024 --batch 16 --steps 10 --warmup 3"
 DECODE="--batches 1,64 --new-tokens 256"
 T_TESTS=(90 110) T_TRAIN=190 T_DECODE=150
 if [ "${GPU_CHECK_DRY:-0}" = 1 ]; then  # CPU dry run: every call, tiny sizes
   TESTS_FIRST="tests/kernels/test_backend_attention.py"
-  TESTS_REST="tests/test_accelerator_options.py -k chunked_loss"
+  TESTS_REST="tests/models/test_accelerator_options.py -k chunked_loss"
   TINY="--override n_layers=2 --override emb_dim=128 --override n_heads=4"
   SIZE="--context 128 --batch 2 --steps 2 --warmup 1 $TINY"
   DECODE="--batches 1,4 --new-tokens 8 --quick --override n_layers=2 --override emb_dim=128 --override n_heads=4"

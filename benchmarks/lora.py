@@ -16,8 +16,6 @@ the step-time ratio is the median over rounds of the ratio within a round.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import resource
 import statistics
 import sys
@@ -29,6 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+
+from common import hardware  # noqa: E402  (benchmarks/common.py)
 
 from jaxgpt.lora import transform as lora  # noqa: E402
 from jaxgpt.config import GPTConfig  # noqa: E402
@@ -49,19 +49,6 @@ from jaxgpt.training.step import compile_steps  # noqa: E402
 retain_freed_memory()  # before the first JAX computation (jaxgpt/hostmem.py)
 
 VARIANTS = ("full", "lora-merged", "lora")
-
-
-def hardware() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        names = [ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    dev = jax.devices()[0]
-    return (f"{cpu}, {cores} cores visible; jax {jax.__version__} on {dev.platform} "
-            f"({dev.device_kind}), {jax.device_count()} device(s)")
 
 
 def build(variant: str, cfg: GPTConfig, params, lcfg: lora.LoRAConfig, tx, mesh, batch):

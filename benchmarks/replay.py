@@ -19,14 +19,17 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from train_peers import JaxContender, TorchContender  # noqa: E402, I001  (sets JAX's memory options)
+
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-import train_throughput as tt  # noqa: E402
+from common import usable_cores  # noqa: E402  (benchmarks/common.py)
 
 from jaxgpt.data.windows import batch_indices  # noqa: E402
 from jaxgpt.hostmem import retain_freed_memory  # noqa: E402
 from jaxgpt.models.model import init_params  # noqa: E402
-from jaxgpt.weights.gpt2 import save_pretrained  # noqa: E402
+from jaxgpt.sharding import MeshConfig, make_mesh  # noqa: E402
+from jaxgpt.weights.huggingface import save_pretrained  # noqa: E402
 from jaxgpt.tasks.pretraining import window_datasets  # noqa: E402
 from jaxgpt.training.runconfig import load_config  # noqa: E402
 
@@ -49,14 +52,14 @@ def main(argv=None) -> None:
         batches.append((rows["inputs"], rows["targets"]))
     init = jax.device_get(init_params(cfg.model, jax.random.key(cfg.train.seed)))
 
-    ours = tt.JaxContender(cfg.model, tt.make_mesh(tt.MeshConfig()), batches,
-                           total_steps=args.steps, params=init)
+    ours = JaxContender(cfg.model, make_mesh(MeshConfig()), batches,
+                        total_steps=args.steps, params=init)
     import torch
 
-    torch.set_num_threads(tt.usable_cores())
+    torch.set_num_threads(usable_cores())
     with tempfile.TemporaryDirectory(prefix="jaxgpt_replay_") as weights:
         save_pretrained(cfg.model, init, weights)
-        peer = tt.TorchContender(torch, cfg.model, batches, weights_dir=weights)
+        peer = TorchContender(torch, cfg.model, batches, weights_dir=weights)
     for i in range(args.steps):
         ours.step(i)
         peer.step(i)

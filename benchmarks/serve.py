@@ -29,18 +29,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hardware import hardware  # noqa: E402  (benchmarks/hardware.py)
+from common import best_time, hardware, matmul_floor  # noqa: E402  (benchmarks/common.py)
 
 from jaxgpt.hostmem import retain_freed_memory  # noqa: E402
 
 retain_freed_memory()  # before the first JAX computation (jaxgpt/hostmem.py)
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jaxgpt import GPTConfig, init_params  # noqa: E402
-from jaxgpt.cli.serve import Server, build_app  # noqa: E402
+from jaxgpt.inference.server import Server, build_app  # noqa: E402
 from jaxgpt.inference.api import chat_renderer  # noqa: E402
 from jaxgpt.inference.engine import Engine  # noqa: E402
 from jaxgpt.inference.generate import generate  # noqa: E402
@@ -101,32 +100,6 @@ async def run_level(port: int, prompts: list[list[int]], clients: int, per_clien
     start = time.perf_counter()
     results = await asyncio.wait_for(asyncio.gather(*(client(c) for c in range(clients))), timeout)
     return [r for rs in results for r in rs], time.perf_counter() - start
-
-
-def matmul_floor(config: GPTConfig, rows: int, repeats: int = 5) -> float:
-    """Best seconds of a decode step's matmuls alone (every layer's Dense products and the
-    head, jitted, nothing else) for `rows` sequences: what batching can gain on this machine."""
-    D, F, V = config.emb_dim, 4 * config.emb_dim, config.vocab_size
-    key = jax.random.key(1)
-    shapes = [(D, 3 * D), (D, D), (D, F), (F, D)] * config.n_layers + [(D, V)]
-    ws = [jax.random.normal(jax.random.fold_in(key, i), s) * 0.02 for i, s in enumerate(shapes)]
-
-    @jax.jit
-    def chain(x, ws):
-        for i in range(0, len(ws) - 1, 4):
-            a = x @ ws[i]
-            x = x + a[:, :D] @ ws[i + 1]
-            x = x + jnp.tanh(x @ ws[i + 2]) @ ws[i + 3]
-        return jnp.argmax(x @ ws[-1], axis=-1)
-
-    x = jnp.ones((rows, D))
-    chain(x, ws).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        chain(x, ws).block_until_ready()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def sequential_rate(params, config, prompts, max_tokens) -> float:
@@ -206,7 +179,7 @@ def main(argv=None) -> int:
     seq_rate = (before + after) / 2
     print(f"sequential jaxgpt.generate, after: {len(seq[half:] or seq)} requests, {after:.1f} "
           f"tokens/s; peer rate used: {seq_rate:.1f} tokens/s")
-    one, full = matmul_floor(config, 1), matmul_floor(config, args.slots)
+    one, full = (best_time(matmul_floor(config, rows), 5) for rows in (1, args.slots))
     print(f"matmul floor of a decode step (XLA, the matmuls alone): 1 row {one * 1e3:.0f} ms, "
           f"{args.slots} rows {full * 1e3:.0f} ms, i.e. {args.slots * one / full:.1f}x the tokens/s "
           f"of 1 row")

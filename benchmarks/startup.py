@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from hardware import cpu_model  # noqa: E402  (benchmarks/hardware.py)
+from common import cpu_model, usable_cores  # noqa: E402  (benchmarks/common.py)
 
 HERE = Path(__file__).resolve().parent
 LINE = re.compile(r"jax: state init ([\d.]+) s, trace\+lower ([\d.]+) s, compile ([\d.]+) s")
@@ -46,7 +46,7 @@ def main() -> None:
     p.add_argument("extra", nargs="*", help="more train_throughput.py arguments (after --)")
     args = p.parse_args()
     extra = ["--preset", args.preset, "--context", args.context, "--batch", args.batch, *args.extra]
-    print(f"CPU: {cpu_model()}, {len(os.sched_getaffinity(0))} usable cores; "
+    print(f"CPU: {cpu_model()}, {usable_cores()} usable cores; "
           f"train_throughput.py {' '.join(extra)}")
     with tempfile.TemporaryDirectory() as cache:
         base = {**os.environ, "PYTHONPATH": str(HERE.parent)}

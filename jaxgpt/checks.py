@@ -4,11 +4,15 @@ Each dataclass names its rules in a table and calls `check_fields(self, TABLE)` 
 `__post_init__`. A broken rule raises ValueError("ClassName.field must be <rule>, got <value>");
 `load_config` renames the class to the section the user wrote (`TrainConfig.batch_size` ->
 `train.batch_size`), so a library user and a config file each see names they know.
+
+Function arguments are checked by `check_positive_int` / `check_non_negative_int` ("<name> must
+be a positive integer, got <value>"), where numpy integers count as integers.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -52,3 +56,19 @@ def check_fields(obj, rules: dict[str, Rule]) -> None:
         value = getattr(obj, name)
         if not rule.test(value):
             raise ValueError(f"{type(obj).__name__}.{name} must be {rule.what}, got {value!r}")
+
+
+def _is_integral(v) -> bool:  # Python or numpy integers, not bools
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def check_positive_int(name: str, value: object) -> None:
+    """Raise ValueError naming `name` unless `value` is an integer > 0."""
+    if not (_is_integral(value) and value > 0):
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def check_non_negative_int(name: str, value: object) -> None:
+    """Raise ValueError naming `name` unless `value` is an integer >= 0."""
+    if not (_is_integral(value) and value >= 0):
+        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")

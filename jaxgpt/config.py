@@ -150,9 +150,6 @@ class GPTConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "GPTConfig":
-        if "attention" in values and "kernels" not in values:  # configs written before kernels/
-            values = {**values, "kernels": {"fast": "auto"}.get(values["attention"], values["attention"])}
-            values.pop("attention")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:

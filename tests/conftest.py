@@ -18,7 +18,7 @@ if "JAXGPT_CACHE_DIR" not in os.environ:
 
 # Sizes chosen pairwise distinct: V=17, context 11, D=12, H=3 (K=4), F=48, L=2. Float32 on
 # every backend: the tests compare with float32 references at float32 tolerances, and
-# dtype="auto" would mean bfloat16 on a GPU or TPU (tests/test_precision.py covers "auto").
+# dtype="auto" would mean bfloat16 on a GPU or TPU (tests/training/test_precision.py covers "auto").
 TINY = dict(vocab_size=17, context_length=11, emb_dim=12, n_heads=3, n_layers=2, drop_rate=0.0,
             dtype="float32")
 

@@ -17,20 +17,15 @@ import sys
 
 import jax
 
-from jaxgpt.entrypoint import USER_ERRORS, fail, setup_process
-from jaxgpt.inference.requests import check_sampling, check_size
-from jaxgpt.weights.loader import is_run_dir, load_model, read_run_yaml
-from jaxgpt.tasks.instruct.prompts import TEMPLATES
+from jaxgpt.data.prompts import TEMPLATES
 from jaxgpt.data.tokenizer import FamilyTokenizer, model_tokenizer
-
-
-def load_chat_model(name_or_dir: str, template: str | None = None):
-    """(config, params, template name): the model from `load_model`; the template named, else
-    the instruction run's (config.yaml's instruct.template), else alpaca."""
-    config, params = load_model(name_or_dir)
-    if template is None and is_run_dir(name_or_dir):
-        template = (read_run_yaml(name_or_dir).get("instruct") or {}).get("template")
-    return config, params, template or "alpaca"
+from jaxgpt.entrypoint import USER_ERRORS, fail, setup_process
+from jaxgpt.inference.generate import generate
+from jaxgpt.inference.loading import chat_template
+from jaxgpt.inference.requests import check_request, check_size
+from jaxgpt.inference.sampling import Sampling
+from jaxgpt.tasks.instruct import responses
+from jaxgpt.weights.loader import load_model
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -49,22 +44,20 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     setup_process()  # this process's settings (jaxgpt/entrypoint.py), before any JAX computation
     args = parse_args(argv)
-    from jaxgpt.tasks.instruct.responses import generate_responses
-
+    sampling = Sampling(args.temperature, args.top_k, args.top_p)
     try:
         # Options first: a request no model could take is refused before the weights load.
-        if args.max_new_tokens < 1:
-            raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-        check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+        check_request(args.max_new_tokens, sampling, name="--max-new-tokens")
         check_size(1, 1, args.max_new_tokens)
-        config, params, template = load_chat_model(args.model, args.template)
+        config, params = load_model(args.model)
+        template = chat_template(args.model, args.template)
         tok, stop_ids = model_tokenizer(args.model, config)
     except USER_ERRORS as err:  # a bad option, path or checkpoint: one line
         return fail(err, 1)
     interactive = sys.stdin.isatty()
     key = jax.random.key(args.seed)
     if isinstance(tok, FamilyTokenizer) and args.template is None:  # its own chat template
-        return _converse(config, params, tok, stop_ids, args, interactive, key)
+        return _converse(config, params, tok, stop_ids, args, interactive, key, sampling)
     # A family model with --template: that text format, read by the model's own tokenizer.
     family = {} if not isinstance(tok, FamilyTokenizer) else \
         {"tokenizer": tok, **({"eos_id": stop_ids} if stop_ids else {})}
@@ -75,21 +68,18 @@ def main(argv=None) -> int:
         if not instruction:
             continue
         try:
-            [reply] = generate_responses(
+            [reply] = responses.generate_responses(
                 params, config, [{"instruction": instruction, "input": "", "output": ""}], template,
-                max_new_tokens=args.max_new_tokens, batch_size=1, temperature=args.temperature,
-                top_k=args.top_k, top_p=args.top_p, key=jax.random.fold_in(key, turn),
-                **family)
+                max_new_tokens=args.max_new_tokens, batch_size=1, sampling=sampling,
+                key=jax.random.fold_in(key, turn), **family)
         except ValueError as err:  # options the model cannot take
             return fail(err, 1)
         print(reply["model_response"], flush=True)
     return 0
 
 
-def _converse(config, params, tok, stop_ids, args, interactive: bool, key) -> int:
+def _converse(config, params, tok, stop_ids, args, interactive: bool, key, sampling) -> int:
     """A multi-turn chat in the model's own template; replies stop at its end-of-turn ids."""
-    from jaxgpt.inference.generate import generate
-
     try:
         tok.render_chat([{"role": "user", "content": ""}])  # no template: refused before a turn
     except USER_ERRORS as err:
@@ -104,9 +94,9 @@ def _converse(config, params, tok, stop_ids, args, interactive: bool, key) -> in
         messages.append({"role": "user", "content": text})
         try:
             ids = tok.encode_chat(messages)
-            new = generate(params, config, [ids], args.max_new_tokens, temperature=args.temperature,
-                           top_k=args.top_k, top_p=args.top_p, eos_id=stop_ids or None,
-                           key=jax.random.fold_in(key, turn))[0, len(ids):].tolist()
+            new = generate(params, config, [ids], args.max_new_tokens, sampling=sampling,
+                           eos_id=stop_ids or None, key=jax.random.fold_in(key, turn)
+                           )[0, len(ids):].tolist()
         except ValueError as err:  # options the model cannot take, a prompt past its context
             return fail(err, 1)
         ends = [i for i, t in enumerate(new) if t in stop_ids]

@@ -19,7 +19,8 @@ import jax
 
 from jaxgpt.entrypoint import USER_ERRORS, fail, setup_process
 from jaxgpt.inference.generate import generate_stream
-from jaxgpt.inference.requests import check_sampling, check_size
+from jaxgpt.inference.requests import check_request, check_size
+from jaxgpt.inference.sampling import Sampling
 from jaxgpt.weights.loader import load_model
 
 DEFAULT_TOP_K = 40
@@ -47,7 +48,8 @@ def main(argv=None) -> int:
 
     try:
         # Options first: a request no model could take is refused before the weights load.
-        check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+        check_request(args.max_new_tokens, Sampling(args.temperature, args.top_k, args.top_p),
+                      least=0, name="max_new_tokens")
         check_size(1, 1, args.max_new_tokens)
         config, params = load_model(args.model)
         tokenizer, stop_ids = model_tokenizer(args.model, config)
@@ -65,10 +67,9 @@ def main(argv=None) -> int:
     top_k = args.top_k
     if top_k is None and args.temperature > 0:  # the book's chapter 5 sampling: temperature, top-k
         top_k = min(DEFAULT_TOP_K, config.vocab_size)
-    stream = generate_stream(
-        params, config, [ids], args.max_new_tokens, temperature=args.temperature, top_k=top_k,
-        top_p=args.top_p, eos_id=stops or None, key=jax.random.key(args.seed), chunk_size=1,
-    )
+    sampling = Sampling(args.temperature, top_k, args.top_p)
+    stream = generate_stream(params, config, [ids], args.max_new_tokens, sampling=sampling,
+                             eos_id=stops or None, key=jax.random.key(args.seed), chunk_size=1)
     # A token can end inside a UTF-8 character; the decoder waits for the rest.
     text = TextDecoder(tokenizer)
     try:

@@ -16,6 +16,7 @@ import os
 import sys
 from pathlib import Path
 
+from jaxgpt.fsutil import write_json_atomic
 from jaxgpt.tasks.instruct.judge import (
     DEFAULT_BASE_URL,
     ChatClient,
@@ -23,7 +24,6 @@ from jaxgpt.tasks.instruct.judge import (
     redact,
     score_responses,
     url_secrets,
-    write_json_atomically,
 )
 
 
@@ -62,7 +62,7 @@ def main(argv=None) -> int:
         result = score_responses(records, client, template=args.template, progress=progress)
         if args.out:
             scored = [{**r, "score": s} for r, s in zip(records, result["scores"])]
-            write_json_atomically(Path(args.out), scored)
+            write_json_atomic(Path(args.out), scored)
     except (OSError, ValueError, KeyError, JudgeError) as err:
         kept = f" (scores so far are kept in {progress}: rerun to continue)" if progress.is_file() else ""
         print(redact(f"error: {err}{kept}", secrets), file=sys.stderr)

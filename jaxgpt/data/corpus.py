@@ -9,20 +9,19 @@ downloaded. Every file found or fetched must match its registered sha256.
 from __future__ import annotations
 
 import glob as globlib
-import hashlib
 import io
 import os
 import re
-import tempfile
 import urllib.request
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
 from jaxgpt.data.tokenizer import EOT_TOKEN, get_tokenizer
+from jaxgpt.fsutil import sha256_bytes, sha256_file, write_atomic
 
 # Separate documents (files, documentation topics) are joined with GPT-2's end-of-text marker,
 # which tokenize_cached encodes as the single token 50256.
@@ -68,27 +67,6 @@ def default_cache_dir() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "jaxgpt"
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    # Write beside the target, then rename: readers never see a partial file.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _download(spec: NamedDataset) -> bytes:
     with urllib.request.urlopen(spec.url, timeout=DOWNLOAD_TIMEOUT_S) as response:
         data = response.read()
@@ -109,7 +87,7 @@ def dataset_path(name: str) -> Path:
         candidates.insert(0, Path(os.environ["JAXGPT_DATA_DIR"]) / spec.filename)
     for path in candidates:
         if path.is_file():
-            actual = _sha256_file(path)
+            actual = sha256_file(path)
             if actual != spec.sha256:
                 raise ValueError(f"sha256 mismatch for {path}: expected {spec.sha256}, got {actual}")
             return path
@@ -120,12 +98,13 @@ def dataset_path(name: str) -> Path:
             f"could not download {name} from {spec.url} ({err}); place {spec.filename} at {cached} "
             f"or set JAXGPT_DATA_DIR to a directory that holds it"
         ) from None
-    actual = hashlib.sha256(data).hexdigest()
+    actual = sha256_bytes(data)
     if actual != spec.sha256:
         raise ValueError(
             f"sha256 mismatch for {name} downloaded from {spec.url}: expected {spec.sha256}, got {actual}"
         )
-    _write_atomic(cached, data)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(cached, data)
     return cached
 
 
@@ -209,20 +188,20 @@ def load_text(source: str | os.PathLike | Sequence[str | os.PathLike]) -> str:
 # its own, and the whitespace run before that newline another; so a cut just before such a
 # newline changes no piece, and chunks cut there encode exactly as the whole text does.
 # (Visible ASCII stands for "non-space" because Python's \s and the Rust regex's differ.)
-_SAFE_SPLIT = re.compile(r"(?=\n[!-~])")
+SAFE_SPLIT = re.compile(r"(?=\n[!-~])")
 _CHUNK_CHARS = 1 << 20
 
 
-def _chunks(text: str, size: int) -> list[str]:
-    pieces, start = [], 0
+def cut_pieces(text: str, size: int) -> Iterator[str]:
+    """`text` in pieces of about `size` characters, cut only at SAFE_SPLIT points."""
+    start = 0
     while len(text) - start > size:
-        match = _SAFE_SPLIT.search(text, start + size)
+        match = SAFE_SPLIT.search(text, start + size)
         if match is None:
             break
-        pieces.append(text[start : match.start()])
+        yield text[start : match.start()]
         start = match.start()
-    pieces.append(text[start:])
-    return pieces
+    yield text[start:]
 
 
 def _encode(text: str, tokenizer_name: str, chunk_chars: int = _CHUNK_CHARS) -> np.ndarray:
@@ -232,7 +211,7 @@ def _encode(text: str, tokenizer_name: str, chunk_chars: int = _CHUNK_CHARS) -> 
     # Special tokens are matched before pre-tokenizing, so the text between two of them encodes
     # on its own; each document is then cut at safe newlines for the thread pool.
     docs = text.split(EOT_TOKEN)
-    chunks = [_chunks(doc, chunk_chars) for doc in docs]
+    chunks = [list(cut_pieces(doc, chunk_chars)) for doc in docs]
     flat = [chunk for doc in chunks for chunk in doc]
     encoded = iter(enc.encode_ordinary_batch(flat, num_threads=os.cpu_count() or 1))
     parts: list[list[int]] = []
@@ -250,12 +229,13 @@ def tokenize_cached(
     """Token ids of `text` (uint16 if the vocabulary fits), cached on disk by sha256 of the text."""
     get_tokenizer(tokenizer_name)  # an unknown name fails here, before touching the cache
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    key = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+    key = sha256_bytes(text.encode("utf-8", "surrogatepass"))
     path = root / "tokens" / f"{tokenizer_name}-{key}.npy"
     if path.is_file():
         return np.load(path, allow_pickle=False)
     ids = _encode(text, tokenizer_name)
     buffer = io.BytesIO()
     np.save(buffer, ids, allow_pickle=False)
-    _write_atomic(path, buffer.getvalue())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, buffer.getvalue())
     return ids

@@ -33,13 +33,12 @@ from jaxgpt.data.shards import (
     MANIFEST,
     VERSION,
     read_manifest,
-    sha256_bytes,
     shard_name,
-    write_atomic,
     write_manifest,
 )
 from jaxgpt.data.sources import SourceSpec, decode_piece, fingerprint, pieces
 from jaxgpt.data.tokenizer import EOT_ID, get_tokenizer
+from jaxgpt.fsutil import sha256_bytes, write_atomic
 
 TASK_CHARS = 1 << 20  # text per pool task
 

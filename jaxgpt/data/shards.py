@@ -15,15 +15,15 @@ reading one costs the same whatever the corpus size, and memory holds only the b
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from jaxgpt.data.windows import Windows, _check_positive_int
+from jaxgpt.checks import check_positive_int
+from jaxgpt.data.windows import Windows
+from jaxgpt.fsutil import sha256_file, write_atomic
 
 MANIFEST = "manifest.json"
 FORMAT = "jaxgpt-token-shards"
@@ -35,38 +35,6 @@ SPLITS = ("train", "val")
 def shard_name(index: int) -> str:
     """File name of shard `index` (0 is the validation shard)."""
     return f"{'val' if index == 0 else 'train'}_{index:06d}.bin"
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename inside `path` durable (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes | memoryview) -> None:
-    """Write `data` to `path` so that a reader (or a crash) sees the old file or the whole new
-    one: a temporary file beside it, fsync, rename, fsync of the directory."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
-def sha256_bytes(data: bytes | memoryview) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def read_manifest(directory: str | os.PathLike) -> dict:
@@ -102,12 +70,9 @@ def verify_shards(directory: str | os.PathLike, manifest: dict | None = None) ->
     manifest = read_manifest(directory) if manifest is None else manifest
     for entry in manifest["shards"]:
         path = directory / entry["file"]
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 24), b""):
-                digest.update(block)
-        if digest.hexdigest() != entry["sha256"]:
-            raise ValueError(f"{path}: sha256 {digest.hexdigest()} does not match the manifest's {entry['sha256']}")
+        digest = sha256_file(path)
+        if digest != entry["sha256"]:
+            raise ValueError(f"{path}: sha256 {digest} does not match the manifest's {entry['sha256']}")
 
 
 class TokenStream:
@@ -178,9 +143,9 @@ class ShardDataset(Windows):
 
     def __init__(self, directory: str | os.PathLike, split: str, max_length: int, stride: int | None = None,
                  *, memory_map: bool = False):
-        _check_positive_int("max_length", max_length)
+        check_positive_int("max_length", max_length)
         stride = max_length if stride is None else stride
-        _check_positive_int("stride", stride)
+        check_positive_int("stride", stride)
         self.stream = TokenStream(directory, split, memory_map=memory_map)
         self.max_length, self.stride = max_length, stride
         n = len(self.stream)

@@ -16,7 +16,6 @@ the tokenizing happens (in the pool's processes), so the text never passes throu
 from __future__ import annotations
 
 import glob as globlib
-import hashlib
 import json
 import os
 import re
@@ -24,7 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from jaxgpt.data.corpus import _SAFE_SPLIT
+from jaxgpt.data.corpus import cut_pieces
+from jaxgpt.fsutil import sha256_bytes
 
 PIECE_CHARS = 1 << 20  # a piece is cut at the first safe point after this many characters (bytes)
 _CUT_BLOCK = 1 << 16  # bytes read at a time while looking for a cut
@@ -77,19 +77,7 @@ def fingerprint(spec: SourceSpec) -> str:
         files = files_of(spec.source)
     stats = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
     blob = json.dumps({"spec": spec.describe(), "files": stats}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def cut_pieces(text: str, size: int = PIECE_CHARS) -> Iterator[str]:
-    """`text` in pieces of about `size` characters, cut only at safe points."""
-    start = 0
-    while len(text) - start > size:
-        match = _SAFE_SPLIT.search(text, start + size)
-        if match is None:
-            break
-        yield text[start : match.start()]
-        start = match.start()
-    yield text[start:]
+    return sha256_bytes(blob.encode())
 
 
 # The same safe cut on the file's bytes (the ASCII bytes of UTF-8 are the characters), never
@@ -187,13 +175,13 @@ def documents(spec: SourceSpec) -> Iterator[Iterator]:
     """Each document of the source as an iterator over its pieces."""
     if isinstance(spec.source, str) and spec.source.startswith("hf:"):
         for text in _hf_rows(spec):
-            yield cut_pieces(text)
+            yield cut_pieces(text, PIECE_CHARS)
         return
     for path in files_of(spec.source):
         if path.suffix in _TABLE_SUFFIXES:
             rows = _jsonl_rows if path.suffix == ".jsonl" else _parquet_rows
             for text in rows(path, spec.text_column):
-                yield cut_pieces(text)
+                yield cut_pieces(text, PIECE_CHARS)
         else:
             yield _text_file_pieces(path)
 

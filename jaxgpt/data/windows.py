@@ -14,24 +14,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from jaxgpt.checks import check_non_negative_int, check_positive_int
+
 # A target the loss skips (padding, a masked prompt), as in PyTorch's cross_entropy.
 IGNORE = -100
 
 
-def _check_positive_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
-def _check_nonnegative_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
-
-
 def sliding_windows(token_ids, max_length: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
     """Inputs and next-token targets [N, max_length] int32, windows starting every `stride`."""
-    _check_positive_int("max_length", max_length)
-    _check_positive_int("stride", stride)
+    check_positive_int("max_length", max_length)
+    check_positive_int("stride", stride)
     ids = np.asarray(token_ids)
     if ids.ndim != 1:
         raise ValueError(f"token_ids must be one-dimensional, got shape {ids.shape}")
@@ -62,8 +54,8 @@ def split_ids(token_ids, train_ratio: float = 0.9) -> tuple[np.ndarray, np.ndarr
 
 def num_batches(n_windows: int, batch_size: int, drop_last: bool = True) -> int:
     """Batches per epoch: full batches only, or with a final smaller one."""
-    _check_nonnegative_int("n_windows", n_windows)
-    _check_positive_int("batch_size", batch_size)
+    check_non_negative_int("n_windows", n_windows)
+    check_positive_int("batch_size", batch_size)
     return n_windows // batch_size if drop_last else -(-n_windows // batch_size)
 
 
@@ -79,7 +71,7 @@ def _batches_per_epoch(n_windows: int, batch_size: int, drop_last: bool) -> int:
 
 def epoch_of(step: int, n_windows: int, batch_size: int, drop_last: bool = True) -> int:
     """The epoch that global step `step` falls in."""
-    _check_nonnegative_int("step", step)
+    check_non_negative_int("step", step)
     return step // _batches_per_epoch(n_windows, batch_size, drop_last)
 
 
@@ -103,9 +95,9 @@ def batch_indices(
     process_count: int = 1,
 ) -> np.ndarray:
     """Window indices of this process's part of the batch at global step `step`."""
-    _check_nonnegative_int("step", step)
-    _check_nonnegative_int("seed", seed)
-    _check_positive_int("process_count", process_count)
+    check_non_negative_int("step", step)
+    check_non_negative_int("seed", seed)
+    check_positive_int("process_count", process_count)
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index must be in [0, {process_count}), got {process_index!r}")
     if batch_size % process_count:

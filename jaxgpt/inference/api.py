@@ -1,9 +1,12 @@
-"""The OpenAI API's side of `jaxgpt.cli.serve`: request bodies checked into engine jobs, chat
-messages rendered with the model's prompt template, and generated tokens turned into text that
-stops at stop strings. Nothing here touches the network or the device.
+"""The OpenAI API's side of the server (`jaxgpt.inference.server`): request bodies parsed into
+engine jobs, chat messages rendered with the model's prompt template, and generated tokens
+turned into text that stops at stop strings. Nothing here touches the network or the device.
 
-A bad request raises `ApiError` with the status and the OpenAI error body
-{"error": {"message", "type", "param", "code"}}, naming the field and the value.
+Parsing here checks the JSON's shape (types, presence, the protocol's own fields: model, n,
+stop, stream); the values (token counts, sampling options, the prompt and its length) are
+checked by `jaxgpt.inference.requests.check_request`, as for every other caller. A bad request
+raises `ApiError` with the status and the OpenAI error body {"error": {"message", "type",
+"param", "code"}}, naming the field and the value.
 """
 
 from __future__ import annotations
@@ -12,8 +15,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from jaxgpt.tasks.instruct.prompts import get_template
+from jaxgpt.data.prompts import get_template
 from jaxgpt.data.tokenizer import TextDecoder
+from jaxgpt.inference.requests import RequestError, check_request
+from jaxgpt.inference.sampling import Sampling
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # as OpenAI's /v1/completions
 MAX_STOPS = 4
@@ -47,13 +52,17 @@ class Job:
     include_usage: bool = False
     extra: dict = field(default_factory=dict)
 
+    @property
+    def sampling(self) -> Sampling:
+        return Sampling(self.temperature, self.top_k, self.top_p)
+
 
 # --- chat templates ---
 
 def chat_renderer(template_name: str) -> Callable[[list[dict]], tuple[str, list[str]]]:
     """The function that renders a conversation for this model: messages -> (prompt text, stop
     strings that mean the model began a new turn). GPT-2 models use their instruction template
-    (jaxgpt/tasks/instruct/prompts.py: alpaca, phi3); a Llama 3 / Qwen3 model renders with its
+    (jaxgpt/data/prompts.py: alpaca, phi3); a Llama 3 / Qwen3 model renders with its
     own chat template (`family_chat_renderer`)."""
     template = get_template(template_name)
 
@@ -109,8 +118,8 @@ def _get(body: dict, name: str, check: Callable[[Any], bool], what: str, default
     return value
 
 
-def parse_options(body: Any, model_names: list[str], max_len: int, vocab_size: int) -> dict:
-    """The sampling options every endpoint shares, checked."""
+def parse_options(body: Any, model_names: list[str], vocab_size: int) -> dict:
+    """The options every endpoint shares, their JSON shape checked (values: `_fit`)."""
     if not isinstance(body, dict):
         raise ApiError(f"the request body must be a JSON object, got {type(body).__name__}")
     model = body.get("model")
@@ -123,14 +132,8 @@ def parse_options(body: Any, model_names: list[str], max_len: int, vocab_size: i
     if n != 1:
         raise ApiError(f"'n' must be 1 (one choice per request), got {n}", "n")
     temperature = _get(body, "temperature", _is_number, "a number", 1.0)
-    if temperature < 0:
-        raise ApiError(f"'temperature' must be >= 0, got {temperature}", "temperature")
     top_p = _get(body, "top_p", _is_number, "a number", 1.0)
-    if not 0 < top_p <= 1:
-        raise ApiError(f"'top_p' must be in (0, 1], got {top_p}", "top_p")
     top_k = _get(body, "top_k", _is_int, "an integer", None)
-    if top_k is not None and not 1 <= top_k:
-        raise ApiError(f"'top_k' must be >= 1, got {top_k}", "top_k")
     seed = _get(body, "seed", _is_int, "an integer", None)
     stop = body.get("stop")
     stops = [stop] if isinstance(stop, str) else stop if stop is not None else []
@@ -145,38 +148,39 @@ def parse_options(body: Any, model_names: list[str], max_len: int, vocab_size: i
         raise ApiError("'stream_options.include_usage' must be a boolean", "stream_options")
     name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = _get(body, name, _is_int, "an integer", None)
-    if max_tokens is not None and max_tokens <= 0:
-        raise ApiError(f"'{name}' must be at least 1, got {max_tokens}", name)
-    return dict(temperature=float(temperature), top_p=None if top_p == 1 else float(top_p),
+    # A top_k past the vocabulary keeps every token: it is cut to the vocabulary.
+    return dict(temperature=temperature, top_p=top_p,
                 top_k=None if top_k is None else min(top_k, vocab_size), seed=seed, stops=stops,
                 stream=stream, include_usage=include_usage and stream, max_tokens=max_tokens,
                 max_tokens_name=name)
 
 
-def _fit(opts: dict, prompt_ids: list[int], max_len: int, default: int | None,
+def _fit(opts: dict, prompt_ids: list[int], max_len: int, vocab_size: int, default: int | None,
          param: str) -> Job:
-    n = len(prompt_ids)
-    if n == 0:
-        raise ApiError("the prompt is empty", param)
-    if n >= max_len:
-        raise ApiError(f"the prompt is {n} tokens, but this model's maximum context length is "
-                       f"{max_len} tokens (the prompt plus at least one new token)", param,
-                       code="context_length_exceeded")
-    room = max_len - n
+    """The job, its values checked: max_tokens when not given fills what the context leaves
+    (at most `default`)."""
     max_tokens, name = opts.pop("max_tokens"), opts.pop("max_tokens_name")
+    sampling = Sampling(opts["temperature"], opts["top_k"], opts["top_p"])
+    try:
+        check_request(max_tokens, sampling, vocab_size=vocab_size, max_len=max_len,
+                      prompt=prompt_ids, name=name)
+    except RequestError as err:
+        where = {"max_tokens": name, "prompt": param}.get(err.field, err.field)
+        shown = "the prompt" if where == "messages" else f"'{where}'"  # a rendered chat
+        raise ApiError(err.describe(shown), where, code=err.code) from None
+    room = max_len - len(prompt_ids)
     if max_tokens is None:
         max_tokens = room if default is None else min(default, room)
-    elif max_tokens > room:
-        raise ApiError(f"this model's maximum context length is {max_len} tokens; the prompt is "
-                       f"{n} tokens and '{name}' asks for {max_tokens} more (at most {room})",
-                       name, code="context_length_exceeded")
-    return Job(prompt_ids=prompt_ids, max_tokens=max_tokens, **opts)
+    top_p = opts.pop("top_p")
+    return Job(prompt_ids=prompt_ids, max_tokens=max_tokens,
+               temperature=float(opts.pop("temperature")),
+               top_p=None if top_p == 1 else float(top_p), **opts)
 
 
 def parse_completion(body: Any, tokenizer, model_names: list[str], max_len: int,
                      vocab_size: int) -> Job:
     """A /v1/completions body: `prompt` is a string, a list of one, or a list of token ids."""
-    opts = parse_options(body, model_names, max_len, vocab_size)
+    opts = parse_options(body, model_names, vocab_size)
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
@@ -184,21 +188,17 @@ def parse_completion(body: Any, tokenizer, model_names: list[str], max_len: int,
         ids = tokenizer.encode_text(prompt) if hasattr(tokenizer, "encode_text") \
             else tokenizer.encode(prompt, disallowed_special=())
     elif isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
-        bad = [t for t in prompt if not 0 <= t < vocab_size]
-        if bad:
-            raise ApiError(f"token id {bad[0]} in 'prompt' is outside the vocabulary "
-                           f"[0, {vocab_size})", "prompt")
         ids = list(prompt)
     else:
         raise ApiError("'prompt' must be a string, a list of one string or a list of token ids, "
                        f"got {_short(prompt)}", "prompt")
-    return _fit(opts, ids, max_len, COMPLETIONS_DEFAULT_MAX_TOKENS, "prompt")
+    return _fit(opts, ids, max_len, vocab_size, COMPLETIONS_DEFAULT_MAX_TOKENS, "prompt")
 
 
 def parse_chat(body: Any, tokenizer, model_names: list[str], max_len: int, vocab_size: int,
                render: Callable[[list[dict]], tuple[str, list[str]]]) -> Job:
     """A /v1/chat/completions body: `messages` rendered by the model's chat template."""
-    opts = parse_options(body, model_names, max_len, vocab_size)
+    opts = parse_options(body, model_names, vocab_size)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(f"'messages' must be a non-empty list, got {_short(messages)}", "messages")
@@ -218,7 +218,8 @@ def parse_chat(body: Any, tokenizer, model_names: list[str], max_len: int, vocab
         plain.append({"role": m["role"], "content": content})
     text, turn_stops = render(plain)
     opts["stops"] = opts["stops"] + [s for s in turn_stops if s not in opts["stops"]]
-    return _fit(opts, tokenizer.encode(text, disallowed_special=()), max_len, None, "messages")
+    return _fit(opts, tokenizer.encode(text, disallowed_special=()), max_len, vocab_size, None,
+                "messages")
 
 
 def _short(value, limit: int = 60) -> str:

@@ -11,11 +11,13 @@ shape is fixed); their results are ignored and their writes land in rows nobody 
 
 Each slot's tokens sit at cache positions 0, 1, ... whatever the other slots hold, and every
 row is computed on its own, so a request's output depends only on itself: token n of a sampled
-request is drawn with `fold_in(key(seed), n)`. Greedy decoding picks what `generate` picks.
-Sampling follows `generate`: top-k keeps logits >= the k-th largest, then the temperature
-divides, then top-p keeps the smallest most likely set whose mass reaches p.
+request is drawn with `fold_in(key(seed), n)`. The sampler is `generate`'s
+(`jaxgpt.inference.sampling`, with options per row), so greedy decoding picks what `generate`
+picks, and a sampled request draws what `generate` draws for its prompt alone with
+key=jax.random.key(seed).
 
-Host-side checks (`check_request`) refuse a request in one line before it is queued.
+The host-side checks (`jaxgpt.inference.requests.check_request`) refuse a request in one line
+before it is queued.
 """
 
 from __future__ import annotations
@@ -32,11 +34,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxgpt.models.cache import init_cache
 from jaxgpt.config import GPTConfig
-from jaxgpt.models.model import head_logits
-from jaxgpt.inference.requests import check_sampling, prompt_bucket
-from jaxgpt.models.model import GPT
+from jaxgpt.inference.requests import check_request, prompt_bucket
+from jaxgpt.inference.sampling import Sampling, row_keys, sample
+from jaxgpt.models.cache import init_cache
+from jaxgpt.models.model import GPT, head_logits
 
 
 class QueueFull(RuntimeError):
@@ -60,45 +62,16 @@ class Request:
     cancelled: threading.Event = field(default_factory=threading.Event)
     generated: int = 0
 
-
-def _sample(logits, temperature, top_k, top_p, seed, count):
-    """Per-row draws [N] from logits [N, V] with fold_in(key(seed), count), after top-k,
-    temperature (> 0) and top-p as generate applies them; the sort only when a row filters."""
-    V = logits.shape[-1]
-    t = temperature[:, None]  # [N, 1]
-
-    def filtered(logits):
-        desc = -jnp.sort(-logits, axis=-1)  # [N, V] largest first
-        kth = jnp.take_along_axis(desc, (top_k - 1)[:, None], axis=-1)  # [N, 1]
-        logits = jnp.where(logits < kth, -jnp.inf, logits) / t
-        desc = jnp.where(desc < kth, -jnp.inf, desc) / t  # still sorted: the filtered logits
-        probs = jax.nn.softmax(desc, axis=-1)
-        mass_before = jnp.cumsum(probs, axis=-1) - probs
-        # The smallest kept logit: the first token always stays, so no row is left empty.
-        cutoff = jnp.min(jnp.where(mass_before < top_p[:, None], desc, jnp.inf), axis=-1,
-                         keepdims=True)  # [N, 1]
-        return jnp.where(logits < cutoff, -jnp.inf, logits)
-
-    logits = lax.cond(jnp.any((top_k < V) | (top_p < 1.0)), filtered, lambda lg: lg / t, logits)
-    keys = jax.vmap(lambda s, n: jax.random.fold_in(jax.random.key(s), n))(seed, count)
-    return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)  # [N]
-
-
-def _pick(logits, opts):
-    """Next tokens [N]: sampled rows drawn, greedy rows (temperature 0) their argmax."""
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    hot = opts["temperature"] > 0  # [N]
-    temperature = jnp.where(hot, opts["temperature"], 1.0)
-    drawn = lax.cond(jnp.any(hot), lambda lg: _sample(lg, temperature, opts["top_k"], opts["top_p"],
-                                                      opts["seed"], opts["count"]),
-                     lambda lg: greedy, logits)
-    return jnp.where(hot, drawn, greedy)
+    @property
+    def sampling(self) -> Sampling:
+        return Sampling(self.temperature, self.top_k, self.top_p)
 
 
 @functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("cache",))
-def _prefill(params, cache, prompt, length, slot, opts, *, config):
+def _prefill(params, cache, prompt, length, slot, sampling: Sampling, draws, *, config):
     """Run the prompt [1, P] (right-padded; `length` real tokens) into row `slot` of the cache
-    [L, N, H, S, K] at positions 0..P-1, and pick its first new token [1]."""
+    [L, N, H, S, K] at positions 0..P-1, and pick its first new token [1] with the slot's
+    sampling options [1] and draw (seed [1], count [1])."""
     P = prompt.shape[1]
     hidden, fresh = GPT(config).apply(
         {"params": params}, prompt, positions=jnp.arange(P)[None, :],
@@ -107,37 +80,21 @@ def _prefill(params, cache, prompt, length, slot, opts, *, config):
     cache = {n: lax.dynamic_update_slice(cache[n], fresh[n], (0, slot, 0, 0, 0)) for n in cache}
     last = lax.dynamic_slice_in_dim(hidden, length - 1, 1, axis=1)[:, 0]  # [1, D]
     logits = head_logits(params, config, last)  # [1, V]
-    return cache, _pick(logits, opts), jnp.all(jnp.isfinite(logits))
+    return cache, sample(logits, row_keys(*draws), sampling), jnp.all(jnp.isfinite(logits))
 
 
 @functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("cache",))
-def _decode(params, cache, tokens, positions, opts, *, config):
+def _decode(params, cache, tokens, positions, sampling: Sampling, draws, *, config):
     """One token for every slot: tokens [N] fed at positions [N], each row its own; returns the
-    cache with their keys and values written and the next tokens [N]."""
+    cache with their keys and values written and the next tokens [N], drawn with each slot's
+    options [N] and draw (seed [N], count [N])."""
     logits, cache = GPT(config).apply(
         {"params": params}, tokens[:, None], positions=positions[:, None], cache=cache,
         cache_index=positions)  # [N, 1, V]
-    return cache, _pick(logits[:, 0], opts)
+    return cache, sample(logits[:, 0], row_keys(*draws), sampling)
 
 
 decode_step = _decode  # public: jaxgpt.plan compiles the engine's decode step for a target
-
-
-def check_request(config: GPTConfig, max_len: int, prompt, max_tokens, temperature=0.0,
-                  top_k=None, top_p=None) -> None:
-    """Refuse a request the engine cannot run (one-line ValueError naming the problem)."""
-    if not prompt:
-        raise ValueError("the prompt is empty")
-    bad = [t for t in prompt if not 0 <= t < config.vocab_size]
-    if bad:
-        raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {config.vocab_size})")
-    if not isinstance(max_tokens, (int, np.integer)) or isinstance(max_tokens, bool) \
-            or max_tokens < 1:
-        raise ValueError(f"max_tokens must be a positive integer, got {max_tokens!r}")
-    check_sampling(int(max_tokens), temperature, top_k, top_p, config.vocab_size)
-    if len(prompt) + max_tokens > max_len:
-        raise ValueError(f"the prompt's {len(prompt)} tokens plus max_tokens={max_tokens} exceed "
-                         f"this model's maximum sequence length of {max_len} tokens")
 
 
 class Engine:
@@ -174,8 +131,8 @@ class Engine:
 
     def submit(self, request: Request) -> None:
         """Queue a checked request; QueueFull when max_queue requests already wait."""
-        check_request(self.config, self.max_len, request.prompt, request.max_tokens,
-                      request.temperature, request.top_k, request.top_p)
+        check_request(request.max_tokens, request.sampling, vocab_size=self.config.vocab_size,
+                      max_len=self.max_len, prompt=request.prompt)
         if self.error is not None:
             raise RuntimeError(f"the engine stopped: {self.error}")
         with self._lock:  # free slots take waiting requests first; max_queue more may wait
@@ -255,15 +212,20 @@ class Engine:
         o["seed"][slot] = r.seed % (1 << 32)
         o["count"][slot] = 0
 
+    def _options(self, rows: slice) -> tuple[Sampling, tuple]:
+        """The sampling options and draws (seed, count) of these slots, one per row."""
+        o = {k: v[rows] for k, v in self.opts.items()}
+        return Sampling(o["temperature"], o["top_k"], o["top_p"]), (o["seed"], o["count"])
+
     def _prefill(self, slot: int, r: Request) -> None:
         n = len(r.prompt)
         P = prompt_bucket(n, self.max_len)
         prompt = np.zeros((1, P), np.int32)
         prompt[0, :n] = r.prompt
         self._set_slot(slot, r)
-        opts = {k: v[slot:slot + 1] for k, v in self.opts.items()}
+        sampling, draws = self._options(slice(slot, slot + 1))
         self.cache, first, finite = _prefill(self.params, self.cache, prompt, np.int32(n),
-                                             np.int32(slot), opts, config=self.config)
+                                             np.int32(slot), sampling, draws, config=self.config)
         self.active[slot] = r
         self.stats["admitted"] += 1
         if not bool(finite):
@@ -279,7 +241,7 @@ class Engine:
         if self.free_slots() == self.slots:
             return
         self.cache, nxt = _decode(self.params, self.cache, self.tokens, self.positions,
-                                  self.opts, config=self.config)
+                                  *self._options(slice(None)), config=self.config)
         nxt = np.asarray(nxt)
         self.stats["steps"] += 1
         for slot, r in enumerate(self.active):

@@ -51,6 +51,7 @@ class KernelSet:
     project: Callable  # (x [..., C], w, rhs_t, out_dtype) -> [..., N]: the LM head
     attention: Callable  # (q, k, v, mask, *, dropout_rate, dropout_rng, deterministic) -> [B, T, H, K]
     cache_attention: Callable  # the same over a heads-major [B, H, S, K] cache
+    grouped_cache_attention: Callable  # (q, k, v, mask) over a [B, Hkv, S, K] cache, no dropout
     gelu: Callable
     cross_entropy_sum: Callable  # (logits, targets, ignore) -> float32 scalar
 
@@ -126,7 +127,8 @@ def kernel_set(name: str, platform: str) -> KernelSet:
     """The kernel set `name` on `platform` ("cpu", "gpu" or "tpu"), built once per pair."""
     reference = KernelSet("reference", _dense.reference_dense, _dense.reference_project,
                           _attention.reference_attention, _attention.cache_attention,
-                          reference_gelu, _ce.reference_cross_entropy_sum)
+                          _attention.grouped_cache_attention, reference_gelu,
+                          _ce.reference_cross_entropy_sum)
     if name == "reference":
         return reference
     if platform == "cpu":

@@ -1,13 +1,15 @@
 """Causal multi-head attention (chapter 3) as small pure functions, plus a fused fast path.
 
-Shape legend: B batch, T query time, S key time, H heads, K head width, D model width.
+Shape legend: B batch, T query time, S key time, H heads, K head width, D model width; with
+grouped queries Hkv key/value heads, each read by G = H / Hkv query heads.
 
 `reference_attention` composes the chapter's steps one by one (scores, mask, softmax, dropout,
 weighted sum) so each can be read and tested: it is the definition every other attention kernel
 is tested against, which is why chapter 3 lives here, in the lowest layer. `fused_attention`
 hands the same computation to `jax.nn.dot_product_attention` (its XLA composition, or cuDNN's
 flash kernel when asked: backend_attention.py chooses); `cpu_attention.heads_major_attention` is the reference with a
-hand-written gradient in XLA:CPU's fast layouts; `cache_attention` reads a heads-major KV cache.
+hand-written gradient in XLA:CPU's fast layouts; `cache_attention` reads a heads-major KV cache,
+`grouped_cache_attention` one that holds only the Hkv key/value heads (grouped-query attention).
 All take masks with True meaning "may attend".
 """
 
@@ -111,6 +113,22 @@ def cache_attention(
     return jnp.einsum("bhts,bhsk->bthk", weights.astype(v.dtype), v)  # [B, T, H, K]
 
 
+def grouped_cache_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """q [B, T, H, K] over a heads-major cache k, v [B, Hkv, S, K] holding only the key/value
+    heads; mask [B|1, 1, T, S]. Query head h reads kv head h // G (Hugging Face's repeat_kv
+    order). No dropout: a cache is read when decoding."""
+    B, T, H, K = q.shape
+    hkv, G = k.shape[1], H // k.shape[1]
+    # The G query heads of a kv head and the T queries form one row axis, so both products are
+    # plain (B, Hkv)-batched matmuls that read the cache where it lies.
+    qg = jnp.swapaxes(q.reshape(B, T, hkv, G, K), 1, 2).reshape(B, hkv, T * G, K)  # [B, Hkv, T G, K]
+    scores = jnp.einsum("bhqk,bhsk->bhqs", qg, k, preferred_element_type=jnp.float32)
+    scores = scores.reshape(B, hkv, T, G, -1)  # [B, Hkv, T, G, S]
+    weights = masked_softmax(scores / math.sqrt(K), mask[:, :, :, None])  # mask [B|1, 1, T, 1, S]
+    out = jnp.einsum("bhqs,bhsk->bhqk", weights.reshape(B, hkv, T * G, -1).astype(v.dtype), v)
+    return jnp.swapaxes(out.reshape(B, hkv, T, G, K), 1, 2).reshape(B, T, H, K)  # [B, T, H, K]
+
+
 def fused_attention(
     q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None,
     implementation: str | None = None,
@@ -120,13 +138,14 @@ def fused_attention(
     if mask is None:
         return jax.nn.dot_product_attention(q, k, v, is_causal=True,
                                             implementation=implementation)  # [B, T, H, K]
-    out = jax.nn.dot_product_attention(q, k, v, mask=jnp.broadcast_to(mask, _mask_shape(q, k)),
+    out = jax.nn.dot_product_attention(q, k, v, mask=jnp.broadcast_to(mask, mask_shape(q, k)),
                                        implementation=implementation)
     # Fully masked query rows (left padding) come out as a mean of values; zero them to match
     # the reference, so padded rows are inert either way.
-    any_visible = jnp.any(jnp.broadcast_to(mask, _mask_shape(q, k)), axis=-1)  # [B, H, T]
+    any_visible = jnp.any(jnp.broadcast_to(mask, mask_shape(q, k)), axis=-1)  # [B, H, T]
     return jnp.where(jnp.moveaxis(any_visible, 1, 2)[..., None], out, 0.0)
 
 
-def _mask_shape(q: jax.Array, k: jax.Array) -> tuple[int, int, int, int]:
+def mask_shape(q: jax.Array, k: jax.Array) -> tuple[int, int, int, int]:
+    """The full mask shape [B, H, T, S] of q [B, T, H, K] against keys k [B, S, H, K]."""
     return (q.shape[0], q.shape[2], q.shape[1], k.shape[1])  # [B, H, T, S]

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxgpt.kernels.matmul import _ROWS, _ROWS_T, _transposed
+from jaxgpt.kernels.matmul import ROWS, ROWS_T, transposed
 
 _MASKED = -1e30  # a padded column's logit: softmax gives it exactly 0
 
@@ -85,11 +85,11 @@ def _loss_bwd(head_t, chunk, vocab_size, ignore, res, g):
         # Row-major [M, C] x [C, N] or [M, C] x [N, C] products, transposing explicitly where
         # needed: the layouts XLA:CPU runs fast (matmul.py); other compilers choose their own.
         if head_t:  # head [V, D]
-            dh = lax.dot_general(dz_c, w_c, _ROWS, preferred_element_type=jnp.float32)  # [C, D]
-            dw = lax.dot_general(_transposed(dz_c), hc, _ROWS, preferred_element_type=jnp.float32)
+            dh = lax.dot_general(dz_c, w_c, ROWS, preferred_element_type=jnp.float32)  # [C, D]
+            dw = lax.dot_general(transposed(dz_c), hc, ROWS, preferred_element_type=jnp.float32)
         else:  # head [D, V]
-            dh = lax.dot_general(dz_c, w_c, _ROWS_T, preferred_element_type=jnp.float32)  # [C, D]
-            dw = lax.dot_general(_transposed(hc), dz_c, _ROWS, preferred_element_type=jnp.float32)
+            dh = lax.dot_general(dz_c, w_c, ROWS_T, preferred_element_type=jnp.float32)  # [C, D]
+            dw = lax.dot_general(transposed(hc), dz_c, ROWS, preferred_element_type=jnp.float32)
         return dhead + dw, dh.astype(hc.dtype)
 
     dhead, dh = lax.scan(one, jnp.zeros(head.shape, jnp.float32),

@@ -12,7 +12,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jaxgpt.kernels.attention import _mask_shape, causal_mask, masked_softmax
+from jaxgpt.kernels.attention import causal_mask, mask_shape, masked_softmax
 from jaxgpt.kernels.dropout import keep_mask
 
 
@@ -37,7 +37,7 @@ def heads_major_attention(
     """
     if mask is None:
         mask = causal_mask(q.shape[1], k.shape[1])
-    shape = _mask_shape(q, k)  # [B, H, T, S]
+    shape = mask_shape(q, k)  # [B, H, T, S]
     keep, p = None, 1.0
     if not deterministic and dropout_rate > 0.0:
         keep, p = keep_mask(dropout_rng, dropout_rate, shape)
@@ -54,7 +54,7 @@ def _bdot(a, b, dims):
 
 
 def _swap_last(x):
-    """[..., R, C] -> [..., C, R] as a copy, through a unit axis (see matmul._transposed)."""
+    """[..., R, C] -> [..., C, R] as a copy, through a unit axis (see matmul.transposed)."""
     n = x.ndim
     return jnp.transpose(x[..., None], (*range(n - 2), n - 1, n - 2, n))[..., 0]
 

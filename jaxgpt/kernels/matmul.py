@@ -26,8 +26,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-_ROWS = (((1,), (0,)), ((), ()))  # [M, C] x [C, N]
-_ROWS_T = (((1,), (1,)), ((), ()))  # [M, C] x [N, C]
+ROWS = (((1,), (0,)), ((), ()))  # [M, C] x [C, N]
+ROWS_T = (((1,), (1,)), ((), ()))  # [M, C] x [N, C]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -35,7 +35,7 @@ def matmul(x, w, rhs_t: bool, out_dtype):
     """x [M, C] @ w ([C, N], or [N, C] if rhs_t) -> [M, N] in out_dtype, float32 accumulation.
 
     w is used in x's dtype; its gradient keeps w's own dtype (see the module's docstring)."""
-    dims = _ROWS_T if rhs_t else _ROWS
+    dims = ROWS_T if rhs_t else ROWS
     return jax.lax.dot_general(x, w.astype(x.dtype), dims,
                                preferred_element_type=jnp.float32).astype(out_dtype)
 
@@ -44,7 +44,7 @@ def _matmul_fwd(x, w, rhs_t, out_dtype):
     return matmul(x, w, rhs_t, out_dtype), (x, w)
 
 
-def _transposed(a):
+def transposed(a):
     """[R, C] -> [C, R] as a copy; through a unit axis so a bf16 copy stays bf16 on XLA:CPU."""
     return jnp.transpose(a[:, :, None], (1, 0, 2))[:, :, 0]
 
@@ -55,11 +55,11 @@ def _matmul_bwd(rhs_t, out_dtype, res, g):
     wc = w.astype(x.dtype)
     f32 = jnp.float32
     if rhs_t:  # w [N, C]
-        dx = jax.lax.dot_general(g, wc, _ROWS, preferred_element_type=f32)  # [M, C]
-        dw = jax.lax.dot_general(_transposed(g), x, _ROWS, preferred_element_type=f32)  # [N, C]
+        dx = jax.lax.dot_general(g, wc, ROWS, preferred_element_type=f32)  # [M, C]
+        dw = jax.lax.dot_general(transposed(g), x, ROWS, preferred_element_type=f32)  # [N, C]
     else:  # w [C, N]
-        dx = jax.lax.dot_general(g, wc, _ROWS_T, preferred_element_type=f32)  # [M, C]
-        dw = jax.lax.dot_general(_transposed(x), g, _ROWS, preferred_element_type=f32)  # [C, N]
+        dx = jax.lax.dot_general(g, wc, ROWS_T, preferred_element_type=f32)  # [M, C]
+        dw = jax.lax.dot_general(transposed(x), g, ROWS, preferred_element_type=f32)  # [C, N]
     return dx.astype(x.dtype), dw.astype(w.dtype)
 
 
@@ -82,7 +82,7 @@ def _matmul_bias_bwd(out_dtype, res, g):
     x, w, b = res
     dx, dw = _matmul_bwd(False, out_dtype, (x, w), g)
     ones = jnp.ones((1, g.shape[0]), x.dtype)
-    db = jax.lax.dot_general(ones, g.astype(x.dtype), _ROWS, preferred_element_type=jnp.float32)
+    db = jax.lax.dot_general(ones, g.astype(x.dtype), ROWS, preferred_element_type=jnp.float32)
     return dx, dw, db[0].astype(b.dtype)
 
 

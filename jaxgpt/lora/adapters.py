@@ -4,14 +4,14 @@ An adapters checkpoint holds only the trainable tree ({"lora": adapters, "full":
 in full}) plus `lora.json`: the LoRAConfig and a sha256 of the frozen base weights. Adapters
 trained on one base are meaningless on another, so loading hashes the base it is given and
 refuses a different one. The hash copies every frozen leaf to the host once and runs sha256 over
-its bytes in sorted path order (with names, dtypes and shapes), on one core: benchmarks/lora.py
-measured 1.4 s for GPT-2 small and 3.3 s for medium (float32) on a busy shared CPU, i.e. linear
-in the weights' bytes, plus the device-to-host copy on an accelerator. A scanned and an unrolled
-copy of the same weights hash differently, as their adapters differ too.
+its bytes in sorted path order (with names, dtypes and shapes), on one core: its time is linear
+in the weights' bytes, plus the device-to-host copy on an accelerator (benchmarks/lora.py measures
+it; figures in benchmarks/README.md). A scanned and an unrolled copy of the same weights hash
+differently, as their adapters differ too.
 
 PEFT export writes `adapter_config.json` + `adapter_model.safetensors` for transformers'
 GPT2LMHeadModel, LlamaForCausalLM or Qwen3ForCausalLM (export its base with
-`jaxgpt.weights.gpt2.save_pretrained`); the families' projections map one to one. GPT-2's Conv1D layers
+`jaxgpt.save_pretrained`); the families' projections map one to one. GPT-2's Conv1D layers
 store weights [in, out] (`fan_in_fan_out: true`); PEFT stores lora_A [r, in] and lora_B [out, r]
 and scales by lora_alpha / r (rsLoRA: / sqrt(r)). GPT-2 computes query, key and value with one
 fused c_attn [D, 3D], so jaxgpt's n adapted ones among them become one c_attn adapter of rank n r:
@@ -37,7 +37,8 @@ import orbax.checkpoint as ocp
 from safetensors.numpy import save_file
 
 from jaxgpt.config import GPTConfig
-from jaxgpt.lora.transform import LoRAConfig, _pairs, init
+from jaxgpt.fsutil import write_text_atomic
+from jaxgpt.lora.transform import LoRAConfig, adapter_pairs, init
 from jaxgpt.models.model import count_params
 from jaxgpt.trees import flatten, unflatten
 
@@ -90,9 +91,7 @@ def save_adapters(directory: str | os.PathLike, trainable, config: LoRAConfig, b
     ckpt.wait_until_finished()
     ckpt.close()
     if jax.process_index() == 0:  # written last: a directory with lora.json is complete
-        tmp = directory / f".{META}.tmp"
-        tmp.write_text(json.dumps(meta, indent=2) + "\n")
-        os.replace(tmp, directory / META)
+        write_text_atomic(directory / META, json.dumps(meta, indent=2) + "\n")
     return directory
 
 
@@ -185,7 +184,7 @@ def load_adapters(directory: str | os.PathLike, base_params, shardings=None):
 def _per_layer(trainable, n_layers: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """{path: (A [In, r], B [r, Out])} with scanned [L, ...] adapters split into h_<i>/..."""
     out = {}
-    for path, (a, b) in _pairs(trainable["lora"]).items():
+    for path, (a, b) in adapter_pairs(trainable["lora"]).items():
         a, b = np.asarray(_host(a), np.float32), np.asarray(_host(b), np.float32)
         stack, _, rest = path.partition("/")
         layers = [(f"{stack}_{i}/{rest}", a[i], b[i]) for i in range(n_layers)] \
@@ -199,7 +198,7 @@ def peft_modules(trainable, model_config: GPTConfig, rank: int) -> dict[str, tup
     """{GPT-2 module name: (A [in, rank_m], B [rank_m, out])}, q/k/v fused into c_attn."""
     if jax.tree.leaves(trainable["full"]):
         raise ValueError("leaves trained in full have no PEFT LoRA form; export the merged model "
-                         "with jaxgpt.weights.gpt2.save_pretrained instead")
+                         "with jaxgpt.save_pretrained instead")
     if model_config.family != "gpt2":
         return _family_modules(trainable, model_config)
     D = model_config.emb_dim

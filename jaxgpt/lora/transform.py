@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxgpt.kernels.dropout import dropout
-from jaxgpt.models.model import Dense
+from jaxgpt.models.layers import Dense
 from jaxgpt.sharding import is_boxed, with_axes
 from jaxgpt.trees import flatten as _flat
 from jaxgpt.trees import unflatten as _nest
@@ -109,7 +109,7 @@ class LoRAConfig:
         return cls(**values)
 
 
-def _pairs(adapters) -> dict[str, tuple[Any, Any]]:
+def adapter_pairs(adapters) -> dict[str, tuple[Any, Any]]:
     """{adapted leaf path: (A, B)} from an adapters tree."""
     flat = _flat(adapters)
     return {p[:-2]: (flat[p], flat[p[:-2] + "/b"]) for p in flat if p.endswith("/a")}
@@ -183,7 +183,7 @@ def delta(w, a, b, scale: float) -> jax.Array:
 
 def _apply_delta(params, adapters, config: LoRAConfig, sign: float):
     flat = _flat(params)
-    for path, (a, b) in _pairs(adapters).items():
+    for path, (a, b) in adapter_pairs(adapters).items():
         if path not in flat:
             raise ValueError(f"LoRA adapter {path} has no parameter to adapt")
         flat[path] = flat[path] + delta(flat[path], a, b, sign * config.scale)
@@ -278,7 +278,7 @@ def _factored_params(trainable, frozen, config: LoRAConfig, merged=()) -> tuple[
     """Base + full leaves, kernel adapters beside their kernels, the rest (and `merged`) merged."""
     flat = {**_flat(frozen), **_flat(trainable["full"])}
     beside = []
-    for path, (a, b) in _pairs(trainable["lora"]).items():
+    for path, (a, b) in adapter_pairs(trainable["lora"]).items():
         if path not in flat:
             raise ValueError(f"LoRA adapter {path} has no parameter to adapt")
         if path.endswith("/kernel") and path not in merged:

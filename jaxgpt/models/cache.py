@@ -64,6 +64,18 @@ def _select_write(buf, new, lead: tuple, index) -> jax.Array:
     return jax.lax.dynamic_update_slice(buf, layer[None], (*lead, 0, 0, 0, 0))
 
 
+def write_layer(cache: Cache, layer: int | None, k: jax.Array, v: jax.Array, cache_index,
+                dtype) -> tuple[Cache, jax.Array, jax.Array]:
+    """One attention layer's new keys and values k, v [B, T, Hkv, K] written into `cache` at
+    cache_index: a stacked cache [L, B, Hkv, S, K] at index `layer`, or (layer None) one layer's
+    [B, Hkv, S, K]. Returns the updated cache and the layer's keys and values over every slot,
+    [B, Hkv, S, K] each in `dtype`. A stacked cache is updated where it lies: slicing a layer out
+    and stacking the layers back would copy the whole cache on every decoding step."""
+    lead = () if layer is None else (layer,)
+    new = {n: write_cache(cache[n], t, lead, cache_index) for n, t in (("k", k), ("v", v))}
+    return new, new["k"][lead].astype(dtype), new["v"][lead].astype(dtype)
+
+
 def build_mask(t, cache, cache_index, attention_mask):
     """Boolean mask [B|1, 1, T, S], or None for the plain causal case (fused kernels)."""
     if cache is None:

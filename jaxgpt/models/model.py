@@ -1,29 +1,30 @@
-"""The GPT architecture (chapter 4) in flax.linen.
+"""GPT (chapter 4) in flax.linen: one forward skeleton for every family.
 
-Shape legend (used in every shape comment and einsum):
+Shape legend (used in every shape comment and einsum of models/):
   B batch, T time (queries), S key slots (cache length), L layers, D model width (emb_dim),
-  H heads, K head width (D / H), F MLP width (4 D), V vocabulary.
+  H heads, Hkv key/value heads (H but for grouped-query attention), G query heads per key/value
+  head (H / Hkv), K head width (D / H unless config.head_width), F MLP width, V vocabulary.
 
-Parameter names mirror Hugging Face's GPT-2 (wte, wpe, h_<i>, ln_1, attn, c_proj, ln_2, mlp,
-c_fc, ln_f) so weight import/export is a rename table; the fused `c_attn` of GPT-2 is kept as
-separate `query`, `key`, `value` kernels of shape [D, H, K], which tensor parallelism can split by
-head. Every parameter carries logical axis names (see `jaxgpt.sharding` for the rules table),
-and the activations between layers are pinned by the same names with `constrain`.
+The skeleton: the family's embedding, dropout, the blocks (under remat and/or scan), the final
+norm, the LM head (tied to the token embedding or a separate lm_head [D, V]). A family brings
+its embedding, block and final norm (`FAMILIES`): GPT-2's in gpt2.py; Llama 3's and Qwen3's in
+llama.py (RMSNorm, rotary positions, SwiGLU, grouped-query attention); both are built from
+layers.py. Parameter names follow Hugging Face's for each family (see gpt2.py and llama.py), so
+weight import/export is a rename table. Every parameter carries logical axis names (see
+`jaxgpt.sharding` for the rules table), and the activations between layers are pinned by the
+same names with `constrain`.
 
-With `scan_layers` the blocks live under one `h` entry whose leaves have a leading L axis.
-A KV cache, when given, is a dict {"k", "v"} of [L, B, H, S, K] arrays (jaxgpt/models/cache.py: its
-layout, the write at `cache_index`, the mask over it); the call returns the updated cache beside
-the logits.
-
-Llama 3 and Qwen3 (config.family) run through the same `GPT` call, built from the pieces in
-`jaxgpt.models.llama` (RMSNorm, rotary positions, SwiGLU, grouped-query attention) under Hugging
-Face's names for those families; their cache is [L, B, Hkv, S, K], only the key/value heads.
+With `scan_layers` the blocks live under one entry (`h` for GPT-2, `layers` for Llama/Qwen3)
+whose leaves have a leading L axis; without it under `h_<i>` / `layers_<i>`. A KV cache, when
+given, is a dict {"k", "v"} of [L, B, Hkv, S, K] arrays (jaxgpt/models/cache.py: its layout, the
+write at `cache_index`, the mask over it); the call returns the updated cache beside the logits.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -31,161 +32,34 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxgpt import kernels
-from jaxgpt.models.cache import Cache, build_mask, write_cache
 from jaxgpt.config import GPTConfig
 from jaxgpt.kernels.dropout import Dropout
+from jaxgpt.models import gpt2, llama
+from jaxgpt.models.cache import Cache, build_mask
+from jaxgpt.models.layers import kernel_init, param, remat_policy
 from jaxgpt.sharding import constrain
 
 
-def _kernel_init(cfg: GPTConfig, residual: bool = False):
-    """GPT-2's N(0, 0.02) (residual projections scaled by 1/sqrt(2 L)), or PyTorch's default
-    for nn.Linear, U(+-1/sqrt(fan_in)), which the book's GPTModel gets."""
-    if cfg.init == "torch":
-        # Dense hands initializers the kernel flattened to [fan_in, fan_out].
-        return nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
-    return nn.initializers.normal(0.02 / np.sqrt(2 * cfg.n_layers) if residual else 0.02)
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """What a family brings to the skeleton; the rest is shared."""
+
+    # (config, deterministic, layer) -> (x, layer_cache, mask, cache_index, positions) -> (x, cache)
+    block: type[nn.Module]
+    stack: str  # the blocks' parameter name: <stack> when scanned, <stack>_<i> unrolled
+    embed: Callable  # (config, ids, positions) -> (x [B, T, D], token table [V, D])
+    final_norm: Callable  # config -> the norm after the last block
 
 
-def _bias_init(cfg: GPTConfig, fan_in: int):
-    if cfg.init == "torch":
-        bound = 1.0 / np.sqrt(fan_in)
-        return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
-    return nn.initializers.zeros
-
-
-def _embed_init(cfg: GPTConfig, std: float):
-    return nn.initializers.normal(1.0 if cfg.init == "torch" else std)  # torch: N(0, 1)
-
-
-def _param(init, names):
-    return nn.with_logical_partitioning(init, names)
-
-
-class Dense(nn.Module):
-    """x [..., in...] -> [..., out...]: the trailing `n_in` axes of x times a float32 kernel
-    [in..., out...] (+ bias [out...]), computed in `dtype` by the selected kernel set. The
-    kernel's logical axis names are `names`; initializers see it flattened to [fan_in, fan_out]."""
-
-    features: tuple[int, ...]
-    names: tuple[str | None, ...]
-    kernel_init: Any
-    bias_init: Any = None  # None: no bias
-    n_in: int = 1
-    dtype: Any = jnp.float32
-    kernels: str = "auto"
-
-    @nn.compact
-    def __call__(self, x):
-        ins = x.shape[x.ndim - self.n_in:]
-        fan_in, fan_out = int(np.prod(ins)), int(np.prod(self.features))
-
-        def flat(init, shape2):
-            return lambda key, shape, dtype=jnp.float32: init(key, shape2, dtype).reshape(shape)
-
-        kernel = self.param("kernel", _param(flat(self.kernel_init, (fan_in, fan_out)), self.names),
-                            ins + tuple(self.features), jnp.float32)
-        bias = None
-        if self.bias_init is not None:
-            bias = self.param("bias", _param(flat(self.bias_init, (fan_out,)), self.names[self.n_in:]),
-                              tuple(self.features), jnp.float32)
-        return kernels.select(self.kernels).dense(x, kernel, bias, self.n_in, self.dtype)
-
-
-def _remat_policy(name: str):
-    return {
-        "full": None,
-        "dots": jax.checkpoint_policies.checkpoint_dots,
-        "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    }[name]
-
-
-class MLP(nn.Module):
-    config: GPTConfig
-    deterministic: bool = True
-
-    @nn.compact
-    def __call__(self, x):
-        cfg = self.config
-        dense = lambda feats, names, fan_in, residual, name: Dense(  # noqa: E731
-            (feats,), names, _kernel_init(cfg, residual=residual), _bias_init(cfg, fan_in),
-            dtype=cfg.compute_dtype, kernels=cfg.kernels, name=name,
-        )
-        h = dense(4 * cfg.emb_dim, ("embed", "mlp"), cfg.emb_dim, False, "c_fc")(x)  # [B, T, F]
-        h = constrain(h, ("batch", "length", "mlp"))
-        h = kernels.select(cfg.kernels).gelu(h)  # GPT-2's tanh approximation
-        return dense(cfg.emb_dim, ("mlp", "embed"), 4 * cfg.emb_dim, True, "c_proj")(h)  # [B, T, D]
-
-
-class CausalSelfAttention(nn.Module):
-    config: GPTConfig
-    deterministic: bool = True
-    # With a stacked [L, B, H, S, K] cache: this layer's index into it (None: a [B, H, S, K] cache).
-    layer: int | None = None
-
-    @nn.compact
-    def __call__(self, x, mask, layer_cache: Cache | None, cache_index):
-        cfg = self.config
-        H, K = cfg.n_heads, cfg.head_dim
-
-        def proj(name):
-            y = Dense((H, K), ("embed", "heads", "kv"), _kernel_init(cfg),
-                      _bias_init(cfg, cfg.emb_dim) if cfg.qkv_bias else None,
-                      dtype=cfg.compute_dtype, kernels=cfg.kernels, name=name)(x)  # [B, T, H, K]
-            return constrain(y, ("batch", "length", "heads", "kv"))
-
-        q, k, v = proj("query"), proj("key"), proj("value")
-        new_cache = None
-        if layer_cache is not None:
-            # Write this call's keys/values at slot cache_index; attend over the whole cache.
-            # A stacked cache is updated where it lies: slicing a layer out and stacking the
-            # layers back would copy the whole cache on every decoding step.
-            lead = () if self.layer is None else (self.layer,)
-            new_cache = {n: write_cache(layer_cache[n], t, lead, cache_index)
-                         for n, t in (("k", k), ("v", v))}  # [L, B, H, S, K] or [B, H, S, K]
-            k, v = (new_cache[n][lead].astype(q.dtype) for n in ("k", "v"))  # [B, H, S, K]
-
-        rate = cfg.attention_drop_rate
-        use_dropout = not self.deterministic and rate > 0.0
-        rng = self.make_rng("dropout") if use_dropout else None
-        ops = kernels.select(cfg.kernels)
-        attend = ops.attention if layer_cache is None else ops.cache_attention
-        out = attend(q, k, v, mask, dropout_rate=rate, dropout_rng=rng,
-                     deterministic=not use_dropout)  # [B, T, H, K]
-        y = Dense((cfg.emb_dim,), ("heads", "kv", "embed"), _kernel_init(cfg, residual=True),
-                  _bias_init(cfg, cfg.emb_dim), n_in=2, dtype=cfg.compute_dtype,
-                  kernels=cfg.kernels, name="c_proj")(out)  # [B, T, D]
-        return y, new_cache
-
-
-class Block(nn.Module):
-    """Pre-LayerNorm transformer block; its call signature is scan-friendly (carry, xs)."""
-
-    config: GPTConfig
-    deterministic: bool = True
-    layer: int | None = None  # index into a stacked cache (see CausalSelfAttention)
-
-    @nn.compact
-    def __call__(self, x, layer_cache, mask, cache_index):
-        cfg = self.config
-        ln = lambda name: nn.LayerNorm(  # noqa: E731
-            epsilon=cfg.ln_eps,
-            dtype=cfg.compute_dtype,
-            scale_init=_param(nn.initializers.ones, ("embed",)),
-            bias_init=_param(nn.initializers.zeros, ("embed",)),
-            name=name,
-        )
-        drop = Dropout(cfg.drop_rate, deterministic=self.deterministic)
-        a, new_cache = CausalSelfAttention(cfg, self.deterministic, self.layer, name="attn")(
-            ln("ln_1")(x), mask, layer_cache, cache_index
-        )
-        x = x + drop(a)  # residual around attention, dropout on the shortcut as in the book
-        x = x + drop(MLP(cfg, self.deterministic, name="mlp")(ln("ln_2")(x)))
-        x = constrain(x, ("batch", "length", "embed"))
-        return x, new_cache
+FAMILIES = {
+    "gpt2": Family(gpt2.Block, "h", gpt2.embed, gpt2.final_norm),
+    "llama": Family(llama.Block, "layers", llama.embed, llama.final_norm),
+    "qwen3": Family(llama.Block, "layers", llama.embed, llama.final_norm),  # q/k norm: by family
+}
 
 
 class GPT(nn.Module):
-    """GPT-2 style decoder: `apply({"params": p}, ids) -> logits [B, T, V]` in float32."""
+    """A decoder of config.family: `apply({"params": p}, ids) -> logits [B, T, V]` in float32."""
 
     config: GPTConfig
 
@@ -202,71 +76,63 @@ class GPT(nn.Module):
         return_hidden: bool = False,
     ):
         """ids [B, T]; positions [B, T] (default cache_index + arange(T)); attention_mask
-        [B, S] marks real key slots (S = T without a cache, the cache length with one)."""
+        [B, S] marks real key slots (S = T without a cache, the cache length with one).
+        Returns logits [B, T, V] (padded columns masked; with return_hidden the final hidden
+        states [B, T, D] instead), in float32; with a cache, (that, the updated cache)."""
         cfg = self.config
         validate_ids(ids, cfg)
-        B, T = ids.shape
+        T = ids.shape[1]
         if positions is None:
             positions = jnp.reshape(cache_index, (-1, 1)) + jnp.arange(T)[None, :]  # [1|B, T]
-        if cfg.family != "gpt2":  # llama/qwen3: their pieces live in layers.py
-            from jaxgpt.models.llama import (
-                family_forward,  # layers builds on this module's Dense
-            )
-
-            return family_forward(self, ids, deterministic, positions, attention_mask, cache,
-                                  cache_index, return_hidden)
-
-        wte = nn.Embed(
-            cfg.padded_vocab_size, cfg.emb_dim,  # V rows, padded to vocab_multiple
-            embedding_init=_param(_embed_init(cfg, 0.02), ("vocab", "embed")), name="wte",
-        )
-        wpe = nn.Embed(
-            cfg.context_length, cfg.emb_dim,
-            embedding_init=_param(_embed_init(cfg, 0.01), (None, "embed")), name="wpe",
-        )
-        x = wte(ids) + wpe(positions)  # [B, T, D]
+        family = FAMILIES[cfg.family]
+        x, table = family.embed(cfg, ids, positions)  # [B, T, D], [V, D]
         x = Dropout(cfg.drop_rate, deterministic=deterministic)(x)
         x = constrain(x.astype(cfg.compute_dtype), ("batch", "length", "embed"))
 
         mask = build_mask(T, cache, cache_index, attention_mask)  # None or [B|1, 1, T, S]
-        block = Block
-        if cfg.remat_policy != "none":
-            block = nn.remat(block, policy=_remat_policy(cfg.remat_policy),
-                             prevent_cse=not cfg.scan_layers)
-        if cfg.scan_layers:
-            stack = nn.scan(
-                block,
-                variable_axes={"params": 0},
-                split_rngs={"params": True, "dropout": True},
-                in_axes=(0, nn.broadcast, nn.broadcast),
-                length=cfg.n_layers,
-                metadata_params={nn.PARTITION_NAME: "layers"},
-            )(cfg, deterministic, name="h")
-            x, new_cache = stack(x, cache, mask, cache_index)  # caches [L, B, H, S, K]
-        else:
-            new_cache = cache  # [L, B, H, S, K], each layer updates its own slice in place
-            for i in range(cfg.n_layers):
-                x, new_cache = block(cfg, deterministic, i, name=f"h_{i}")(
-                    x, new_cache, mask, cache_index
-                )
-
-        x = nn.LayerNorm(
-            epsilon=cfg.ln_eps, dtype=cfg.compute_dtype,
-            scale_init=_param(nn.initializers.ones, ("embed",)),
-            bias_init=_param(nn.initializers.zeros, ("embed",)), name="ln_f",
-        )(x)  # [B, T, D]
+        x, new_cache = run_blocks(cfg, family, deterministic, x, cache, mask, cache_index, positions)
+        x = family.final_norm(cfg)(x)  # [B, T, D]
         if return_hidden:
             out = x.astype(jnp.float32)
-        elif cfg.tie_embeddings:
-            # Logits in float32 whatever the compute dtype.
-            out = kernels.select(cfg.kernels).project(x, wte.embedding, True, jnp.float32)  # [B, T, V]
         else:
-            kernel = self.param("lm_head", _param(_kernel_init(cfg), ("embed", "vocab")),
-                                (cfg.emb_dim, cfg.padded_vocab_size), jnp.float32)
-            out = kernels.select(cfg.kernels).project(x, kernel, False, jnp.float32)  # [B, T, V]
-        if not return_hidden:
-            out = mask_padded_logits(out, cfg)
+            out = mask_padded_logits(self._head(x, table), cfg)  # [B, T, V]
         return out if cache is None else (out, new_cache)
+
+    def _head(self, x: jax.Array, table: jax.Array) -> jax.Array:
+        """x [B, T, D] -> float32 logits [B, T, V padded] by the tied token table [V, D] or
+        lm_head [D, V]; float32 whatever the compute dtype."""
+        cfg = self.config
+        project = kernels.select(cfg.kernels).project
+        if cfg.tie_embeddings:
+            return project(x, table, True, jnp.float32)
+        kernel = self.param("lm_head", param(kernel_init(cfg), ("embed", "vocab")),
+                            (cfg.emb_dim, cfg.padded_vocab_size), jnp.float32)
+        return project(x, kernel, False, jnp.float32)
+
+
+def run_blocks(cfg: GPTConfig, family: Family, deterministic: bool, x, cache, mask, cache_index,
+               positions):
+    """The family's blocks on x [B, T, D], under remat and/or scan (inside GPT's scope, whose
+    parameters they are). Returns x [B, T, D] and the updated cache [L, B, Hkv, S, K] (or None)."""
+    block = family.block
+    if cfg.remat_policy != "none":
+        block = nn.remat(block, policy=remat_policy(cfg.remat_policy),
+                         prevent_cse=not cfg.scan_layers)
+    if cfg.scan_layers:
+        stack = nn.scan(
+            block,
+            variable_axes={"params": 0},
+            split_rngs={"params": True, "dropout": True},
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),  # cache scanned over L
+            length=cfg.n_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )(cfg, deterministic, name=family.stack)
+        return stack(x, cache, mask, cache_index, positions)
+    new_cache = cache  # [L, B, Hkv, S, K], each layer updates its own slice in place
+    for i in range(cfg.n_layers):
+        x, new_cache = block(cfg, deterministic, i, name=f"{family.stack}_{i}")(
+            x, new_cache, mask, cache_index, positions)
+    return x, new_cache
 
 
 def output_head(params, config: GPTConfig) -> tuple[jax.Array, bool]:

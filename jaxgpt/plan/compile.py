@@ -22,6 +22,7 @@ from jax.sharding import Mesh
 
 from jaxgpt.config import GPTConfig
 from jaxgpt.inference.engine import decode_step
+from jaxgpt.inference.sampling import Sampling
 from jaxgpt.models.cache import init_cache
 from jaxgpt.models.model import abstract_params
 from jaxgpt.sharding import MeshConfig, activation_sharding, batch_sharding, boxed_shardings, make_mesh
@@ -82,16 +83,17 @@ def device_bytes(tree) -> int:
 
 
 def decode_arguments(config: GPTConfig, device, slots: int, max_len: int):
-    """Shapes of the engine's decode-step arguments (params, cache, tokens, positions, opts),
-    placed on `device`."""
+    """Shapes of the engine's decode-step arguments (params, cache, tokens, positions, sampling,
+    draws), placed on `device`."""
     sh = jax.sharding.SingleDeviceSharding(device)
     place = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh)  # noqa: E731
     params = jax.tree.map(place, abstract_params(config, boxed=False))
     cache = jax.tree.map(place, jax.eval_shape(lambda: init_cache(config, slots, max_len)))
     row = lambda dtype: jax.ShapeDtypeStruct((slots,), dtype, sharding=sh)  # noqa: E731
-    opts = {"temperature": row(jnp.float32), "top_k": row(jnp.int32), "top_p": row(jnp.float32),
-            "seed": row(jnp.uint32), "count": row(jnp.int32)}
-    return params, cache, row(jnp.int32), row(jnp.int32), opts
+    # Per-row options, as the engine holds them: every slot may sample with its own.
+    sampling = Sampling(row(jnp.float32), row(jnp.int32), row(jnp.float32))
+    draws = (row(jnp.uint32), row(jnp.int32))  # seed, count
+    return params, cache, row(jnp.int32), row(jnp.int32), sampling, draws
 
 
 def compile_decode(config: GPTConfig, device, *, slots: int, max_len: int) -> Compiled:
@@ -101,8 +103,9 @@ def compile_decode(config: GPTConfig, device, *, slots: int, max_len: int) -> Co
     args = decode_arguments(config, device, slots, max_len)
     # A fresh jit of a fresh function: JAX caches a trace by the function, argument shapes and
     # config, so a trace made for another platform's mesh would be reused.
-    def fresh(params, cache, tokens, positions, opts, *, config):
-        return decode_step.__wrapped__(params, cache, tokens, positions, opts, config=config)
+    def fresh(params, cache, tokens, positions, sampling, draws, *, config):
+        return decode_step.__wrapped__(params, cache, tokens, positions, sampling, draws,
+                                       config=config)
 
     step = jax.jit(fresh, static_argnames=("config",), donate_argnames=("cache",))
     with activation_sharding(mesh):

@@ -8,11 +8,12 @@ other line that is not a JSON object is an error naming the file and line.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
 import jax
+
+from jaxgpt.fsutil import write_text_atomic
 
 
 class MetricsLog:
@@ -53,9 +54,7 @@ class MetricsLog:
         if not self.enabled or not self.path.exists():
             return
         keep = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in keep))
 
     def write(self, record: dict) -> None:
         if not self.enabled:

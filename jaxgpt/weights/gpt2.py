@@ -1,14 +1,11 @@
-"""Import and export of GPT-2 weights in Hugging Face's safetensors layout.
+"""GPT-2 in Hugging Face's layout: config.json <-> GPTConfig and the name table between
+GPT2LMHeadModel's tensors and jaxgpt's parameters (jaxgpt.weights.huggingface reads and writes
+the files, for every family).
 
 The mapping is a rename table plus three layout changes: GPT-2's fused `c_attn` ([D, 3D] in
 its Conv1D [in, out] layout, and a [3D] bias) splits into `query`/`key`/`value` kernels [D, H, K]
 and biases [H, K]; the attention output `c_proj` [D, D] becomes [H, K, D]; an untied head
 `lm_head.weight` [V, D] becomes `lm_head` [D, V]. Everything else keeps its layout.
-
-Loading checks the whole key set and every shape from the file headers before reading a
-tensor, then reads tensor by tensor (shard by shard), converting each to float32 in jaxgpt's
-layout and dropping the source, so the process never holds two full copies of the weights.
-Pickle checkpoints (`.bin`, `.pt`, `.pth`, `.ckpt`) are refused: unpickling can run code.
 
 Choices: the imported config has `qkv_bias=True` (GPT-2 has biases), `drop_rate=0.0` (the book's
 setting for pretrained weights; override it to fine-tune with dropout) and ties the head to the
@@ -19,31 +16,25 @@ token embedding unless config.json says `tie_word_embeddings: false` or the file
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 
-import jax.numpy as jnp
 import numpy as np
-from safetensors.numpy import save_file
 
 from jaxgpt.config import GPTConfig
-from jaxgpt.weights.llama import FAMILY_TYPES, load_family, save_family
-from jaxgpt.weights.hf_files import (
-    WEIGHTS,
-    open_file,
-    read_entry,
-    read_json,
-    read_tensor,
-    replace_atomically,
-    resolve,
-    tensor_index,
-    weight_files,
-)
-from jaxgpt.models.model import abstract_params
-from jaxgpt.trees import check_like, flatten, unflatten
 
-# Causal-mask buffers that old GPT-2 checkpoints store beside the weights.
+MODEL_TYPES = ("gpt2",)  # config.json model_type values of this family
+BLOCK, HF_BLOCK = "h", "h.{}."  # block i: h_<i> in jaxgpt (h, stacked, with scan_layers); h.<i>. in HF
+EMBEDDING, HEAD = "wte.weight", "lm_head.weight"  # HF names (without `transformer.`)
+
+
+def _same(x, c):
+    return x
+
+
+def _t(x, c):
+    return x.T
+
+
 # Block tensors whose layout jaxgpt shares with GPT-2: HF suffix -> jaxgpt path inside h_<i>.
 _SAME_LAYOUT = {
     "ln_1.weight": ("ln_1", "scale"), "ln_1.bias": ("ln_1", "bias"),
@@ -75,24 +66,34 @@ def hf_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _to_jaxgpt(name: str, x: np.ndarray, config: GPTConfig) -> dict[tuple, np.ndarray]:
-    """One HF tensor -> {jaxgpt path: array} (a fused c_attn gives three)."""
-    H, K, D = config.n_heads, config.head_dim, config.emb_dim
-    if name in _TOP:
-        return {_TOP[name]: x}
-    if name == "lm_head.weight":
-        return {("lm_head",): x.T}  # [D, V]
-    _, i, suffix = name.split(".", 2)
-    block = f"h_{i}"
-    if suffix == "attn.c_attn.weight":
-        parts = np.split(x, 3, axis=1)  # 3 x [D, D], heads contiguous in the output axis
-        return {(block, "attn", _QKV[n], "kernel"): p.reshape(D, H, K) for n, p in zip("qkv", parts)}
-    if suffix == "attn.c_attn.bias":
-        parts = np.split(x, 3)
-        return {(block, "attn", _QKV[n], "bias"): p.reshape(H, K) for n, p in zip("qkv", parts)}
-    if suffix == "attn.c_proj.weight":
-        return {(block, "attn", "c_proj", "kernel"): x.reshape(H, K, D)}
-    return {(block, *_SAME_LAYOUT[suffix]): x}
+def _qkv_kernel(j: int):  # HF c_attn [D, 3D], heads contiguous in the output axis -> [D, H, K]
+    return lambda x, c: x[:, j * c.emb_dim:(j + 1) * c.emb_dim].reshape(c.emb_dim, c.n_heads, c.head_dim)
+
+
+def _qkv_bias(j: int):  # HF c_attn bias [3D] -> [H, K]
+    return lambda x, c: x[j * c.emb_dim:(j + 1) * c.emb_dim].reshape(c.n_heads, c.head_dim)
+
+
+def top_leaves(config: GPTConfig) -> dict[tuple, tuple[str, object]]:
+    """jaxgpt leaf path outside the blocks -> (HF name, HF array -> jaxgpt array)."""
+    out = {path: (name, _same) for name, path in _TOP.items()}
+    # a shorter context keeps the first positions
+    out[("wpe", "embedding")] = ("wpe.weight", lambda x, c: x[:c.context_length])
+    if not config.tie_embeddings:
+        out[("lm_head",)] = (HEAD, _t)  # [V, D] -> [D, V]
+    return out
+
+
+def block_leaves(config: GPTConfig) -> dict[tuple, tuple[str, object]]:
+    """jaxgpt leaf path inside block i -> (HF name suffix after `h.<i>.`, HF -> jaxgpt)."""
+    out = {path: (suffix, _same) for suffix, path in _SAME_LAYOUT.items()}
+    for j, n in enumerate("qkv"):
+        out[("attn", _QKV[n], "kernel")] = ("attn.c_attn.weight", _qkv_kernel(j))
+        if config.qkv_bias:
+            out[("attn", _QKV[n], "bias")] = ("attn.c_attn.bias", _qkv_bias(j))
+    out[("attn", "c_proj", "kernel")] = (  # [D, D] -> [H, K, D]
+        "attn.c_proj.weight", lambda x, c: x.reshape(c.n_heads, c.head_dim, c.emb_dim))
+    return out
 
 
 _SIZES = ("vocab_size", "n_positions", "n_embd", "n_head", "n_layer")
@@ -102,10 +103,6 @@ def config_from_hf(hf: dict, source: str | os.PathLike = "config.json", **overri
     """A GPTConfig from a GPT-2 config.json dict (checked for features jaxgpt lacks).
 
     Errors in the dict name `source`, the file it was read from."""
-    if not isinstance(hf, dict):
-        kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
-        kind = kind.get(type(hf), "a number")
-        raise ValueError(f"{source} holds {kind}, not a JSON object of settings")
     lacking = [k for k in _SIZES if k not in hf]
     if lacking:
         raise ValueError(f"{source} lacks {', '.join(lacking)}")
@@ -146,90 +143,8 @@ def config_from_hf(hf: dict, source: str | os.PathLike = "config.json", **overri
     return GPTConfig.from_dict({**base, **overrides})
 
 
-def load_pretrained(name_or_path: str | os.PathLike, **config_overrides) -> tuple[GPTConfig, dict]:
-    """(config, float32 params) from a GPT-2 name (gpt2, gpt2-medium/-large/-xl) or a local dir
-    (GPT-2, or Llama 3 / Qwen3 by its config.json's model_type)."""
-    directory = resolve(name_or_path)
-    source = directory / "config.json"
-    if not source.is_file():
-        raise FileNotFoundError(f"{directory} has no config.json")
-    hf = read_json(source)
-    if isinstance(hf, dict) and hf.get("model_type") in FAMILY_TYPES:  # Llama 3 / Qwen3
-        return load_family(directory, **config_overrides)
-    config_from_hf(hf, source)  # the file's own problems first, named as the file's
-    headers = tensor_index(weight_files(directory))
-    if (hf.get("tie_word_embeddings", True) and {"lm_head.weight", "wte.weight"} <= set(headers)
-            and not np.array_equal(read_entry(headers["lm_head.weight"]), read_entry(headers["wte.weight"]))):
-        hf = {**hf, "tie_word_embeddings": False}  # a head that differs was trained untied: keep it
-    file_config = config_from_hf(hf, source)  # what the tensors hold; `config` is what the caller asked
-    config = config_from_hf(hf, source, **config_overrides)
-    if not file_config.tie_embeddings and config.tie_embeddings:
-        raise ValueError("cannot override tie_embeddings=True: the checkpoint has its own lm_head.weight")
-
-    expected = hf_shapes(file_config)
-    extra = sorted(set(headers) - set(expected) - {"lm_head.weight"})
-    missing = sorted(set(expected) - set(headers))
-    if missing or extra:
-        raise ValueError(f"checkpoint does not match GPT-2 with {config.n_layers} layers: "
-                         f"missing {missing or 'none'}; unexpected {extra or 'none'}")
-    for name, shape in expected.items():
-        if headers[name][2] != shape:
-            raise ValueError(f"tensor {name} has shape {headers[name][2]}, expected {shape}")
-    if "lm_head.weight" in headers and headers["lm_head.weight"][2] != (config.vocab_size, config.emb_dim):
-        raise ValueError(f"tensor lm_head.weight has shape {headers['lm_head.weight'][2]}, "
-                         f"expected {(config.vocab_size, config.emb_dim)}")
-
-    flat: dict[tuple, np.ndarray] = {}
-    for file in dict.fromkeys(entry[0] for entry in headers.values()):
-        with open_file(file) as f:  # one shard open at a time
-            for name, (_, key, _) in headers.items():
-                if headers[name][0] != file or name not in expected:
-                    continue
-                x = read_tensor(f, file, key)
-                if not np.isfinite(x).all():
-                    raise ValueError(f"{file}: tensor {name} holds NaN or infinite values")
-                if name == "wpe.weight":
-                    x = x[: config.context_length]  # a shorter context keeps the first positions
-                for path, y in _to_jaxgpt(name, x.astype(np.float32, copy=False), config).items():
-                    flat[path] = y
-                del x
-    if not config.tie_embeddings and file_config.tie_embeddings:
-        flat[("lm_head",)] = flat[("wte", "embedding")].T.copy()  # untie by copying, as the book does
-    _pad_vocab(flat, config)
-    if config.scan_layers:
-        flat = _stack_blocks(flat, config.n_layers)
-    return config, unflatten(flat, leaf=jnp.asarray, consume=True)  # leaf by leaf
-
-
-def _pad_vocab(flat: dict, config: GPTConfig) -> None:
-    """Zero rows of wte [V, D] and columns of lm_head [D, V] up to config.padded_vocab_size."""
-    extra = config.padded_vocab_size - config.vocab_size
-    if extra:
-        flat[("wte", "embedding")] = np.pad(flat[("wte", "embedding")], ((0, extra), (0, 0)))
-        if ("lm_head",) in flat:
-            flat[("lm_head",)] = np.pad(flat[("lm_head",)], ((0, 0), (0, extra)))
-
-
-def _stack_blocks(flat: dict, n_layers: int) -> dict:
-    """h_<i>/... leaves -> h/... leaves with a leading [L] axis, one leaf at a time."""
-    out = {p: x for p, x in flat.items() if not p[0].startswith("h_")}
-    for path in [p for p in flat if p[0] == "h_0"]:
-        rest = path[1:]
-        out[("h", *rest)] = np.stack([flat.pop((f"h_{i}", *rest)) for i in range(n_layers)])
-    return out
-
-
-
-
-def to_hf_tensors(config: GPTConfig, params) -> dict[str, np.ndarray]:
-    """jaxgpt params (plain or scanned) -> GPT2LMHeadModel's named float32 tensors, shapes checked."""
-    expected = flatten(abstract_params(config, boxed=False), sep=None)
-    flat = {p: np.asarray(x, np.float32) for p, x in flatten(params, sep=None).items()}
-    check_like(flat, expected)
-    if config.scan_layers:  # unstack h/... [L, ...] into h_<i>/...
-        for path in [p for p in flat if p[0] == "h"]:
-            stacked = flat.pop(path)
-            flat.update({(f"h_{i}", *path[1:]): stacked[i] for i in range(config.n_layers)})
+def tensors_to_hf(config: GPTConfig, flat: dict[tuple, np.ndarray]) -> dict[str, np.ndarray]:
+    """jaxgpt's float32 leaves (blocks unstacked, h_<i>/...) -> GPT2LMHeadModel's named tensors."""
     H, K, D = config.n_heads, config.head_dim, config.emb_dim
     out = {hf: flat[jx] for hf, jx in _TOP.items()}
     for i in range(config.n_layers):
@@ -246,13 +161,13 @@ def to_hf_tensors(config: GPTConfig, params) -> dict[str, np.ndarray]:
     out = {f"transformer.{k}": v for k, v in out.items()}
     if not config.tie_embeddings:
         out["lm_head.weight"] = flat[("lm_head",)][:, :V].T  # [V, D]
-    return {k: np.ascontiguousarray(v) for k, v in out.items()}
+    return out
 
 
-def hf_config(config: GPTConfig) -> dict:
+def hf_config(config: GPTConfig, **extra) -> dict:
     """The GPT-2 config.json dict for `config`."""
     eot = 50256 if config.vocab_size == 50257 else None  # GPT-2's <|endoftext|>, if its vocab
-    return {
+    out = {
         "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
         "vocab_size": config.vocab_size, "n_positions": config.context_length,
         "n_ctx": config.context_length, "n_embd": config.emb_dim, "n_layer": config.n_layers,
@@ -262,17 +177,4 @@ def hf_config(config: GPTConfig) -> dict:
         "attn_pdrop": config.attention_drop_rate, "bos_token_id": eot, "eos_token_id": eot,
         "scale_attn_weights": True, "use_cache": True, "dtype": "float32",
     }
-
-
-def save_pretrained(config: GPTConfig, params, directory: str | os.PathLike) -> Path:
-    """Write config.json and model.safetensors that transformers' GPT2LMHeadModel loads (for
-    the llama/qwen3 families: jaxgpt.weights.llama.save_family's sharded files)."""
-    if config.family != "gpt2":
-        return save_family(config, params, directory)
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    tensors = to_hf_tensors(config, params)
-    replace_atomically(directory / WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    text = json.dumps(hf_config(config), indent=2) + "\n"
-    replace_atomically(directory / "config.json", lambda tmp: Path(tmp).write_text(text))
-    return directory
+    return {**out, **extra}

@@ -1,6 +1,10 @@
 """Hugging Face checkpoint files: finding them (a directory or a hub name through the local
-cache), reading safetensors headers and tensors one at a time, and replacing files atomically.
-Pickle-based files are refused unread. Every failure is one line naming the file.
+cache), reading safetensors headers and tensors one at a time, and writing them (sharded with an
+index past a size). Pickle-based files are refused unread. Every failure is one line naming the
+file.
+
+A tensor is read with a plain read at its offset, not a memory map, so the page cache does not
+count as the process's memory and a loader holds one tensor at a time beside what it has built.
 """
 
 from __future__ import annotations
@@ -8,11 +12,16 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
+import struct
 from pathlib import Path
+from typing import NamedTuple
 
+import ml_dtypes
 import numpy as np
 from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
+
+from jaxgpt.fsutil import replace_atomically, write_text_atomic
 
 WEIGHTS, INDEX = "model.safetensors", "model.safetensors.index.json"
 # GPT2LMHeadModel's attention-mask buffers: saved by old versions, not weights.
@@ -27,6 +36,8 @@ HUB_MODELS = {
 }
 _HUB_FILES = ["config.json", "model.safetensors", "model.safetensors.index.json", "model-*.safetensors"]
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+FILE_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "F64": np.float64}
+SHARDS = "model-*-of-*.safetensors"
 
 
 def resolve(name_or_path: str | os.PathLike) -> Path:
@@ -79,19 +90,41 @@ def weight_files(directory: Path) -> list[Path]:
     raise FileNotFoundError(f"{directory} has no {WEIGHTS} or {INDEX}")
 
 
-def tensor_index(files: list[Path]) -> dict[str, tuple[Path, str, tuple]]:
-    """HF name (prefix stripped) -> (file, key as stored, shape), buffers left out."""
+class Entry(NamedTuple):
+    """Where one tensor is: its file, its key as stored, its shape and dtype, its byte range."""
+
+    file: Path
+    key: str
+    shape: tuple
+    dtype: str
+    start: int  # absolute offset of the data in the file
+    end: int
+
+
+def _header(file: Path) -> tuple[int, dict]:
+    with open(file, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        return n, json.loads(f.read(n))
+
+
+def tensor_index(files: list[Path]) -> dict[str, Entry]:
+    """HF name (`transformer.` prefix stripped) -> where the tensor is, buffers left out."""
     found = {}
     for file in files:
-        with open_file(file) as f:
-            for key in f.keys():  # noqa: SIM118 (a safe_open handle, not a dict)
-                name = key.removeprefix("transformer.")
-                if _BUFFER.fullmatch(name):
-                    continue
-                if name in found:
-                    raise ValueError(f"tensor {name} appears twice (as {found[name][1]} in "
-                                     f"{found[name][0]} and {key} in {file})")
-                found[name] = (file, key, tuple(f.get_slice(key).get_shape()))
+        with open_file(file):  # safetensors checks the header and that the data covers it
+            pass
+        n, header = _header(file)
+        for key, meta in header.items():
+            if key == "__metadata__":
+                continue
+            name = key.removeprefix("transformer.")
+            if _BUFFER.fullmatch(name):
+                continue
+            if name in found:
+                raise ValueError(f"tensor {name} appears twice (as {found[name].key} in "
+                                 f"{found[name].file} and {key} in {file})")
+            start, end = meta["data_offsets"]
+            found[name] = Entry(file, key, tuple(meta["shape"]), meta["dtype"], 8 + n + start, 8 + n + end)
     return found
 
 
@@ -103,25 +136,43 @@ def open_file(file: Path):
         raise ValueError(f"{file} is not a readable safetensors file ({err})") from None
 
 
-def read_tensor(f, file: Path, key: str) -> np.ndarray:
-    try:
-        return f.get_tensor(key)
-    except (SafetensorError, TypeError) as err:  # TypeError: a dtype numpy lacks, e.g. bfloat16
-        raise ValueError(f"{file}: cannot read tensor {key} ({err})") from None
+def read_tensor(entry: Entry) -> np.ndarray:
+    """One float tensor read from its file into fresh memory (no memory map)."""
+    if entry.dtype not in FILE_DTYPES:
+        raise ValueError(f"{entry.file}: tensor {entry.key} has dtype {entry.dtype}; expected a float type")
+    dtype = np.dtype(FILE_DTYPES[entry.dtype])
+    with open(entry.file, "rb") as f:
+        f.seek(entry.start)
+        x = np.fromfile(f, dtype, (entry.end - entry.start) // dtype.itemsize)
+    return x.reshape(entry.shape)
 
 
-def read_entry(entry) -> np.ndarray:
-    file, key, _ = entry
-    with open_file(file) as f:
-        return read_tensor(f, file, key)
-
-
-def replace_atomically(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)  # readers see the old file or the new one, never half of one
-    except BaseException:
-        os.unlink(tmp)
-        raise
+def write_safetensors(directory: Path, tensors: dict[str, np.ndarray], max_shard_size: int) -> None:
+    """model.safetensors, or model-0000i-of-0000n.safetensors shards and their index when the
+    tensors pass `max_shard_size` bytes. Each file is replaced atomically and the files of an
+    earlier save are removed only after, so a failed save leaves the old weights readable."""
+    shards, size = [{}], 0
+    for name, x in tensors.items():
+        if shards[-1] and size + x.nbytes > max_shard_size:
+            shards.append({})
+            size = 0
+        shards[-1][name] = x
+        size += x.nbytes
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        written = [WEIGHTS]
+        replace_atomically(directory / WEIGHTS, lambda tmp: save_file(shards[0], tmp, metadata=meta))
+    else:
+        weight_map = {}
+        written = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        for fname, shard in zip(written, shards):
+            replace_atomically(directory / fname, lambda tmp, s=shard: save_file(s, tmp, metadata=meta))
+            weight_map.update(dict.fromkeys(shard, fname))
+        index = {"metadata": {"total_size": sum(x.nbytes for x in tensors.values())},
+                 "weight_map": weight_map}
+        write_text_atomic(directory / INDEX, json.dumps(index, indent=2) + "\n")
+        written.append(INDEX)
+    # the index first: while it stands, readers take the shards it names, old or new
+    for stale in [directory / INDEX, *sorted(directory.glob(SHARDS)), directory / WEIGHTS]:
+        if stale.name not in written:
+            stale.unlink(missing_ok=True)

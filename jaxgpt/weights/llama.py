@@ -1,52 +1,29 @@
-"""Llama 3 and Qwen3 weights in Hugging Face's safetensors layout: config.json <-> GPTConfig and
-a rename table between LlamaForCausalLM / Qwen3ForCausalLM tensors and jaxgpt's parameters.
+"""Llama 3 and Qwen3 in Hugging Face's layout: config.json <-> GPTConfig and a rename table
+between LlamaForCausalLM / Qwen3ForCausalLM tensors and jaxgpt's parameters
+(jaxgpt.weights.huggingface reads and writes the files, for every family).
 
 Layouts: HF linears are [out, in]; jaxgpt kernels are [in, out] with heads split out, so
 q_proj [H K, D] -> [D, H, K], k_proj/v_proj [Hkv K, D] -> [D, Hkv, K], o_proj [D, H K] ->
 [H, K, D], gate/up [F, D] -> [D, F], down [D, F] -> [F, D], lm_head [V, D] -> [D, V]; norms
 and the embedding keep theirs.
-
-Loading streams: the key set and every shape are checked from the file headers first; then each
-jaxgpt leaf is read from disk (a plain read, not a memory map, so the page cache does not count
-as the process's memory), converted, and put at once in its final place (its shard of the mesh,
-when one is given) before the next is read, so the host holds the model once plus one tensor.
-A float32 or bfloat16 checkpoint loads as float32, or as `param_dtype` (e.g. "bfloat16").
-Saving writes float32 tensors, split into model-0000i-of-0000n.safetensors shards with an index
-when they pass `max_shard_size` bytes.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import struct
-from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
-from safetensors.numpy import save_file
 
 from jaxgpt.config import GPTConfig
-from jaxgpt.weights.hf_files import (
-    INDEX,
-    WEIGHTS,
-    read_json,
-    replace_atomically,
-    tensor_index,
-    weight_files,
-)
-from jaxgpt.models.model import abstract_params
-from jaxgpt.trees import check_like, flatten, unflatten
 
-FAMILY_TYPES = ("llama", "qwen3")  # config.json model_type values loaded here
+MODEL_TYPES = ("llama", "qwen3")  # config.json model_type values of this family
+BLOCK, HF_BLOCK = "layers", "model.layers.{}."  # block i: layers_<i> (layers, stacked, with scan_layers)
+EMBEDDING, HEAD = "model.embed_tokens.weight", "lm_head.weight"
 _ARCH = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 # Fields the tensors fix: a loader override may not change them.
 _FIXED = ("family", "vocab_size", "emb_dim", "n_heads", "n_kv_heads", "head_width", "mlp_dim",
           "n_layers", "ln_eps", "rope_theta", "rope_factor", "rope_low_freq_factor",
           "rope_high_freq_factor", "rope_original_context")
-_FILE_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "F64": np.float64}
 
 
 def _linear_in(heads_of):  # HF [h K, D] -> jaxgpt [D, h, K]
@@ -136,8 +113,8 @@ def _rope(hf: dict, source) -> dict:
 def config_from_hf(hf: dict, source: str | os.PathLike = "config.json", **overrides) -> GPTConfig:
     """A GPTConfig from a Llama or Qwen3 config.json dict (checked for features jaxgpt lacks)."""
     family = hf.get("model_type")
-    if family not in FAMILY_TYPES:
-        raise ValueError(f"{source} has model_type={family!r}; expected one of {FAMILY_TYPES}")
+    if family not in MODEL_TYPES:
+        raise ValueError(f"{source} has model_type={family!r}; expected one of {MODEL_TYPES}")
     sizes = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
              "num_attention_heads", "max_position_embeddings")
     lacking = [k for k in sizes if k not in hf]
@@ -186,125 +163,21 @@ def hf_config(config: GPTConfig, **extra) -> dict:
     return {**out, **extra}
 
 
-def _sources(config: GPTConfig) -> dict[tuple, tuple[list[str], object]]:
-    """jaxgpt leaf path -> (the HF tensors it is made of, in layer order; HF -> jaxgpt)."""
-    out = {path: ([name], to_jx) for name, (path, to_jx, _) in _TOP.items()
-           if name != "lm_head.weight" or not config.tie_embeddings}
-    L = config.n_layers
-    for suffix, (path, to_jx, _) in _layer_table(config).items():
-        names = [f"model.layers.{i}.{suffix}" for i in range(L)]
-        if config.scan_layers:
-            out[("layers", *path)] = (names, to_jx)
-        else:
-            out.update({(f"layers_{i}", *path): ([n], to_jx) for i, n in enumerate(names)})
-    return out
+def top_leaves(config: GPTConfig) -> dict[tuple, tuple[str, object]]:
+    """jaxgpt leaf path outside the blocks -> (HF name, HF array -> jaxgpt array)."""
+    return {path: (name, to_jx) for name, (path, to_jx, _) in _TOP.items()
+            if name != HEAD or not config.tie_embeddings}
 
 
-def _read(entry) -> np.ndarray:
-    """One tensor read from its file into fresh memory (no memory map)."""
-    file, key, _ = entry
-    with open(file, "rb") as f:
-        n = struct.unpack("<Q", f.read(8))[0]
-        meta = json.loads(f.read(n))[key]
-        if meta["dtype"] not in _FILE_DTYPES:
-            raise ValueError(f"{file}: tensor {key} has dtype {meta['dtype']}; expected a float type")
-        start, end = meta["data_offsets"]
-        f.seek(8 + n + start)
-        x = np.fromfile(f, _FILE_DTYPES[meta["dtype"]], (end - start) // np.dtype(_FILE_DTYPES[meta["dtype"]]).itemsize)
-    return x.reshape(meta["shape"])
+def block_leaves(config: GPTConfig) -> dict[tuple, tuple[str, object]]:
+    """jaxgpt leaf path inside layer i -> (HF name suffix after `model.layers.<i>.`, HF -> jaxgpt)."""
+    return {path: (suffix, to_jx) for suffix, (path, to_jx, _) in _layer_table(config).items()}
 
 
-def load_family(directory: str | os.PathLike, *, mesh=None, param_dtype=None,
-                **overrides) -> tuple[GPTConfig, dict]:
-    """(config, params) of a Llama/Qwen3 HF directory; each leaf goes straight to its shards of
-    `mesh` (or the default device) as it is read. params are float32 unless `param_dtype`."""
-    directory = Path(directory)
-    source = directory / "config.json"
-    hf = read_json(source)
-    file_config = config_from_hf(hf, source)
-    config = config_from_hf(hf, source, **overrides)
-    headers = tensor_index(weight_files(directory))
-    if file_config.tie_embeddings:
-        headers.pop("lm_head.weight", None)  # a tied model's head is its embedding
-    elif config.tie_embeddings:
-        raise ValueError("cannot override tie_embeddings=True: the checkpoint has its own lm_head.weight")
-    expected = hf_shapes(file_config)
-    missing, extra = sorted(set(expected) - set(headers)), sorted(set(headers) - set(expected))
-    if missing or extra:
-        raise ValueError(f"{directory} does not hold a {config.family} model with {config.n_layers} "
-                         f"layers: missing {missing or 'none'}; unexpected {extra or 'none'}")
-    for name, shape in expected.items():
-        if headers[name][2] != shape:
-            raise ValueError(f"tensor {name} has shape {headers[name][2]}, expected {shape}")
-    dtype = jnp.dtype(param_dtype or jnp.float32)
-    shardings = None
-    if mesh is not None:
-        from jaxgpt.sharding import boxed_shardings
-
-        shardings = flatten(boxed_shardings(abstract_params(config), mesh), sep=None)
-    sources = _sources(config)
-    if not config.tie_embeddings and file_config.tie_embeddings:  # untie: the head starts as the embedding
-        sources[("lm_head",)] = (["model.embed_tokens.weight"], _t)
-    flat = {}
-    for path, (names, to_jx) in sources.items():
-        parts = [to_jx(_read(headers[n]), config) for n in names]
-        x = parts[0] if len(parts) == 1 else np.stack(parts)
-        del parts
-        x = np.asarray(x, dtype)  # one converted copy of this leaf
-        if not np.isfinite(x).all():
-            raise ValueError(f"{directory}: tensor {names[0]} holds NaN or infinite values")
-        flat[path] = jax.device_put(x, shardings[path]) if shardings else jnp.asarray(x)
-        del x
-    return config, unflatten(flat)
-
-
-def to_hf_tensors(config: GPTConfig, params) -> dict[str, np.ndarray]:
-    """jaxgpt params (plain or scanned) -> the HF model's named float32 tensors, shapes checked."""
-    expected = flatten(abstract_params(config, boxed=False), sep=None)
-    flat = flatten(params, sep=None)
-    check_like(flat, expected)
-    get = lambda path: np.asarray(flat[path], np.float32)  # noqa: E731
-    out = {}
-    for name, (path, _, to_hf) in _TOP.items():
-        if path in flat:
-            out[name] = to_hf(get(path), config)
+def tensors_to_hf(config: GPTConfig, flat: dict[tuple, np.ndarray]) -> dict[str, np.ndarray]:
+    """jaxgpt's float32 leaves (layers unstacked, layers_<i>/...) -> the HF model's named tensors."""
+    out = {name: to_hf(flat[path], config) for name, (path, _, to_hf) in _TOP.items() if path in flat}
     for suffix, (path, _, to_hf) in _layer_table(config).items():
-        stacked = get(("layers", *path)) if config.scan_layers else None
         for i in range(config.n_layers):
-            x = stacked[i] if stacked is not None else get((f"layers_{i}", *path))
-            out[f"model.layers.{i}.{suffix}"] = to_hf(x, config)
-    return {k: np.ascontiguousarray(v) for k, v in out.items()}
-
-
-def save_family(config: GPTConfig, params, directory: str | os.PathLike, *,
-                max_shard_size: int = 5 << 30, **config_extra) -> Path:
-    """Write config.json and safetensors (sharded with an index past max_shard_size bytes)
-    that LlamaForCausalLM / Qwen3ForCausalLM.from_pretrained load."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    tensors = to_hf_tensors(config, params)
-    shards, size = [{}], 0
-    for name, x in tensors.items():
-        if shards[-1] and size + x.nbytes > max_shard_size:
-            shards.append({})
-            size = 0
-        shards[-1][name] = x
-        size += x.nbytes
-    for stale in [*directory.glob("model-*-of-*.safetensors"), directory / INDEX, directory / WEIGHTS]:
-        stale.unlink(missing_ok=True)
-    meta = {"format": "pt"}
-    if len(shards) == 1:
-        replace_atomically(directory / WEIGHTS, lambda tmp: save_file(shards[0], tmp, metadata=meta))
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards):
-            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            replace_atomically(directory / fname, lambda tmp, s=shard: save_file(s, tmp, metadata=meta))
-            weight_map.update(dict.fromkeys(shard, fname))
-        index = {"metadata": {"total_size": sum(x.nbytes for x in tensors.values())},
-                 "weight_map": weight_map}
-        replace_atomically(directory / INDEX,
-                           lambda tmp: Path(tmp).write_text(json.dumps(index, indent=2) + "\n"))
-    text = json.dumps(hf_config(config, **config_extra), indent=2) + "\n"
-    replace_atomically(directory / "config.json", lambda tmp: Path(tmp).write_text(text))
-    return directory
+            out[f"model.layers.{i}.{suffix}"] = to_hf(flat[(f"layers_{i}", *path)], config)
+    return out

@@ -25,12 +25,12 @@ import jax
 import numpy as np
 import yaml
 
-from jaxgpt.lora import transform as lora
 from jaxgpt.config import RUNTIME_FIELDS, GPTConfig
-from jaxgpt.weights.llama import FAMILY_TYPES, load_family
-from jaxgpt.weights.hf_files import read_json
+from jaxgpt.lora import transform as lora
 from jaxgpt.models.model import abstract_params
-from jaxgpt.weights.gpt2 import load_pretrained
+from jaxgpt.sharding import boxed_shardings
+from jaxgpt.weights.hf_files import resolve
+from jaxgpt.weights.huggingface import load_hf
 from jaxgpt.weights.runs import (
     CheckpointError,
     complete_steps,
@@ -38,7 +38,6 @@ from jaxgpt.weights.runs import (
     read_verified,
     tree_shapes,
 )
-from jaxgpt.sharding import boxed_shardings
 
 CLASSIFIER_HEAD = "cls_head"  # the classifier's parameter key (tasks/classification/model.py)
 
@@ -53,24 +52,13 @@ def load_model(source: str | os.PathLike, *, step: int | None = None, mesh=None,
             raise CheckpointError(f"{path} is not a run directory (no config.yaml)")
         if step is not None:
             raise ValueError(f"step={step} needs a run directory; {source} is not one")
-        if is_family_dir(path):  # streamed leaf by leaf into its shards: never a host copy
-            return load_family(path, mesh=mesh, **config_overrides)
-        config, params = load_pretrained(source, **config_overrides)
-        return config, place(config, params, mesh)
+        # streamed leaf by leaf into its shards: never a host copy of the whole model
+        return load_hf(resolve(source), mesh=mesh, **config_overrides)
     fixed = sorted(set(config_overrides) - set(RUNTIME_FIELDS))
     if fixed:
         raise ValueError(f"cannot override {fixed[0]} when loading run directory {path}: its "
                          f"weights fix it; only {', '.join(RUNTIME_FIELDS)} may change")
     return _load_run(path, step, mesh, config_overrides)
-
-
-def is_family_dir(path: Path) -> bool:
-    """Whether `path` is a Hugging Face Llama/Qwen3 directory (by its config.json's model_type)."""
-    config = path / "config.json"
-    if not config.is_file():
-        return False
-    hf = read_json(config)
-    return isinstance(hf, dict) and hf.get("model_type") in FAMILY_TYPES
 
 
 def is_run_dir(path: str | os.PathLike) -> bool:

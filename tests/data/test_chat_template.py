@@ -114,7 +114,7 @@ def test_template_errors_are_one_line(tok_dir):
 def test_chat_template_for_instruction_tuning(tok_dir):
     """Instruction records become one user turn and one assistant turn of the model's template;
     the query is a prefix of the training text, and the response extracts back."""
-    from jaxgpt.tasks.instruct.prompts import ChatTemplate, extract_response
+    from jaxgpt.data.prompts import ChatTemplate, extract_response
 
     tok = FamilyTokenizer(tok_dir)
     t = ChatTemplate(tok)

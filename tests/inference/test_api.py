@@ -10,7 +10,7 @@ from jaxgpt.inference.api import (
     parse_chat,
     parse_completion,
 )
-from jaxgpt.tasks.instruct.prompts import get_template
+from jaxgpt.data.prompts import get_template
 from jaxgpt.data.tokenizer import get_tokenizer
 
 
@@ -72,7 +72,7 @@ def test_chat_stops_join_the_templates_turn_starts():
 @pytest.mark.parametrize("change, message", [
     ({"prompt": [1, 50257]}, "token id 50257 in 'prompt' is outside the vocabulary"),
     ({"prompt": []}, "'prompt' must be a string"),
-    ({"top_k": 0}, "'top_k' must be >= 1"),
+    ({"top_k": 0}, r"'top_k' must be an integer in \[1, 50257\]"),
     ({"seed": 1.5}, "'seed' must be an integer"),
     ({"max_tokens": True}, "'max_tokens' must be an integer"),
     ({"stop": ["a"] * 5}, "up to 4"),

@@ -10,7 +10,7 @@ import pytest
 
 from jaxgpt.models.cache import write_cache
 from jaxgpt.config import GPTConfig
-from jaxgpt.inference.engine import Engine, QueueFull, Request, check_request, run_to_end
+from jaxgpt.inference.engine import Engine, QueueFull, Request, run_to_end
 from jaxgpt.inference.generate import generate
 from jaxgpt.models.model import init_params
 from tests.conftest import TINY
@@ -114,17 +114,3 @@ def test_cancel_frees_the_slot_and_queue_bound(params):
         eng.stop()
         t.join()
     assert reasons == ["cancelled", "length"] and eng.load()["running"] == 0
-
-
-@pytest.mark.parametrize("prompt, max_tokens, kw, match", [
-    ([], 3, {}, "prompt is empty"),
-    ([17], 3, {}, "token id 17 is outside the vocabulary"),
-    ([1], 0, {}, "max_tokens must be a positive integer"),
-    ([1] * 20, 4, {}, "exceed this model's maximum sequence length of 23"),
-    ([1], 3, {"temperature": -1.0}, "temperature"),
-    ([1], 3, {"top_p": 0.0}, "top_p"),
-    ([1], 3, {"top_k": 0}, "top_k"),
-])
-def test_check_request_refuses_in_one_line(prompt, max_tokens, kw, match):
-    with pytest.raises(ValueError, match=match):
-        check_request(CONFIG, CONFIG.context_length, prompt, max_tokens, **kw)

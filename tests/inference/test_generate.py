@@ -14,14 +14,13 @@ from jaxgpt import GPTConfig, init_params
 from jaxgpt.inference import generate as generation
 from jaxgpt.inference import requests as generation_inputs
 from jaxgpt.inference.generate import (
-    _filter_logits,
-    _start,
     generate,
     generate_simple,
     generate_stream,
+    prefill,
     prompt_bucket,
 )
-from jaxgpt.weights.gpt2 import load_pretrained, save_pretrained
+from jaxgpt.weights.huggingface import load_pretrained, save_pretrained
 
 # The CLI module by its full name: `jaxgpt.generate` could also name a re-exported function.
 cli = importlib.import_module("jaxgpt.cli.generate")
@@ -131,18 +130,6 @@ def test_sampling_is_fixed_by_the_key(model):
     assert not np.array_equal(a, generate(params, config, PROMPTS, 8, key=jax.random.key(2), **kw))
 
 
-def test_filter_logits_semantics():
-    logits = jnp.array([[1.0, 3.0, 3.0, 2.0, 0.5]])
-    # The book's top-k keeps every logit >= the k-th largest (ties included).
-    np.testing.assert_array_equal(_filter_logits(logits, 1.0, 2, None)[0] > -jnp.inf,
-                                  [False, True, True, False, False])
-    probs = np.array([0.4, 0.25, 0.2, 0.1, 0.05])
-    for p, kept in [(0.3, 1), (0.5, 2), (0.7, 3), (0.9, 4), (1.0, 5)]:
-        out = _filter_logits(jnp.log(jnp.asarray(probs))[None], 1.0, None, p)
-        assert int(jnp.sum(out > -jnp.inf)) == kept, p  # smallest prefix with mass >= p
-    np.testing.assert_allclose(_filter_logits(logits, 2.0, None, None), logits / 2.0)
-
-
 def test_eos_pads_finished_rows_and_stops_early(model):
     _, config, params = model
     free = generate(params, config, PROMPTS, 8)[:, -8:]
@@ -177,9 +164,9 @@ def test_one_compilation_per_bucket(model):
     _, config, params = model
     assert prompt_bucket(3, 23) == prompt_bucket(9, 23) == 16 and prompt_bucket(17, 23) == 23
     generate(params, config, [[1, 2, 3]], 5)
-    before = _start._cache_size()
+    before = prefill._cache_size()
     generate(params, config, [[4, 5, 6, 7, 8, 9, 10, 11, 12]], 5)
-    assert _start._cache_size() == before
+    assert prefill._cache_size() == before
 
 
 def test_no_new_tokens_returns_the_prompt(model):
@@ -215,7 +202,7 @@ def test_buffers_past_the_bound_are_refused_before_anything_is_compiled(model, m
     B, bucket, new = 2, prompt_bucket(2, config.context_length), 3
     monkeypatch.setattr(generation_inputs, "MAX_BUFFER_BYTES", B * (bucket + new) * 5)
     assert generate(params, config, [[1, 2], [3]], new).shape == (B, 2 + new)
-    monkeypatch.setattr(generation, "_start", None)  # refused before the first compiled call
+    monkeypatch.setattr(generation, "prefill", None)  # refused before the first compiled call
     with pytest.raises(ValueError, match="too many"):
         generate(params, config, [[1, 2], [3]], new + 1)
 

@@ -21,12 +21,12 @@ openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
 from jaxgpt.inference import engine as engine_module  # noqa: E402
-from jaxgpt.cli.serve import build_app, make_server  # noqa: E402
+from jaxgpt.inference.server import build_app, make_server  # noqa: E402
 from jaxgpt.config import GPTConfig  # noqa: E402
 from jaxgpt.inference.generate import generate  # noqa: E402
 from jaxgpt.models.model import init_params  # noqa: E402
-from jaxgpt.weights.gpt2 import save_pretrained  # noqa: E402
-from jaxgpt.tasks.instruct.prompts import get_template  # noqa: E402
+from jaxgpt.weights.huggingface import save_pretrained  # noqa: E402
+from jaxgpt.data.prompts import get_template  # noqa: E402
 from jaxgpt.data.tokenizer import EOT_ID, get_tokenizer  # noqa: E402
 
 CONFIG = GPTConfig(vocab_size=50257, context_length=256, emb_dim=12, n_heads=3, n_layers=2,
@@ -216,7 +216,7 @@ BAD = [
     ({**GOOD, "prompt": "word " * 300}, "maximum context length is 256", "prompt"),
     ({**GOOD, "max_tokens": 0}, "'max_tokens' must be at least 1", "max_tokens"),
     ({**GOOD, "max_tokens": 300}, "asks for 300 more", "max_tokens"),
-    ({**GOOD, "temperature": -0.5}, "'temperature' must be >= 0", "temperature"),
+    ({**GOOD, "temperature": -0.5}, "'temperature' must be a finite number >= 0", "temperature"),
     ({**GOOD, "top_p": 0}, r"'top_p' must be in \(0, 1\]", "top_p"),
     ({**GOOD, "top_p": 1.5}, r"'top_p' must be in \(0, 1\]", "top_p"),
     ({**GOOD, "model": "gpt-4"}, "the model 'gpt-4' does not exist", "model"),

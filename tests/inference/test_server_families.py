@@ -141,7 +141,7 @@ def test_engine_greedy_equals_generate_for_prompts_sharing_the_batch(family_dir)
 
 @pytest.fixture(scope="module")
 def served(family_dir):
-    from jaxgpt.cli.serve import build_app, make_server
+    from jaxgpt.inference.server import build_app, make_server
 
     family, path = family_dir[:2]
     server = make_server(str(path), slots=4, max_queue=4, name=family)
@@ -266,7 +266,7 @@ def test_chat_cli_with_a_named_template_reads_with_the_family_tokenizer(family_d
     import io
 
     from jaxgpt.cli import chat
-    from jaxgpt.tasks.instruct.prompts import get_template
+    from jaxgpt.data.prompts import get_template
 
     _, path, model, ref_tok, stops = family_dir
     monkeypatch.setattr("sys.stdin", io.StringIO("Say hi\nexit\n"))

@@ -112,7 +112,7 @@ def test_model_dense_computes_the_float32_sum_rounded_once(kernel_set, kind):
     import flax.linen as nn
 
     from jaxgpt.kernels import select
-    from jaxgpt.models.model import Dense
+    from jaxgpt.models.layers import Dense
 
     layout = select(kernel_set).dense is layout_dense
     x, _ = _inputs((3, 6, 8), (1,), jnp.bfloat16)

@@ -117,7 +117,7 @@ def test_shapes_and_logical_axes(setup):
     assert ab(blocks["attn"]["c_proj"]) == {"a": lead + (H, K, r), "b": lead + (r, D)}
     assert ab(blocks["mlp"]["c_fc"]) == {"a": lead + (D, r), "b": lead + (r, F)}
     assert shape(trainable["lora"]["lm_head"]["a"]) == (D, r)
-    assert all(not np.any(b) for _, b in lora._pairs(trainable["lora"]).values())  # B starts at 0
+    assert all(not np.any(b) for _, b in lora.adapter_pairs(trainable["lora"]).values())  # B starts at 0
     bound = 1 / math.sqrt(H * K)  # A ~ U(+-1/sqrt(fan_in)), fan_in of c_proj is H K
     a = np.asarray(blocks["attn"]["c_proj"]["kernel"]["a"])
     assert np.abs(a).max() <= bound and np.abs(a).max() > 0.8 * bound
@@ -156,7 +156,7 @@ def test_merged_equals_unmerged_computed_independently(setup):
     for path, n_in in [(f"{h}/attn/value/kernel", 1), (f"{h}/attn/c_proj/kernel", 2),
                        (f"{h}/mlp/c_proj/kernel", 1), ("lm_head", 1)]:
         w = np.asarray(flat_p[path], np.float64)
-        a, b = (np.asarray(x, np.float64) for x in lora._pairs(trainable["lora"])[path])
+        a, b = (np.asarray(x, np.float64) for x in lora.adapter_pairs(trainable["lora"])[path])
         if cfg.scan_layers and path.startswith("h/"):
             w, a, b = w[1], a[1], b[1]  # layer 1 of the stack
             w_eff = np.asarray(flat_m[path][1], np.float64)
@@ -223,7 +223,7 @@ def test_train_step_changes_only_adapters_and_trainable_leaves(stepped):
     assert set(new) == set(old)
     assert all(not np.array_equal(new[p], old[p]) for p in new), "every adapter and full leaf moves"
     merged, base = lora._flat(lora.combine(state.params, frozen, CFG)), lora._flat(params)
-    adapted = set(lora._pairs(state.params["lora"])) | {"ln_f/scale", "ln_f/bias"}
+    adapted = set(lora.adapter_pairs(state.params["lora"])) | {"ln_f/scale", "ln_f/bias"}
     for path in base:
         same = np.array_equal(merged[path], base[path])
         assert same == (path not in adapted), path
@@ -384,7 +384,7 @@ def tied():
 def test_merged_export_loads_in_transformers(tied, tmp_path):
     pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    from jaxgpt.weights.gpt2 import save_pretrained
+    from jaxgpt.weights.huggingface import save_pretrained
 
     params, ids = tied
     cfg = lora.LoRAConfig(rank=2, alpha=3.0)
@@ -406,7 +406,7 @@ def test_peft_export_matches_merged_model(model_cfg, lora_cfg, tmp_path):
     pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
-    from jaxgpt.weights.gpt2 import save_pretrained
+    from jaxgpt.weights.huggingface import save_pretrained
 
     params = init_params(model_cfg, jax.random.key(5))
     ids = jax.random.randint(jax.random.key(6), (2, 11), 0, model_cfg.vocab_size)

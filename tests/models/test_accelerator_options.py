@@ -15,7 +15,7 @@ from jaxgpt.config import RUNTIME_FIELDS, GPTConfig
 from jaxgpt.data.windows import IGNORE
 from jaxgpt.inference.generate import generate
 from jaxgpt.models.model import GPT, init_params
-from jaxgpt.weights.gpt2 import load_pretrained, save_pretrained, to_hf_tensors
+from jaxgpt.weights.huggingface import load_pretrained, save_pretrained, to_hf_tensors
 from jaxgpt.training.losses import lm_loss_fn
 
 V = 17

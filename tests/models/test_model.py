@@ -214,3 +214,10 @@ def test_torch_init_matches_pytorch_defaults():
     assert float(np.abs(p["h_0"]["mlp"]["c_proj"]["kernel"]).max()) <= 1 / np.sqrt(192)
     emb = torch.nn.Embedding(101, 48).weight.detach().numpy()
     np.testing.assert_allclose(np.std(p["wte"]["embedding"]), np.std(emb), rtol=0.05)
+
+
+def test_every_config_family_has_a_skeleton_entry():
+    from jaxgpt.config import FAMILIES as NAMED
+    from jaxgpt.models.model import FAMILIES
+
+    assert set(FAMILIES) == set(NAMED)

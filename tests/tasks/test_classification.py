@@ -83,7 +83,7 @@ def sms_file(tmp_path_factory):
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
     """A tiny GPT-2 checkpoint in Hugging Face's layout (the pretrained-weights path)."""
-    from jaxgpt.weights.gpt2 import save_pretrained
+    from jaxgpt.weights.huggingface import save_pretrained
 
     config = GPTConfig(**TINY, qkv_bias=True, tie_embeddings=True)
     return save_pretrained(config, init_params(config, jax.random.key(3)),

@@ -94,11 +94,11 @@ def test_book_split_trains_the_last_llama_block_and_its_loss_falls(book_run, lla
 
 def _reference_logits(llama_dir, classifier, texts, tmp_path):
     """transformers' LlamaModel on each unpadded text, its last hidden state through the head."""
-    from jaxgpt.weights.llama import save_family
+    from jaxgpt.weights.huggingface import save_pretrained
 
     backbone = {k: v for k, v in classifier.params.items() if k != "cls_head"}
     # the classifier has no LM head: written tied, the HF model's head is the embedding (unused)
-    save_family(classifier.config.replace(tie_embeddings=True), jax.device_get(backbone),
+    save_pretrained(classifier.config.replace(tie_embeddings=True), jax.device_get(backbone),
                 tmp_path / "trained")
     model = transformers.LlamaModel.from_pretrained(tmp_path / "trained", dtype=torch.float32).eval()
     head = {k: np.asarray(v, np.float64) for k, v in classifier.params["cls_head"].items()}

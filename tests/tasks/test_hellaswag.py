@@ -96,7 +96,7 @@ def test_scorer_equals_one_forward_pass_per_ending(data_file, params, rows_per_c
 
 def test_command_scores_an_exported_model(data_file, params, tmp_path, capsys):
     from jaxgpt.cli.hellaswag import main
-    from jaxgpt.weights.gpt2 import save_pretrained
+    from jaxgpt.weights.huggingface import save_pretrained
 
     save_pretrained(CONFIG, params, tmp_path / "model")
     assert main(["--model", str(tmp_path / "model"), "--data", str(data_file), "--json"]) == 0

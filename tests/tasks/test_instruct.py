@@ -21,7 +21,7 @@ from jaxgpt.tasks.instruct.data import (
     split_records,
 )
 from jaxgpt.tasks.instruct.finetune import InstructRunConfig, mean_loss
-from jaxgpt.tasks.instruct.prompts import extract_response, get_template
+from jaxgpt.data.prompts import extract_response, get_template
 from jaxgpt.tasks.instruct.responses import generate_responses
 from jaxgpt.data.tokenizer import EOT_ID, get_tokenizer
 from jaxgpt.training.losses import cross_entropy_sum, lm_loss_fn

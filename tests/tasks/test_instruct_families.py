@@ -12,7 +12,7 @@ transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
 
 from jaxgpt.tasks.instruct.data import IGNORE, InstructDataset  # noqa: E402
-from jaxgpt.tasks.instruct.prompts import ChatTemplate  # noqa: E402
+from jaxgpt.data.prompts import ChatTemplate  # noqa: E402
 from jaxgpt.data.tokenizer import FamilyTokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -15,7 +15,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from jaxgpt import GPT, GPTConfig, init_params
-from jaxgpt.weights.gpt2 import load_pretrained, save_pretrained, to_hf_tensors
+from jaxgpt.weights.huggingface import load_pretrained, save_pretrained, to_hf_tensors
 
 # GPT-2's four shapes scaled down, keeping each family's flavour of heads to layers
 # (12:12, 16:24, 20:36, 25:48); within a family every size differs from every other.
@@ -355,7 +355,7 @@ def test_save_replaces_atomically(checkpoints, tmp_path, monkeypatch):
             f.write(b"half a file")
         raise OSError("disk full")
 
-    monkeypatch.setattr("jaxgpt.weights.gpt2.save_file", crash)
+    monkeypatch.setattr("jaxgpt.weights.hf_files.save_file", crash)
     with pytest.raises(OSError, match="disk full"):
         save_pretrained(config, jax.tree.map(lambda x: x + 1, params), tmp_path)
     assert (tmp_path / "model.safetensors").read_bytes() == before

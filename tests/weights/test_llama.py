@@ -12,12 +12,17 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from jaxgpt.weights import llama as families  # noqa: E402
 from jaxgpt.models.cache import init_cache  # noqa: E402
 from jaxgpt.inference.generate import generate, generate_simple  # noqa: E402
 from jaxgpt.weights.loader import load_model  # noqa: E402
 from jaxgpt.models.model import GPT  # noqa: E402
-from jaxgpt.weights.gpt2 import load_pretrained, save_pretrained  # noqa: E402
+from jaxgpt.weights.huggingface import (  # noqa: E402
+    load_hf,
+    load_pretrained,
+    save_pretrained,
+    to_hf_tensors,
+)
+from jaxgpt.weights.llama import config_from_hf, hf_config  # noqa: E402
 
 V = 41
 
@@ -100,7 +105,7 @@ def test_gradients_match_transformers(hf_model, loaded):
         lg = GPT(config).apply({"params": p}, jnp.asarray(x))
         return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(lg), jnp.asarray(y)[..., None], -1))
 
-    ours = families.to_hf_tensors(config, jax.grad(loss)(params))
+    ours = to_hf_tensors(config, jax.grad(loss)(params))
     assert set(ours) == set(ref) - ({"lm_head.weight"} if config.tie_embeddings else set())
     for name, g in ours.items():
         scale = max(np.abs(ref[name]).max(), 1e-3)
@@ -148,7 +153,7 @@ def test_export_round_trip_and_sharded_save(hf_model, loaded, tmp_path):
     ids = _ids(8, 2, 11)
     expect = np.asarray(GPT(config).apply({"params": params}, jnp.asarray(ids)))
     save_pretrained(config, params, tmp_path / "one")
-    families.save_family(config, params, tmp_path / "many", max_shard_size=4000)
+    save_pretrained(config, params, tmp_path / "many", max_shard_size=4000)
     index = json.loads((tmp_path / "many" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 2
     for d in ("one", "many"):
@@ -173,7 +178,7 @@ def test_bfloat16_checkpoint_loads_as_bfloat16(hf_model, tmp_path):
     model = hf_model[1]
     type(model).from_pretrained(hf_model[0], dtype=torch.bfloat16).save_pretrained(tmp_path)
     c32, p32 = load_pretrained(tmp_path, dtype="float32")
-    c16, p16 = families.load_family(tmp_path, param_dtype="bfloat16", dtype="float32")
+    c16, p16 = load_hf(tmp_path, param_dtype="bfloat16", dtype="float32")
     assert {x.dtype for x in jax.tree.leaves(p16)} == {jnp.dtype(jnp.bfloat16)}
     for a, b in zip(jax.tree.leaves(p32), jax.tree.leaves(p16)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b, np.float32))  # bf16 exactly
@@ -185,9 +190,9 @@ def test_bfloat16_checkpoint_loads_as_bfloat16(hf_model, tmp_path):
 def test_bad_config_is_one_line(hf_model, tmp_path):
     hf = json.loads((hf_model[0] / "config.json").read_text())
     with pytest.raises(ValueError, match="rope_type='yarn'"):
-        families.config_from_hf({**hf, "rope_parameters": {"rope_type": "yarn", "factor": 2.0}})
+        config_from_hf({**hf, "rope_parameters": {"rope_type": "yarn", "factor": 2.0}})
     with pytest.raises(ValueError, match="cannot override n_kv_heads"):
-        families.config_from_hf(hf, n_kv_heads=1)
+        config_from_hf(hf, n_kv_heads=1)
 
 
 def test_sharded_mesh_steps_equal_single_device(hf_model):
@@ -304,15 +309,15 @@ def test_config_json_of_older_transformers_maps_the_same():
                            "original_max_position_embeddings": 8192, "rope_type": "llama3"},
           "tie_word_embeddings": True, "torch_dtype": "bfloat16", "eos_token_id": [128001, 128008, 128009],
           "attention_bias": False, "mlp_bias": False, "hidden_act": "silu", "pretraining_tp": 1}
-    c = families.config_from_hf(hf)
+    c = config_from_hf(hf)
     assert (c.rope_theta, c.rope_factor, c.rope_original_context, c.kv_heads, c.head_dim) == \
         (500000.0, 32.0, 8192, 8, 64)
-    new = families.hf_config(c)
-    assert families.config_from_hf(new) == c
+    new = hf_config(c)
+    assert config_from_hf(new) == c
     ref = transformers.LlamaConfig(**{k: v for k, v in new.items() if k != "model_type"})
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    from jaxgpt.models.llama import rope_frequencies
+    from jaxgpt.models.layers import rope_frequencies
 
     inv, _ = ROPE_INIT_FUNCTIONS["llama3"](ref, "cpu")
     np.testing.assert_allclose(rope_frequencies(c), inv.numpy(), rtol=1e-6)  # Llama 3 scaling

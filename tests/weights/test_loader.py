@@ -11,7 +11,7 @@ from jaxgpt.lora import transform as lora
 from jaxgpt.config import GPTConfig
 from jaxgpt.weights.loader import load_model
 from jaxgpt.models.model import GPT, init_params
-from jaxgpt.weights.gpt2 import load_pretrained, save_pretrained
+from jaxgpt.weights.huggingface import load_pretrained, save_pretrained
 from jaxgpt.weights.runs import CheckpointError
 from jaxgpt.sharding import MeshConfig, make_mesh
 from jaxgpt.tasks.classification.model import ClassifierRunConfig, init_head, with_head
@@ -81,7 +81,7 @@ def test_pretraining_run_onto_a_mesh(pretraining_run, params):
 
 
 def test_finished_instruction_run_gives_its_export(tmp_path, params):
-    from jaxgpt.cli.chat import load_chat_model
+    from jaxgpt.inference.loading import load_chat_model
 
     exported = init_params(CONFIG, jax.random.key(5))
     run = write_run(tmp_path / "sft", InstructRunConfig(model=CONFIG, instruct=InstructConfig(

@@ -22,7 +22,8 @@ import numpy as np
 from jaxgpt.config import GPTConfig
 from jaxgpt.data.windows import num_batches
 from jaxgpt.distributed import host_copy, is_lead
-from jaxgpt.weights.loader import is_family_dir, load_model, start_overrides
+from jaxgpt.weights.huggingface import is_family_dir
+from jaxgpt.weights.loader import load_model, start_overrides
 from jaxgpt.models.model import abstract_params, init_params
 from jaxgpt.sharding import with_axes
 from jaxgpt.tasks.classification.data import (

@@ -113,13 +113,6 @@ def with_head(gpt_params: dict, head: dict) -> dict:
     return {**{k: v for k, v in gpt_params.items() if k != "lm_head"}, HEAD: head}
 
 
-def classifier_boxed(config: GPTConfig, num_classes: int) -> dict:
-    """The classifier's abstract parameter tree with logical axis boxes."""
-    from jaxgpt.models.model import abstract_params
-
-    return with_head(abstract_params(config), head_boxed(config.emb_dim, num_classes))
-
-
 def classifier_logits(config: GPTConfig, pooling: str = "last_real"):
     """`apply(params, ids, mask, deterministic=True, rng=None) -> logits [B, C]` in float32."""
     model = GPT(config)

@@ -1,1 +1,1 @@
-"""Chapter 7: instruction tuning (data, prompts, finetune, responses, judge)."""
+"""Chapter 7: instruction tuning (data, finetune, responses, judge; prompt formats are jaxgpt.data.prompts)."""

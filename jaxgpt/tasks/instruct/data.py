@@ -20,7 +20,7 @@ from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 import numpy as np
 
 from jaxgpt.data.windows import IGNORE
-from jaxgpt.tasks.instruct.prompts import Template, get_template
+from jaxgpt.data.prompts import Template, get_template
 from jaxgpt.data.tokenizer import EOT_ID, get_tokenizer
 
 FIELDS = ("instruction", "input", "output")

@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional
 
 import flax.linen as nn
@@ -39,6 +37,8 @@ from jaxgpt.checks import (
 )
 from jaxgpt.config import GPTConfig
 from jaxgpt.distributed import host_copy, is_lead
+from jaxgpt.fsutil import write_json_atomic
+from jaxgpt.weights.huggingface import save_pretrained
 from jaxgpt.weights.loader import load_model, start_overrides
 from jaxgpt.lora.transform import LoRAConfig
 from jaxgpt.models.model import abstract_params, init_params
@@ -49,7 +49,7 @@ from jaxgpt.tasks.instruct.data import (
     load_records,
     split_records,
 )
-from jaxgpt.tasks.instruct.prompts import TEMPLATES, ChatTemplate, get_template
+from jaxgpt.data.prompts import TEMPLATES, ChatTemplate, get_template
 from jaxgpt.tasks.instruct.responses import generate_responses
 from jaxgpt.data.tokenizer import (
     EOT_ID,
@@ -245,17 +245,11 @@ def _finetune(cfg: InstructRunConfig, **fit_kwargs) -> InstructResult:
     }
     if is_lead():
         if ic.export:
-            from jaxgpt.weights.gpt2 import save_pretrained
-
             save_pretrained(model, params, result.run_dir / "model")
             if ic.template == "chat":  # the chat CLI and a re-finetune read the tokenizer beside it
                 copy_tokenizer_files(tokenizer_dir(ic.init_from), result.run_dir / "model")
-        _write_json(result.run_dir / "test_responses.json", responses)
-        _write_json(result.run_dir / "instruct_summary.json", summary)
+        write_json_atomic(result.run_dir / "test_responses.json", responses)
+        write_json_atomic(result.run_dir / "instruct_summary.json", summary)
     return InstructResult(result, model, params, summary, responses)
 
 
-def _write_json(path: Path, value) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    tmp.replace(path)  # a reader never sees half a file

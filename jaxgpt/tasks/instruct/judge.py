@@ -17,12 +17,10 @@ The command line is `python -m jaxgpt.cli.judge` (jaxgpt/cli/judge.py).
 from __future__ import annotations
 
 import base64
-import hashlib
 import http.client
 import json
 import os
 import re
-import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -30,7 +28,8 @@ import urllib.request
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
-from jaxgpt.tasks.instruct.prompts import get_template
+from jaxgpt.data.prompts import get_template
+from jaxgpt.fsutil import sha256_bytes, write_json_atomic
 
 DEFAULT_BASE_URL = "http://localhost:11434/v1"  # Ollama's OpenAI-compatible API
 RETRY_STATUS = (408, 409, 429, 500, 502, 503, 504)  # worth another try; other errors are not
@@ -183,7 +182,7 @@ def _first_line(text: str, limit: int = 200) -> str:
 
 
 def _record_key(model: str, prompt: str) -> str:
-    return hashlib.sha256(json.dumps([model, prompt]).encode("utf-8")).hexdigest()
+    return sha256_bytes(json.dumps([model, prompt]).encode("utf-8"))
 
 
 def _read_progress(path: Path) -> dict:
@@ -197,20 +196,6 @@ def _read_progress(path: Path) -> dict:
     if not isinstance(scored, dict):
         raise ValueError(f"{path} is not a judge progress file; delete it to score from the start")
     return scored
-
-
-def write_json_atomically(path: Path, value, indent: int | None = 2) -> None:
-    """Write `value` as JSON to `path` so that a crash leaves the old file or the new one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(value, f, indent=indent, ensure_ascii=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def score_responses(records: Sequence[Mapping[str, str]], client: ChatClient, *,
@@ -235,7 +220,7 @@ def score_responses(records: Sequence[Mapping[str, str]], client: ChatClient, *,
         scores.append(parse_score(client.complete([{"role": "user", "content": prompt}])))
         if path:
             scored[str(i)] = {"key": key, "score": scores[-1]}
-            write_json_atomically(path, {"scored": scored}, indent=None)
+            write_json_atomic(path, {"scored": scored}, indent=None)
     usable = [s for s in scores if s is not None]
     mean = sum(usable) / len(usable) if usable else None
     return {"scores": scores, "mean": mean, "unparsed": len(scores) - len(usable), "resumed": resumed}

@@ -8,17 +8,19 @@ import jax
 import numpy as np
 
 from jaxgpt.config import GPTConfig
-from jaxgpt.inference.generate import eos_ids, generate
-from jaxgpt.tasks.instruct.prompts import Template, extract_response, get_template
+from jaxgpt.data.prompts import Template, extract_response, get_template
 from jaxgpt.data.tokenizer import EOT_ID, get_tokenizer
+from jaxgpt.inference.generate import generate
+from jaxgpt.inference.requests import eos_ids
+from jaxgpt.inference.sampling import GREEDY, Sampling
 
 
 def generate_responses(params, config: GPTConfig, records: Sequence[Mapping[str, str]],
                        template: Template | str = "alpaca", *, max_new_tokens: int = 256,
                        batch_size: int = 8, tokenizer=None, eos_id: int | tuple = EOT_ID,
-                       temperature: float = 0.0, top_k: int | None = None,
-                       top_p: float | None = None, key=None) -> list[dict]:
-    """Each record plus `model_response` and `ended` (it emitted eos_id within max_new_tokens)."""
+                       sampling: Sampling = GREEDY, key=None) -> list[dict]:
+    """Each record plus `model_response` and `ended` (it emitted eos_id within max_new_tokens);
+    greedy unless `sampling` says otherwise (then drawn with `key`)."""
     template = get_template(template) if isinstance(template, str) else template
     tok = get_tokenizer("gpt2") if tokenizer is None else tokenizer
     if max_new_tokens < 1 or batch_size < 1:
@@ -34,9 +36,8 @@ def generate_responses(params, config: GPTConfig, records: Sequence[Mapping[str,
         chunk = order[start:start + batch_size]
         rows = [ids[i] for i in chunk]
         rows += [rows[-1]] * (batch_size - len(rows))  # one batch shape: no recompilation
-        new = generate(params, config, rows, max_new_tokens, temperature=temperature, top_k=top_k,
-                       top_p=top_p, eos_id=eos_id, key=jax.random.fold_in(key, start)
-                       )[:, -max_new_tokens:]  # [B, max_new_tokens]
+        new = generate(params, config, rows, max_new_tokens, sampling=sampling, eos_id=eos_id,
+                       key=jax.random.fold_in(key, start))[:, -max_new_tokens:]  # [B, new]
         for b, i in enumerate(chunk):
             tokens = new[b].tolist()
             stops = [i for i, t in enumerate(tokens) if t in eos_ids(eos_id)]  # several: a family's

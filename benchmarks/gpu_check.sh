@@ -53,6 +53,24 @@ bench() { name=$1; limit=$2; shift 2
 bench train_bf16_compiled_peer "$T_TRAIN" $SIZE --dtype bfloat16 --drop-rate 0 \
   --override vocab_multiple=128 --peer compiled --compile-cache "$JAXGPT_CACHE_DIR"
 
+# The plan's prediction for the same step on this GPU (jaxgpt.cli.plan --target local: the
+# same compile on the local devices), beside what the benchmark above measured.
+PLAN_SIZE="model_preset=gpt2-small model.context_length=1024 train.batch_size=16"
+[ "${GPU_CHECK_DRY:-0}" = 1 ] && PLAN_SIZE="model.n_layers=2 model.emb_dim=128 model.n_heads=4 model.context_length=128 train.batch_size=2"
+timeout 120 python3 -m jaxgpt.cli.plan --target local model.dtype=bfloat16 model.drop_rate=0 \
+  model.vocab_multiple=128 $PLAN_SIZE --decode-slots 64 --json "$OUT/plan.json" > "$OUT/plan.txt" 2>&1
+echo "== plan (rc $?, $((SECONDS - START)) s): predicted"; cat "$OUT/plan.txt"
+python3 - "$OUT/plan.json" "$OUT/bench_train_bf16_compiled_peer.txt" <<'PY' || true
+import json, re, sys
+rec = json.load(open(sys.argv[1])); train = rec["train"]
+roof, mem = train["roofline"] or {}, train["memory"]
+measured = re.findall(r"([\d,.]+) tok(?:ens)?/s", open(sys.argv[2]).read())
+print(f"plan vs measured: peak {mem.get('peak', 0) / 2**30:.2f} GiB predicted; "
+      f"{roof.get('tokens_per_s', 0):,.0f} tokens/s roofline ceiling vs "
+      f"{measured[0] if measured else '?'} tokens/s measured; attention {train['attention']['kernel']} "
+      f"{train['attention']['evidence']}")
+PY
+
 timeout "$T_DECODE" python3 benchmarks/generate.py $DECODE > "$OUT/decode.txt" 2>&1
 echo "== decode (rc $?, $((SECONDS - START)) s)"; cat "$OUT/decode.txt"
 

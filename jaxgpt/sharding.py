@@ -85,6 +85,11 @@ def make_mesh(cfg: MeshConfig = MeshConfig(), devices=None) -> Mesh:
             f"mesh {dict(zip(MESH_AXES, shape))} uses {math.prod(shape)} devices, "
             f"but {len(devices)} are present"
         )
+    per_chip = {getattr(d, "core_on_chip", 0) for d in devices}
+    if len(per_chip) > 1:  # mesh_utils asserts "megacore" (one device per chip) on TPU v4/v5p
+        raise ValueError(f"mesh: {len(devices)} devices hold {len(per_chip)} TensorCores of "
+                         f"each {devices[0].device_kind} chip; pass one device per chip "
+                         "(core_on_chip 0: megacore)")
     try:
         # Topology-aware placement on TPU (tensor, the chattiest axis, on the nearest chips),
         # ids in order on GPU, a plain reshape on CPU.
@@ -156,6 +161,12 @@ def activation_sharding(mesh: Mesh, rules=RULES):
         yield
     finally:
         _active.value = previous
+
+
+def active_mesh() -> Mesh | None:
+    """The mesh of the step being traced (inside `activation_sharding`), else None."""
+    active = getattr(_active, "value", None)
+    return None if active is None else active[0]
 
 
 def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:

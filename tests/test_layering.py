@@ -4,7 +4,7 @@ a module's border, and the public API imports without JAX.
 Every import of every module is read from its source, those inside functions included. The
 order, highest first (a module imports from its own rank or a lower one):
 
-    cli > tasks > training, inference > lora, weights > models > data > config > kernels
+    cli > tasks, plan > training, inference > lora, weights > models > data > config > kernels
         > the flat utilities (checks, trees, fsutil, sharding, distributed, hostmem, entrypoint)
 
 config sits above kernels because a model config names its kernel set from the selector's table.
@@ -19,7 +19,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "jaxgpt"
 RANKS = {"kernels": 1, "config": 2, "data": 3, "models": 4, "lora": 5, "weights": 5,
-         "training": 6, "inference": 6, "tasks": 7, "cli": 8}
+         "training": 6, "inference": 6, "tasks": 7, "plan": 7, "cli": 8}
 UTILITY = 0  # every other module directly in jaxgpt/
 
 

@@ -94,6 +94,9 @@ def _decode(params, cache, tokens, positions, sampling: Sampling, draws, *, conf
     return cache, sample(logits[:, 0], row_keys(*draws), sampling)
 
 
+decode_step = _decode  # public: jaxgpt.plan compiles the engine's decode step for a target
+
+
 class Engine:
     """`slots` sequences decoded together over a cache of `max_len` positions (the context by
     default). `submit` from any thread; `run` (or `start`) the loop in one thread."""

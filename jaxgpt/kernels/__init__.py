@@ -2,7 +2,9 @@
 
 The model names what it computes (a dense projection, the LM head's product, attention, GELU,
 the loss) and calls `select(config.kernels)`'s functions; this module decides how, from the
-kernel set's name and the JAX backend:
+kernel set's name and the platform of the mesh the step is traced for (`backend()`: the devices
+of `sharding.activation_sharding`'s mesh, else the host's default backend), so a step compiled
+on a CPU host for a TPU or GPU mesh gets the kernels of that mesh:
 
   reference  the plain definitions (what flax and jax.nn compute), which every other kernel is
              tested against
@@ -35,6 +37,7 @@ from jaxgpt.kernels import cross_entropy as _ce
 from jaxgpt.kernels import dense as _dense
 from jaxgpt.kernels.cpu_attention import heads_major_attention
 from jaxgpt.kernels.gelu import gelu, reference_gelu
+from jaxgpt.sharding import active_mesh
 
 KERNEL_SETS = ("auto", "reference")
 
@@ -53,13 +56,28 @@ class KernelSet:
     cross_entropy_sum: Callable  # (logits, targets, ignore) -> float32 scalar
 
 
+GPU_PLATFORMS = frozenset({"gpu", "cuda", "rocm"})
+
+
+def platform_of(devices) -> str:
+    """"cpu", "gpu" or "tpu" for a sequence of devices (CUDA and ROCm devices are GPUs)."""
+    platform = next(iter(devices)).platform
+    return "gpu" if platform in GPU_PLATFORMS else platform
+
+
 def backend() -> str:
-    """The platform the kernels are chosen for: "cpu", "gpu" or "tpu"."""
-    return jax.default_backend()
+    """The platform the kernels are chosen for: "cpu", "gpu" or "tpu", from the devices of the
+    mesh the step is traced for (`sharding.activation_sharding`), else the host's default, so a
+    step compiled on a CPU host for a TPU or GPU mesh gets that mesh's kernels."""
+    mesh = active_mesh()
+    if mesh is not None:
+        return platform_of(mesh.devices.flat)
+    default = jax.default_backend()
+    return "gpu" if default in GPU_PLATFORMS else default
 
 
 def auto_compute_dtype() -> jnp.dtype:
-    """dtype="auto": bfloat16 on GPU/TPU, float32 on CPU."""
+    """dtype="auto": bfloat16 on GPU/TPU, float32 on CPU (the platform `backend()` names)."""
     return jnp.dtype(jnp.float32 if backend() == "cpu" else jnp.bfloat16)
 
 
@@ -97,21 +115,26 @@ def resolve_compute_dtype(name: str) -> jnp.dtype:
     return dtype
 
 
-@functools.lru_cache(maxsize=None)
 def select(name: str = "auto") -> KernelSet:
-    """The kernel set `name` for the current backend."""
+    """The kernel set `name` for the platform the step is traced for (`backend()`)."""
     if name not in KERNEL_SETS:
         raise ValueError(f"kernels must be one of {KERNEL_SETS}, got {name!r}")
+    return kernel_set(name, backend())
+
+
+@functools.lru_cache(maxsize=None)
+def kernel_set(name: str, platform: str) -> KernelSet:
+    """The kernel set `name` on `platform` ("cpu", "gpu" or "tpu"), built once per pair."""
     reference = KernelSet("reference", _dense.reference_dense, _dense.reference_project,
                           _attention.reference_attention, _attention.cache_attention,
                           _attention.grouped_cache_attention, reference_gelu,
                           _ce.reference_cross_entropy_sum)
     if name == "reference":
         return reference
-    if backend() == "cpu":
+    if platform == "cpu":
         return dataclasses.replace(reference, name="auto", dense=_dense.layout_dense,
                                    project=_dense.layout_project, attention=heads_major_attention,
                                    gelu=gelu, cross_entropy_sum=_ce.cross_entropy_sum)
     return dataclasses.replace(reference, name="auto", gelu=gelu,
-                               attention=_backend_attention.backend_attention(backend()),
+                               attention=_backend_attention.backend_attention(platform),
                                cross_entropy_sum=_ce.cross_entropy_sum)

@@ -28,12 +28,16 @@ import math
 import warnings
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from jaxgpt.kernels import attention as _attention
+from jaxgpt.sharding import active_mesh, mesh_spec
 
 _FUSED = {"gpu": "cudnn", "tpu": "pallas"}
 _HALF = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+ACTIVATION_AXES = ("batch", "length", "heads", "kv")  # q, k, v [B, T, H, K] (H: repeated for GQA)
 PALLAS_BLOCK = 128  # the TPU flash kernel's default block along T and S
 _warned: set[str] = set()
 
@@ -86,7 +90,13 @@ def cudnn_attention(q, k, v, mask=None):
 
 
 def pallas_tpu_attention(q, k, v, mask=None, *, interpret: bool = False):
-    """Causal attention by Pallas' TPU flash kernel; `interpret` runs it on any backend."""
+    """Causal attention by Pallas' TPU flash kernel; `interpret` runs it on any backend.
+
+    Mosaic kernels cannot be partitioned by XLA, so inside a traced step on a mesh of more than
+    one device (`sharding.activation_sharding`) the kernel runs per shard under `shard_map`:
+    q, k and v split as the rules table splits [B, T, H, K] activations (batch over data and
+    fsdp, heads over tensor; attention is independent per row and per head).
+    """
     if mask is not None:
         raise ValueError("pallas_tpu_attention takes no mask (causal only)")
     from jax.experimental.pallas import tpu as pltpu
@@ -97,6 +107,11 @@ def pallas_tpu_attention(q, k, v, mask=None, *, interpret: bool = False):
         out = fa.flash_attention(t(q), t(k), t(v), causal=True, sm_scale=1.0 / math.sqrt(q.shape[-1]))
         return t(out)  # [B, T, H, K]
 
+    mesh = active_mesh()
+    if mesh is not None and mesh.size > 1:
+        spec = mesh_spec(P(*ACTIVATION_AXES), q.shape, mesh)
+        run = jax.shard_map(run, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
+                            check_vma=False)
     if interpret:
         with pltpu.force_tpu_interpret_mode():
             return run(q, k, v)

@@ -19,6 +19,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from jaxgpt.config import RUNTIME_FIELDS, GPTConfig
+from jaxgpt.training.runlock import acquire, release
 from jaxgpt.weights.runs import (
     CheckpointError,
     CorruptCheckpoint,
@@ -30,18 +31,26 @@ from jaxgpt.weights.runs import (
 
 
 def set_aside_incomplete(directory: str | Path) -> list[Path]:
-    """Rename uncommitted step directories so Orbax never sees them; returns the new paths."""
+    """Rename uncommitted step directories so Orbax never sees them; returns the new paths.
+
+    Only under the run directory's lock (the run directory is `directory`'s parent): a step that
+    a live trainer is still writing looks uncommitted, so with another process holding the lock
+    this refuses in one line (RunDirInUse) and moves nothing. A trainer holding it re-enters."""
     d = Path(directory)
     if not d.is_dir() or jax.process_index() != 0:
         return []
-    good = set(complete_steps(d))
-    moved = []
-    for child in d.iterdir():
-        if child.is_dir() and child.name.isdigit() and int(child.name) not in good:
-            target = d.parent / f"incomplete-{child.name}-{int(time.time())}"
-            child.rename(target)
-            moved.append(target)
-    return moved
+    acquire(d.parent)
+    try:
+        good = set(complete_steps(d))
+        moved = []
+        for child in d.iterdir():
+            if child.is_dir() and child.name.isdigit() and int(child.name) not in good:
+                target = d.parent / f"incomplete-{child.name}-{int(time.time())}"
+                child.rename(target)
+                moved.append(target)
+        return moved
+    finally:
+        release(d.parent)
 
 
 class Checkpointer:

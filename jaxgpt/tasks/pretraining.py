@@ -1,6 +1,8 @@
-"""Pretraining as a library call: text -> token ids -> windows -> `trainer.fit`."""
+"""Pretraining as a library call: text -> token ids -> windows -> `fit`."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 
@@ -12,7 +14,8 @@ from jaxgpt.data.shards import ShardDataset
 from jaxgpt.data.tokenizer import get_tokenizer
 from jaxgpt.training.losses import lm_loss_fn
 from jaxgpt.training.runconfig import RunConfig
-from jaxgpt.training.trainer import FitResult, Trainable, fit
+from jaxgpt.training.fit import FitOptions, fit
+from jaxgpt.training.trainer import FitResult, Trainable
 
 
 def window_datasets(cfg: RunConfig) -> tuple[Windows, Windows]:
@@ -93,9 +96,11 @@ def evaluation_extras(cfg: RunConfig):
     return extras
 
 
-def pretrain(cfg: RunConfig, **fit_kwargs) -> FitResult:
-    """Train cfg.model from scratch on cfg.data (resuming from the run directory if it can)."""
+def pretrain(cfg: RunConfig, options: FitOptions = FitOptions()) -> FitResult:
+    """Train cfg.model from scratch on cfg.data (resuming from the run directory if it can);
+    the evaluations sample text unless `options` brings its own `sample`."""
     train, val = window_datasets(cfg)
-    fit_kwargs.setdefault("sample", evaluation_extras(cfg))
+    if options.sample is None:
+        options = dataclasses.replace(options, sample=evaluation_extras(cfg))
     trainable = Trainable(lm_loss_fn(cfg.model), init=lambda key: init_params(cfg.model, key, boxed=True))
-    return fit(cfg, trainable, train, val, **fit_kwargs)
+    return fit(cfg, trainable, train, val, options)

@@ -3,8 +3,11 @@
 A hook is a callable `hook(info: StepInfo)`, added with `trainer.add_hook(hook, every=N)`; it
 runs after every N-th step (counting from `offset`), and after the last step of the run when
 added with `final=True` (the last planned step, or the step at which a stop was requested).
-Hooks run in the order they were added, so a hook that requests a stop (preemption) runs
-before the checkpoint hook that saves because of it. `fit` adds the standard ones.
+A hook sees plain values of the step, never the Trainer: what it needs from the run (the
+checkpointer, the config, the evaluation) it is given when it is made, and a hook that ends the
+run early says so with `info.stop.request()`. Hooks run in the order they were added, so a hook
+that requests a stop (preemption) runs before the checkpoint hook that saves because of it.
+`jaxgpt.training.fit.standard_hooks` adds the standard ones, in one place.
 """
 
 from __future__ import annotations
@@ -14,32 +17,51 @@ import math
 import signal
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 from tqdm.auto import tqdm
 
+from jaxgpt.training.checkpoint import Checkpointer
 from jaxgpt.training.metrics import MetricsLog, plot_losses
-
-if TYPE_CHECKING:
-    from jaxgpt.training.trainer import Trainer
 
 
 class TrainingHalted(RuntimeError):
     """The run stopped itself (too many non-finite updates in a row)."""
 
 
-@dataclasses.dataclass
+class StopFlag:
+    """Set by a hook that ends the run after this step's hooks (final hooks run for this step)."""
+
+    def __init__(self):
+        self.requested = False
+
+    def request(self) -> None:
+        self.requested = True
+
+
+@dataclasses.dataclass(frozen=True)
 class StepInfo:
     """What a hook sees after a step: the step count (1-based), the new state, its record."""
 
-    trainer: "Trainer"
     step: int
     state: Any
-    record: dict  # the train record of this step (loss, learning_rate, grad_norm, ...)
+    record: dict  # the train record of this step (loss, learning_rate, grad_norm, tokens_seen...)
+    duration: float  # seconds since the previous step's hooks ended (or since the loop started)
+    steps: int  # the run's planned last step
+    stop: StopFlag
+
+    @property
+    def loss(self) -> float:
+        return self.record["loss"]
+
+    @property
+    def tokens_seen(self) -> int:
+        return self.record["tokens_seen"]
 
     @property
     def final(self) -> bool:
-        return self.step == self.trainer.steps or self.trainer.stop_requested
+        """The last step of the run: the planned last one, or one at which a stop was requested."""
+        return self.step == self.steps or self.stop.requested
 
 
 def log_metrics(log: MetricsLog) -> Callable[[StepInfo], None]:
@@ -50,16 +72,16 @@ def log_metrics(log: MetricsLog) -> Callable[[StepInfo], None]:
 class Progress:
     """A tqdm bar over the run's steps with the loss and tokens/s; also prints evaluations."""
 
-    def __init__(self, trainer: "Trainer", enabled: bool):
-        self.bar = tqdm(total=trainer.steps, initial=trainer.start_step, desc=trainer.cfg.name,
-                        disable=not enabled, dynamic_ncols=True)
-        self._last = (time.perf_counter(), trainer.tokens_seen)
+    def __init__(self, name: str, steps: int, start_step: int, tokens_seen: int, enabled: bool):
+        self.bar = tqdm(total=steps, initial=start_step, desc=name, disable=not enabled,
+                        dynamic_ncols=True)
+        self._last = (time.perf_counter(), tokens_seen)
 
     def __call__(self, info: StepInfo) -> None:
-        now, tokens = time.perf_counter(), info.record["tokens_seen"]
+        now, tokens = time.perf_counter(), info.tokens_seen
         rate = (tokens - self._last[1]) / max(now - self._last[0], 1e-9)
         self._last = (now, tokens)
-        self.bar.set_postfix(loss=f"{info.record['loss']:.3f}", tok_s=f"{rate:,.0f}")
+        self.bar.set_postfix(loss=f"{info.loss:.3f}", tok_s=f"{rate:,.0f}")
         self.bar.update(1)
 
     def write(self, text: str) -> None:
@@ -83,21 +105,22 @@ def halt_on_nonfinite(max_skips: int) -> Callable[[StepInfo], None]:
     return hook
 
 
-def evaluation(log: MetricsLog, progress: Progress | None = None,
+def evaluation(log: MetricsLog, evaluate: Callable[[Any], dict], history: list[dict],
+               write: Callable[[str], None] | None = None,
                sample: Callable[[Any, int], dict | None] | None = None) -> Callable[[StepInfo], None]:
-    """Losses (and the task's metrics) on the fixed train/val batches, plus an optional sample
-    (`sample(params, step) -> extra fields`), written as an "eval" record."""
+    """Losses (and the task's metrics) from `evaluate(params)`, plus an optional sample
+    (`sample(params, step) -> extra fields`), written as an "eval" record, appended to
+    `history` and shown through `write` (None: not shown)."""
 
     def hook(info: StepInfo) -> None:
-        trainer = info.trainer
-        record = {"kind": "eval", "step": info.step, "tokens_seen": info.record["tokens_seen"],
-                  **trainer.evaluate(info.state.params)}
+        record = {"kind": "eval", "step": info.step, "tokens_seen": info.tokens_seen,
+                  **evaluate(info.state.params)}
         if sample is not None:
             record.update(sample(info.state.params, info.step) or {})
         log.write(record)
-        trainer.history.append(record)
-        if progress is not None and trainer.is_lead:
-            progress.write(format_eval(record))
+        history.append(record)
+        if write is not None:
+            write(format_eval(record))
 
     return hook
 
@@ -121,8 +144,8 @@ class Preemption:
         self.requested = True
 
     def __call__(self, info: StepInfo) -> None:
-        if self.requested and info.step < info.trainer.steps:
-            info.trainer.request_stop()
+        if self.requested and info.step < info.steps:
+            info.stop.request()
 
     def close(self) -> None:
         if self._old is not None:
@@ -130,22 +153,21 @@ class Preemption:
             self._old = None
 
 
-def checkpoint(trainer: "Trainer") -> Callable[[StepInfo], None]:
-    """Save the state (asynchronously) with the data position and the run's config."""
+def checkpoint(checkpointer: Checkpointer, config: dict) -> Callable[[StepInfo], None]:
+    """Save the state (asynchronously) with the data position and the run's config (a dict)."""
 
     def hook(info: StepInfo) -> None:
-        trainer.checkpointer.save(info.step, info.state, {
-            "step": info.step, "tokens_seen": info.record["tokens_seen"],
-            "config": trainer.cfg.to_dict()})
+        checkpointer.save(info.step, info.state, {
+            "step": info.step, "tokens_seen": info.tokens_seen, "config": config})
 
     return hook
 
 
-def plot(log: MetricsLog, path: Path) -> Callable[[StepInfo], None]:
+def plot(log: MetricsLog, path: Path, is_lead: bool) -> Callable[[StepInfo], None]:
     """Draw loss.png from metrics.jsonl (process 0)."""
 
     def hook(info: StepInfo) -> None:
-        if info.trainer.is_lead and log.path.exists():
+        if is_lead and log.path.exists():
             plot_losses(log.path, path)
 
     return hook

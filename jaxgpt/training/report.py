@@ -9,6 +9,7 @@ costs one compile and no allocation.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 
@@ -71,36 +72,24 @@ def _abstract_step(config: GPTConfig, mesh: Mesh, tx, boxed, batch_size: int, ac
     return train.lower(state, {"inputs": ids, "targets": ids}, None).compile()
 
 
-def sharding_report(
-    config: GPTConfig,
-    mesh: Mesh,
-    tx=None,
-    *,
-    batch_size: int = 8,
-    accum_steps: int = 1,
-    compiled=None,
-    boxed_params=None,
-    rules=RULES,
-    table: bool | None = None,
-) -> str:
-    """The report as text; compiles the LM train step on shapes unless `compiled` is given.
+@dataclasses.dataclass(frozen=True)
+class ReportOptions:
+    """How the report is drawn: the step compiled on shapes when none is given (batch_size rows
+    in accum_steps micro-batches), the rules table, and whether the per-parameter table shows
+    (None: when the mesh has more than one device; on one every row says the same)."""
 
-    `tx` defaults to the library's AdamW (`make_optimizer(OptimConfig(), 1)`); `boxed_params`
-    (abstract, with logical boxes) defaults to the parameters of GPT(config). The per-parameter
-    table is shown when `table`, or by default when the mesh has more than one device (on one
-    device every row says the same: everything is whole); the totals are always shown.
-    """
-    table = mesh.size > 1 if table is None else table
-    tx = make_optimizer(OptimConfig(), 1) if tx is None else tx
-    boxed = abstract_params(config) if boxed_params is None else boxed_params
-    specs = nn.get_partition_spec(boxed)
+    batch_size: int = 8
+    accum_steps: int = 1
+    rules: tuple = RULES
+    table: bool | None = None
+
+
+def _param_rows(boxed, mesh: Mesh, rules) -> tuple[list[tuple], int, int]:
+    """(rows of the table, parameter bytes in all, parameter bytes per device)."""
     shapes = nn.meta.unbox(boxed)
     flat_shapes = jax.tree_util.tree_flatten_with_path(shapes)[0]
-    flat_specs = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P))
-
-    header = ("parameter", "shape", "logical axes", "partition spec", "per device")
-    rows = []
-    param_global = param_device = 0
+    flat_specs = jax.tree.leaves(nn.get_partition_spec(boxed), is_leaf=lambda x: isinstance(x, P))
+    rows, param_global, param_device = [], 0, 0
     for (path, x), logical in zip(flat_shapes, flat_specs):
         spec = mesh_spec(logical, x.shape, mesh, rules)
         size = np.dtype(x.dtype).itemsize
@@ -110,10 +99,43 @@ def sharding_report(
         rows.append((_path(path), "x".join(map(str, x.shape)) or "scalar",
                      _spec_text(logical, x.ndim), _spec_text(spec, x.ndim), _bytes(local)))
     rows.sort(key=_natural)
+    return rows, param_global, param_device
+
+
+def _table(rows: list[tuple]) -> list[str]:
+    header = ("parameter", "shape", "logical axes", "partition spec", "per device")
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
     fmt = lambda r: "  ".join(c.rjust(w) if i == 4 else c.ljust(w)  # noqa: E731
                               for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+    return [fmt(header), fmt(tuple("-" * w for w in widths)), *map(fmt, rows)]
 
+
+def _memory_lines(compiled) -> list[str]:
+    mem = compiled.memory_analysis()
+    if mem is None:
+        return ["  (this backend reports no memory analysis)"]
+    peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+            + mem.temp_size_in_bytes)
+    return [f"  arguments {_bytes(mem.argument_size_in_bytes)}, outputs "
+            f"{_bytes(mem.output_size_in_bytes)} ({_bytes(mem.alias_size_in_bytes)} aliased to "
+            f"donated arguments), temporaries {_bytes(mem.temp_size_in_bytes)}; "
+            f"peak about {_bytes(peak)}"]
+
+
+def sharding_report(config: GPTConfig, mesh: Mesh, tx=None, *, compiled=None, boxed_params=None,
+                    options: ReportOptions = ReportOptions()) -> str:
+    """The report as text; compiles the LM train step on shapes unless `compiled` is given.
+
+    `tx` defaults to the library's AdamW (`make_optimizer(OptimConfig(), 1)`); `boxed_params`
+    (abstract, with logical boxes) defaults to the parameters of GPT(config); the totals are
+    always shown.
+    """
+    o = options
+    table = mesh.size > 1 if o.table is None else o.table
+    tx = make_optimizer(OptimConfig(), 1) if tx is None else tx
+    boxed = abstract_params(config) if boxed_params is None else boxed_params
+    rows, param_global, param_device = _param_rows(boxed, mesh, o.rules)
+    shapes = nn.meta.unbox(boxed)
     abstract = abstract_state(boxed, tx)
     opt_shapes = nn.meta.unbox(abstract.opt_state)
     opt_device = _device_bytes(opt_shapes, boxed_shardings(abstract, mesh).opt_state)
@@ -125,26 +147,14 @@ def sharding_report(
     lines = [
         f"sharding report: mesh {axes} ({mesh.size} devices, {jax.process_count()} process(es)); "
         f"params {'/'.join(dtypes)}, compute {config.compute_dtype.name}",
-        *([fmt(header), fmt(tuple("-" * w for w in widths)), *map(fmt, rows)] if table else []),
+        *(_table(rows) if table else []),
         f"parameters: {n_params:,} = {_bytes(param_global)}, {_bytes(param_device)} per device",
         f"optimizer state: {_bytes(opt_global)}, {_bytes(opt_device)} per device",
     ]
     if compiled is None:
-        compiled = _abstract_step(config, mesh, tx, boxed, batch_size, accum_steps)
-        lines.append(f"train step (batch {batch_size} x {config.context_length} tokens, "
-                     f"{accum_steps} micro-batch(es)), per device:")
+        compiled = _abstract_step(config, mesh, tx, boxed, o.batch_size, o.accum_steps)
+        lines.append(f"train step (batch {o.batch_size} x {config.context_length} tokens, "
+                     f"{o.accum_steps} micro-batch(es)), per device:")
     else:
         lines.append("compiled train step, per device:")
-    mem = compiled.memory_analysis()
-    if mem is None:
-        lines.append("  (this backend reports no memory analysis)")
-    else:
-        peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
-                + mem.temp_size_in_bytes)
-        lines.append(
-            f"  arguments {_bytes(mem.argument_size_in_bytes)}, outputs "
-            f"{_bytes(mem.output_size_in_bytes)} ({_bytes(mem.alias_size_in_bytes)} aliased to "
-            f"donated arguments), temporaries {_bytes(mem.temp_size_in_bytes)}; "
-            f"peak about {_bytes(peak)}"
-        )
-    return "\n".join(lines)
+    return "\n".join(lines + _memory_lines(compiled))

@@ -2,7 +2,8 @@
 
 The loop is the only impure part: it reads batches (a pure function of seed and step), calls
 the jitted step, and hands each step to the hooks (jaxgpt/training/hooks.py), which log,
-evaluate, sample, checkpoint, plot, halt on non-finite updates and honour SIGTERM. Everything
+evaluate, sample, checkpoint, plot, halt on non-finite updates and honour SIGTERM; `fit`
+(jaxgpt/training/fit.py) adds the standard ones. Everything
 a run needs to resume is the train state plus the step, so a run killed at any point restarts
 from its latest complete checkpoint and continues exactly as if it had never stopped.
 
@@ -16,8 +17,9 @@ both the values and how they shard. A dataset is anything with `__len__` and
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -30,15 +32,11 @@ from jaxgpt.sharding import (
     make_mesh,
     process_rows,
 )
-from jaxgpt.training import hooks as H
-from jaxgpt.training.checkpoint import (
-    Checkpointer,
-    abstract_with_shardings,
-)
-from jaxgpt.training.hooks import StepInfo, TrainingHalted  # noqa: F401  (re-exported)
+from jaxgpt.training.checkpoint import Checkpointer, abstract_with_shardings
+from jaxgpt.training.hooks import StepInfo, StopFlag
 from jaxgpt.training.metrics import MetricsLog
 from jaxgpt.training.optim import make_optimizer, schedule
-from jaxgpt.training.report import sharding_report
+from jaxgpt.training.report import ReportOptions, sharding_report
 from jaxgpt.training.runconfig import (
     ConfigError,
     RunConfig,
@@ -122,7 +120,6 @@ def _eval_batches(dataset, bs: int, n: int, *, mesh) -> list[dict]:
     return [dataset.rows(i * bs + mine) for i in range(min(n, len(dataset) // bs))]
 
 
-
 class Trainer:
     """One run: set up (or restore) on the configured mesh, then `run()` the steps and hooks."""
 
@@ -137,7 +134,7 @@ class Trainer:
         self.is_lead = jax.process_index() == 0
         self.hooks: list[tuple[Callable, int, int, bool]] = []
         self.history: list[dict] = []
-        self.stop_requested = False
+        self.stop = StopFlag()  # a hook's info.stop: set to end the run after this step
         self._closed = False
 
         boxed = trainable.abstract()
@@ -181,10 +178,6 @@ class Trainer:
         and after the run's last step when `final`."""
         self.hooks.append((hook, every, offset, final))
 
-    def request_stop(self) -> None:
-        """End the run after the current step's hooks (final hooks run for this step)."""
-        self.stop_requested = True
-
     def batch_at(self, step: int) -> dict:
         """The global [A, B/A, T] batch of a step (this process reads only its rows)."""
         a, bs = self.cfg.optim.accum_steps, self.cfg.train.batch_size
@@ -216,9 +209,9 @@ class Trainer:
         # Compiling here is no extra work: jit reuses this executable for the first step.
         compiled = self.train_step.lower(self.state, self.batch_at(self.start_step), self.frozen).compile()
         if self.is_lead:
+            options = ReportOptions(table=True if self.cfg.train.report_table else None)
             print(sharding_report(self.cfg.model, self.mesh, self.tx, compiled=compiled,
-                                  boxed_params=self.trainable.abstract(),
-                                  table=True if self.cfg.train.report_table else None), flush=True)
+                                  boxed_params=self.trainable.abstract(), options=options), flush=True)
 
     def close(self) -> None:
         """Wait for pending checkpoint writes, close the logs and give up the run directory."""
@@ -236,6 +229,7 @@ class Trainer:
         state, batch = self.state, None
         if self.start_step < self.steps:
             batch = self.batch_at(self.start_step)
+        since = time.perf_counter()
         for step in range(self.start_step, self.steps):
             state, m = self.train_step(state, batch, self.frozen)  # dispatched; runs while we go on
             # The next batch is built on the host while the step runs (batches are a pure
@@ -248,47 +242,17 @@ class Trainer:
                       "grad_norm": float(m["grad_norm"]), "skipped": int(m["skipped"])}
             self.history.append(record)
             self.state = state
-            info = StepInfo(self, step + 1, state, record)
-            for hook, every, offset, final in self.hooks:
-                periodic = every > 0 and info.step >= offset and (info.step - offset) % every == 0
-                if periodic or (final and info.final):
-                    hook(info)
-            if self.stop_requested:
+            now = time.perf_counter()
+            self._call_hooks(StepInfo(step + 1, state, record, now - since, self.steps, self.stop))
+            since = time.perf_counter()
+            if self.stop.requested:
                 break
         self.close()
         return FitResult(state=state, history=self.history, run_dir=self.run_dir,
-                         preempted=self.stop_requested)
+                         preempted=self.stop.requested)
 
-
-def fit(cfg: RunConfig, trainable: Trainable, train_data, val_data, *, tx=None,
-        sample: Callable[[Any, int], dict | None] | None = None,
-        hooks: Sequence[tuple[Callable[[StepInfo], None], int]] = ()) -> FitResult:
-    """Train `trainable` on `train_data` with the standard hooks, resuming if the run can.
-
-    `sample(params, step)` adds fields (e.g. generated text) to each evaluation; `hooks` are
-    extra (hook, every) pairs, run after the standard per-step ones and before the checkpoint."""
-    trainer = Trainer(cfg, trainable, train_data, val_data, tx=tx)
-    t = cfg.train
-    progress = H.Progress(trainer, enabled=t.progress and trainer.is_lead)
-    preemption = H.Preemption().install()
-    trainer.add_hook(H.log_metrics(trainer.log))
-    trainer.add_hook(progress)
-    trainer.add_hook(H.halt_on_nonfinite(t.max_consecutive_skips))
-    if t.eval_freq > 0:  # the book's timing: after the first step, then every eval_freq steps
-        trainer.add_hook(H.evaluation(trainer.log, progress, sample), every=t.eval_freq, offset=1)
-    for hook, every in hooks:
-        trainer.add_hook(hook, every)
-    trainer.add_hook(preemption)
-    trainer.add_hook(H.checkpoint(trainer), every=t.checkpoint_every, final=True)
-    trainer.add_hook(H.plot(trainer.log, trainer.run_dir / "loss.png"), every=0, final=True)
-    try:
-        if t.report:
-            trainer.print_report()
-        result = trainer.run()
-    finally:
-        preemption.close()
-        progress.close()
-        trainer.close()  # also on errors: pending writes finish and the run directory is free
-    if result.preempted and trainer.is_lead:
-        progress.write(f"SIGTERM: saved checkpoint at step {int(result.state.step)}; exiting")
-    return result
+    def _call_hooks(self, info: StepInfo) -> None:
+        for hook, every, offset, final in self.hooks:
+            periodic = every > 0 and info.step >= offset and (info.step - offset) % every == 0
+            if periodic or (final and info.final):  # final: read after each hook (one may stop)
+                hook(info)

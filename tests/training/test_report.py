@@ -6,7 +6,7 @@ import pytest
 from jaxgpt import GPTConfig, count_params
 from jaxgpt.models.model import init_params
 from jaxgpt.sharding import make_mesh
-from jaxgpt.training.report import sharding_report
+from jaxgpt.training.report import ReportOptions, sharding_report
 from jaxgpt.training.runconfig import MeshConfig
 from tests.conftest import TINY
 
@@ -15,7 +15,7 @@ from tests.conftest import TINY
 def report():
     cfg = GPTConfig(**TINY)
     mesh = make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
-    return cfg, sharding_report(cfg, mesh, batch_size=6, accum_steps=2, table=True)
+    return cfg, sharding_report(cfg, mesh, options=ReportOptions(batch_size=6, accum_steps=2, table=True))
 
 
 def test_every_parameter_has_a_row(report):
@@ -44,7 +44,7 @@ def test_totals_and_memory(report):
 def test_one_device_shows_the_totals_only_unless_asked():
     cfg = GPTConfig(**TINY)
     mesh = make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
-    text = sharding_report(cfg, mesh, batch_size=6, accum_steps=2)
+    text = sharding_report(cfg, mesh, options=ReportOptions(batch_size=6, accum_steps=2))
     lines = text.splitlines()
     assert not any(line.startswith(("h_0/", "wte/")) for line in lines)
     assert lines[0].startswith("sharding report: mesh data=1") and len(lines) <= 6

@@ -53,7 +53,8 @@ from jaxgpt.training.checkpoint import complete_steps
 from jaxgpt.training.metrics import read_metrics
 from jaxgpt.training.runconfig import ConfigError, config_from_yaml
 from jaxgpt.training.rundir import prepare_run_dir, release
-from jaxgpt.training.trainer import FitResult, Trainable, fit
+from jaxgpt.training.fit import FitOptions, fit
+from jaxgpt.training.trainer import FitResult, Trainable
 
 
 @dataclass
@@ -116,7 +117,7 @@ def _check_vocab(data: ClassificationData, pad_id: int, vocab_size: int) -> None
                          f"model.vocab_size={vocab_size}")
 
 
-def finetune(cfg: ClassifierRunConfig, **fit_kwargs) -> ClassifierResult:
+def finetune(cfg: ClassifierRunConfig, options: FitOptions = FitOptions()) -> ClassifierResult:
     """Train a classifier on cfg.data from cfg.classifier.init_from (resuming if it can)."""
     model_cfg, gpt_params = init_backbone(cfg)
     data_cfg = _resolve_text_side(cfg, model_cfg)
@@ -151,7 +152,7 @@ def finetune(cfg: ClassifierRunConfig, **fit_kwargs) -> ClassifierResult:
                 save_tree(nn.meta.unbox(frozen), run_dir / "frozen")
         trainable = Trainable(loss_for(model_cfg, cfg.classifier), params=trainable, frozen=frozen,
                               eval_metrics=accuracy)
-        result = fit(cfg, trainable, data.train, data.validation, **fit_kwargs)
+        result = fit(cfg, trainable, data.train, data.validation, options)
         if result.preempted:
             return ClassifierResult(result, None, {})
 

@@ -62,7 +62,8 @@ from jaxgpt.training.losses import lm_loss_fn
 from jaxgpt.training.runconfig import ConfigError, RunConfig
 from jaxgpt.training.rundir import acquire, release
 from jaxgpt.training.step import eval_step
-from jaxgpt.training.trainer import FitResult, Trainable, fit
+from jaxgpt.training.fit import FitOptions, fit
+from jaxgpt.training.trainer import FitResult, Trainable
 
 
 @dataclass(frozen=True)
@@ -174,19 +175,19 @@ def mean_loss(params, config: GPTConfig, dataset: InstructDataset, batch_size: i
     return total / max(count, 1)
 
 
-def finetune(cfg: InstructRunConfig, **fit_kwargs) -> InstructResult:
+def finetune(cfg: InstructRunConfig, options: FitOptions = FitOptions()) -> InstructResult:
     """Finetune on cfg.instruct.data, then export the model and answer the test split."""
     run_dir = cfg.run_dir
     if jax.process_index() == 0:  # this process writes the run directory until it is done
         run_dir.mkdir(parents=True, exist_ok=True)
         acquire(run_dir)
     try:
-        return _finetune(cfg, **fit_kwargs)
+        return _finetune(cfg, options)
     finally:
         release(run_dir)
 
 
-def _finetune(cfg: InstructRunConfig, **fit_kwargs) -> InstructResult:
+def _finetune(cfg: InstructRunConfig, options: FitOptions) -> InstructResult:
     ic = cfg.instruct
     tok, template, stops = _text_side(cfg)
     model, base = load_start(ic.init_from, cfg.model)
@@ -224,8 +225,9 @@ def _finetune(cfg: InstructRunConfig, **fit_kwargs) -> InstructResult:
                                      tokenizer=tok, eos_id=stops)
             return {"sample": r["model_response"].replace("\n", " ")}
 
-        fit_kwargs.setdefault("sample", sample)
-    result = fit(cfg, trainable, train, val, **fit_kwargs)
+        if options.sample is None:
+            options = dataclasses.replace(options, sample=sample)
+    result = fit(cfg, trainable, train, val, options)
     if result.preempted:  # rerunning resumes; the answers come once training is complete
         return InstructResult(result, model, None, {}, [])
 

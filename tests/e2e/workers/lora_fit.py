@@ -24,7 +24,8 @@ from jaxgpt.data.windows import WindowDataset  # noqa: E402
 from jaxgpt.models.model import init_params  # noqa: E402
 from jaxgpt.training.losses import lm_loss_fn  # noqa: E402
 from jaxgpt.training.runconfig import MeshConfig, OptimConfig, RunConfig, TrainConfig  # noqa: E402
-from jaxgpt.training.trainer import Trainable, fit  # noqa: E402
+from jaxgpt.training.fit import fit  # noqa: E402
+from jaxgpt.training.trainer import Trainable  # noqa: E402
 
 # emb_dim 24 so that the "embed" axis splits over 8 fsdp devices; other sizes stay odd/distinct.
 MODEL = GPTConfig(vocab_size=67, context_length=11, emb_dim=24, n_heads=3, n_layers=2,

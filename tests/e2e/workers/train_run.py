@@ -18,6 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
 from jaxgpt.tasks.pretraining import pretrain  # noqa: E402
+from jaxgpt.training.fit import FitOptions  # noqa: E402
 from jaxgpt.training.runconfig import load_config  # noqa: E402
 
 TINY_RUN = [
@@ -62,7 +63,7 @@ def main():
 
         Checkpointer.save = save_then_die
 
-    result = pretrain(cfg, hooks=[(on_step, 1)])
+    result = pretrain(cfg, FitOptions(hooks=[(on_step, 1)]))
     print("PREEMPTED" if result.preempted else "DONE", result.state.step)
 
 

@@ -31,10 +31,15 @@ def standard_hooks(trainer: Trainer, options: FitOptions, progress: H.Progress,
                    preemption: H.Preemption) -> list[tuple[Callable[[StepInfo], None], dict]]:
     """(hook, add_hook keywords) in the order they run after a step."""
     t, log = trainer.cfg.train, trainer.log
-    out = [(H.log_metrics(log), {}), (progress, {}), (H.halt_on_nonfinite(t.max_consecutive_skips), {})]
+    optim = trainer.cfg.optim
+    remedy = (f"lower optim.learning_rate, now {optim.learning_rate:g}"
+              + ("" if optim.grad_clip else ", or set optim.grad_clip"))
+    out = [(H.log_metrics(log), {}), (progress, {}),
+           (H.halt_on_nonfinite(t.max_consecutive_skips, remedy), {})]
     if t.eval_freq > 0:  # the book's timing: after the first step, then every eval_freq steps
         write = progress.write if trainer.is_lead else None
-        evaluation = H.evaluation(log, trainer.evaluate, trainer.history, write, options.sample)
+        evaluation = H.evaluation(log, trainer.evaluate, trainer.history, write, options.sample,
+                                  remedy)
         out.append((evaluation, dict(every=t.eval_freq, offset=1)))
     out += [(hook, dict(every=every)) for hook, every in options.hooks]
     out.append((preemption, {}))  # before the checkpoint, which then saves the stopping step

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import signal
 import time
 from pathlib import Path
@@ -91,7 +92,10 @@ class Progress:
         self.bar.close()
 
 
-def halt_on_nonfinite(max_skips: int) -> Callable[[StepInfo], None]:
+DIVERGED = "lower optim.learning_rate or set optim.grad_clip"  # what to change, by its key
+
+
+def halt_on_nonfinite(max_skips: int, remedy: str = DIVERGED) -> Callable[[StepInfo], None]:
     """Stop the run once `max_skips` updates in a row were skipped as non-finite."""
 
     def hook(info: StepInfo) -> None:
@@ -99,7 +103,7 @@ def halt_on_nonfinite(max_skips: int) -> Callable[[StepInfo], None]:
         if skips >= max_skips:
             raise TrainingHalted(
                 f"stopping at step {info.step}: {skips} consecutive non-finite losses or "
-                "gradients (lower optim.learning_rate or set optim.grad_clip)"
+                f"gradients: training diverged ({remedy})"
             )
 
     return hook
@@ -107,14 +111,23 @@ def halt_on_nonfinite(max_skips: int) -> Callable[[StepInfo], None]:
 
 def evaluation(log: MetricsLog, evaluate: Callable[[Any], dict], history: list[dict],
                write: Callable[[str], None] | None = None,
-               sample: Callable[[Any, int], dict | None] | None = None) -> Callable[[StepInfo], None]:
+               sample: Callable[[Any, int], dict | None] | None = None,
+               remedy: str = DIVERGED) -> Callable[[StepInfo], None]:
     """Losses (and the task's metrics) from `evaluate(params)`, plus an optional sample
     (`sample(params, step) -> extra fields`), written as an "eval" record, appended to
-    `history` and shown through `write` (None: not shown)."""
+    `history` and shown through `write` (None: not shown). A loss that is no longer finite
+    stops the run, naming the divergence and `remedy`, before any sample is drawn from it."""
 
     def hook(info: StepInfo) -> None:
         record = {"kind": "eval", "step": info.step, "tokens_seen": info.tokens_seen,
                   **evaluate(info.state.params)}
+        bad = {k: v for k, v in record.items()
+               if k.endswith("loss") and isinstance(v, numbers.Real) and not math.isfinite(v)}
+        if bad:
+            log.write(record)
+            name, value = next(iter(bad.items()))
+            raise TrainingHalted(f"stopping at step {info.step}: the {name.replace('_', ' ')} is "
+                                 f"{value}: training diverged ({remedy})")
         if sample is not None:
             record.update(sample(info.state.params, info.step) or {})
         log.write(record)

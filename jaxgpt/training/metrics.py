@@ -8,6 +8,7 @@ other line that is not a JSON object is an error naming the file and line.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -30,6 +31,9 @@ class MetricsLog:
             from tensorboardX import SummaryWriter
 
             self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+            # A diverged run's NaN is said once, by the hook that stops it; tensorboardX would
+            # warn about it on every scalar first.
+            logging.getLogger("tensorboardX.x2num").setLevel(logging.ERROR)
 
     def _drop_partial_line(self) -> None:
         """Cut off a last line with no newline, so the next record starts a line of its own."""

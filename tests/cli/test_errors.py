@@ -93,3 +93,22 @@ def test_a_script_prints_one_line_and_jaxgpt_debug_gives_the_trace(monkeypatch, 
     with pytest.raises(ConfigError, match="train.batch_size must be a positive integer"):
         script.main(bad)
     assert not (tmp_path / "default").exists()  # refused before a run directory was made
+
+
+def test_a_diverged_run_names_the_cause_and_the_key(tmp_path, corpus):
+    # A learning rate far too high: the run stops on its own divergence in one line naming
+    # optim.learning_rate (not "check the weights it loaded" from the sampler), and no
+    # tensorboardX warning comes before it.
+    plain = tmp_path / "plain.yaml"
+    plain.write_text("{}\n")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train" / "pretrain.py"), "--config", str(plain),
+         "model.vocab_size=50257", "model.context_length=16", "model.emb_dim=12", "model.n_heads=3",
+         "model.n_layers=2", "train.batch_size=4", "train.max_steps=30", "train.eval_freq=5",
+         "train.eval_iter=2", "train.sample_tokens=5", "train.progress=false",
+         "optim.learning_rate=1000", f"runs_dir={tmp_path}", f"data.source={corpus}"],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(errors) == 1 and "training diverged" in errors[0], proc.stderr[-2000:]
+    assert "optim.learning_rate, now 1000" in errors[0] and "weights" not in errors[0]

@@ -26,6 +26,7 @@ from jaxgpt.weights.runs import (
     checksums,
     complete_steps,
     first_line,
+    unreadable,
     verify,
 )
 
@@ -93,7 +94,7 @@ class Checkpointer:
             out = self.manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
         except Exception as err:  # Orbax/TensorStore on a truncated or damaged file
-            raise CorruptCheckpoint(f"{where} cannot be read: {first_line(err)}") from err
+            raise unreadable(where, err) from err
         verify(out["state"], out["meta"].get("checksums"), where)
         return out["state"], out["meta"]
 

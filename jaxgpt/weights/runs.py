@@ -37,6 +37,24 @@ def first_line(err: BaseException) -> str:
     return (text.splitlines()[0] if text else type(err).__name__)[:300]
 
 
+# What Orbax and TensorStore say when a file of a checkpoint is short or garbled: their text is
+# pages of internal spec, so a reader is told the cause instead.
+_DAMAGE = ("Encountered error while reading", "DATA_LOSS", "OUT_OF_RANGE", "nexpected end",
+           "truncated", "Unterminated string", "Expecting value", "Expecting ',' delimiter",
+           "Invalid control character", "Extra data", "Error decoding", "corrupt")
+
+
+def unreadable(where: str, err: BaseException) -> CorruptCheckpoint:
+    """The one-line error for a checkpoint Orbax could not read: truncation or damage named as
+    such (with the library's first words), anything else by its first line."""
+    text = str(err)
+    short = first_line(err).split(" See full TensorStore details")[0][:160]
+    if any(mark in text for mark in _DAMAGE):
+        return CorruptCheckpoint(f"{where} cannot be read: a file of it is truncated or damaged "
+                                 f"({short})")
+    return CorruptCheckpoint(f"{where} cannot be read: {short}")
+
+
 def complete_steps(directory: str | Path) -> list[int]:
     """Steps whose checkpoint directories were fully committed, ascending."""
     d = Path(directory)
@@ -62,8 +80,7 @@ def tree_shapes(directory: str | Path, step: int = 0, item: str = "tree", key: s
     try:
         meta = handler.metadata(path).tree
     except Exception as err:  # TensorStore on damaged metadata files
-        raise CorruptCheckpoint(f"checkpoint step {step} in {directory} cannot be read: "
-                                f"{first_line(err)}") from err
+        raise unreadable(f"checkpoint step {step} in {directory}", err) from err
     finally:
         handler.close()
     if key is not None:
@@ -178,7 +195,7 @@ def read_verified(directory: str | Path, step: int, key: str = "params",
     except CheckpointError:
         raise
     except Exception as err:  # Orbax/TensorStore on a truncated or damaged file
-        raise CorruptCheckpoint(f"{where} cannot be read: {first_line(err)}") from err
+        raise unreadable(where, err) from err
     verify(tree, read_meta(directory, step).get("checksums"), where, prefix=f"{key}/")
     return tree
 

@@ -50,3 +50,21 @@ def test_the_trainer_holding_the_lock_sets_aside_itself(tmp_path):
         assert other.returncode != 0
     finally:
         release(ckpt.parent)
+
+
+def test_a_truncated_checkpoint_file_is_named_as_such(tmp_path):
+    import jax
+
+    from jaxgpt import GPTConfig, init_params
+    from jaxgpt.training.runconfig import RunConfig
+    from jaxgpt.weights.loader import load_model
+    from jaxgpt.weights.runs import CorruptCheckpoint
+    from tests.conftest import TINY, write_run
+
+    config = GPTConfig(**TINY)
+    run = write_run(tmp_path / "run", RunConfig(model=config), {1: init_params(config, jax.random.key(0))})
+    for f in (run / "checkpoints" / "1" / "state").rglob("ocdbt.process_0/d/*"):
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])  # as a full disk leaves them
+    with pytest.raises(CorruptCheckpoint, match="cannot be read: a file of it is truncated or damaged") as err:
+        load_model(str(run))
+    assert "\n" not in str(err.value) and "TensorStore({" not in str(err.value)

@@ -18,7 +18,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jaxgpt.sharding import make_mesh  # noqa: E402
-from jaxgpt.weights.gpt2 import save_pretrained  # noqa: E402
+from jaxgpt.weights.huggingface import save_pretrained  # noqa: E402
 
 
 def loss_curve(args, torch) -> None:

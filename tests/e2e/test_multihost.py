@@ -46,6 +46,7 @@ def launch(out_dir: Path, runs_dir: Path, corpus: str, *args: str, processes: in
     out_dir.mkdir(parents=True, exist_ok=True)
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_"))}
+    env["JAX_PLATFORMS"] = "cpu"  # no TPU or GPU probing where the planner's compilers are installed
     procs, logs = [], []
     for i in range(processes):
         group = [] if processes == 1 else [

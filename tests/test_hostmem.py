@@ -1,8 +1,9 @@
 """jaxgpt's glibc settings keep a compiled program's freed scratch for reuse (jaxgpt/hostmem.py).
 
 Each case runs in a fresh process: the settings only reach threads that have not allocated yet.
-The program materializes a 64 MiB intermediate (above glibc's largest mmap threshold); with
-glibc's defaults every call maps and faults it in afresh, which the control case shows.
+The program calls a jitted function CALLS times; each call materializes a 64 MiB intermediate
+(above glibc's largest mmap threshold). With glibc's defaults every call maps and faults it in
+afresh, which the control case shows.
 """
 
 import os
@@ -12,7 +13,8 @@ import textwrap
 
 import pytest
 
-PROGRAM = textwrap.dedent("""
+CALLS = 30
+PROGRAM = textwrap.dedent(f"""
     import resource, sys
     import jaxgpt
     from jaxgpt.hostmem import retain_freed_memory
@@ -22,7 +24,7 @@ PROGRAM = textwrap.dedent("""
     x, w = jnp.ones((4096, 64)), jnp.ones((4096, 8))
     f(x, w).block_until_ready()
     faults = []
-    for _ in range(9):
+    for _ in range({CALLS}):
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         f(x, w).block_until_ready()
         faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
@@ -46,10 +48,13 @@ def test_freed_scratch_is_reused_not_faulted_again():
     scratch_pages = 4096 * 4096 * 4 // os.sysconf("SC_PAGE_SIZE")
     # The control: with glibc's defaults every call faults the whole scratch in again.
     assert min(default) > 0.9 * scratch_pages
-    # Retained: calls reuse the freed block. Now and then a call still finds it taken by a
-    # smaller allocation and grows the heap (seen in this toy program, not in a train step),
-    # so the typical call is what is asserted.
-    assert sorted(kept)[len(kept) // 2] < 0.01 * scratch_pages
+    # Retained: the first calls still grow the heap now and then (a smaller allocation took
+    # part of the freed block, so the scratch did not fit), until the heap holds enough free
+    # blocks; from then on every call reuses one. The last third of the calls is that steady
+    # state, and over all the calls most of the faulting is gone.
+    steady = kept[-CALLS // 3:]
+    assert sorted(steady)[len(steady) // 2] < 0.01 * scratch_pages, kept
+    assert sum(kept) < 0.3 * sum(default), (kept, default)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")

@@ -301,7 +301,7 @@ def test_queue_full_is_a_429_and_the_rest_are_served(served, client, slow_engine
     threads = [threading.Thread(target=run) for _ in range(SLOTS - 1 + MAX_QUEUE)]
     for t in threads:
         t.start()
-    wait_for(lambda: server.engine.load()["waiting"] == SLOTS - 1 + MAX_QUEUE)
+    wait_for(lambda: server.engine.load()["queued"] == SLOTS - 1 + MAX_QUEUE)
     with pytest.raises(openai.RateLimitError, match="at capacity") as caught:
         client.completions.create(**GOOD)
     assert caught.value.status_code == 429

@@ -4,8 +4,9 @@ turned into text that stops at stop strings. Nothing here touches the network or
 
 Parsing here checks the JSON's shape (types, presence, the protocol's own fields: model, n,
 stop, stream) and refuses by name a field the endpoint does not know, or one of the OpenAI
-API it does not implement (logprobs, echo...) unless its value turns it off; the values (token counts, sampling options, the prompt and its length) are
-checked by `jaxgpt.inference.requests.check_request`, as for every other caller. A bad request
+API it does not implement (logprobs, echo...) unless its value turns it off; the values
+(token counts, sampling options, the prompt and its length) are checked by
+`jaxgpt.inference.requests.check_request`, as for every other caller. A bad request
 raises `ApiError` with the status and the OpenAI error body {"error": {"message", "type",
 "param", "code"}}, naming the field and the value.
 """

@@ -3,14 +3,17 @@ engine jobs, chat messages rendered with the model's prompt template, and genera
 turned into text that stops at stop strings. Nothing here touches the network or the device.
 
 Parsing here checks the JSON's shape (types, presence, the protocol's own fields: model, n,
-stop, stream); the values (token counts, sampling options, the prompt and its length) are
-checked by `jaxgpt.inference.requests.check_request`, as for every other caller. A bad request
+stop, stream) and refuses by name a field the endpoint does not know, or one of the OpenAI
+API it does not implement (logprobs, echo...) unless its value turns it off; the values
+(token counts, sampling options, the prompt and its length) are checked by
+`jaxgpt.inference.requests.check_request`, as for every other caller. A bad request
 raises `ApiError` with the status and the OpenAI error body {"error": {"message", "type",
 "param", "code"}}, naming the field and the value.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -118,10 +121,50 @@ def _get(body: dict, name: str, check: Callable[[Any], bool], what: str, default
     return value
 
 
-def parse_options(body: Any, model_names: list[str], vocab_size: int) -> dict:
-    """The options every endpoint shares, their JSON shape checked (values: `_fit`)."""
+# The fields each endpoint reads (`user` only names the caller: nothing to do with it).
+OPTION_FIELDS = frozenset({"model", "n", "temperature", "top_p", "top_k", "seed", "stop",
+                           "stream", "stream_options", "max_tokens", "max_completion_tokens",
+                           "user"})
+ENDPOINT_FIELDS = {"/v1/completions": OPTION_FIELDS | {"prompt"},
+                   "/v1/chat/completions": OPTION_FIELDS | {"messages"}}
+# Fields of the OpenAI API this server does not implement: accepted only at a value that
+# turns them off (null always does), refused by name otherwise rather than silently dropped.
+NOT_IMPLEMENTED = {
+    "/v1/completions": {"logprobs": (False, 0), "echo": (False,), "suffix": ("",),
+                        "best_of": (1,), "presence_penalty": (0,), "frequency_penalty": (0,),
+                        "logit_bias": ({},)},
+    "/v1/chat/completions": {"logprobs": (False,), "top_logprobs": (0,),
+                             "presence_penalty": (0,), "frequency_penalty": (0,),
+                             "logit_bias": ({},), "tools": ([],), "tool_choice": ("none",),
+                             "response_format": ({"type": "text"},)},
+}
+
+
+def check_fields(body: dict, endpoint: str) -> None:
+    """Refuse, naming it, a field `endpoint` does not know or implements only as off."""
+    off = NOT_IMPLEMENTED[endpoint]
+    for name, value in body.items():
+        if name in ENDPOINT_FIELDS[endpoint] or (name in off and _is_off(value, off[name])):
+            continue
+        if name in off:
+            raise ApiError(f"'{name}' is not supported by this server, got {_short(value)} "
+                           f"(only null or {' or '.join(map(json.dumps, off[name]))})", name)
+        raise ApiError(f"'{name}' is not a field of {endpoint} on this server", name)
+
+
+def _is_off(value, offs: tuple) -> bool:
+    """null, or one of `offs` (a boolean only matching a boolean: true is not 1)."""
+    return value is None or any(value == o and isinstance(value, bool) == isinstance(o, bool)
+                                for o in offs)
+
+
+def parse_options(body: Any, model_names: list[str], vocab_size: int,
+                  endpoint: str = "/v1/completions") -> dict:
+    """The options every endpoint shares, their JSON shape checked (values: `_fit`), and no
+    field `endpoint` does not know."""
     if not isinstance(body, dict):
         raise ApiError(f"the request body must be a JSON object, got {type(body).__name__}")
+    check_fields(body, endpoint)
     model = body.get("model")
     if not isinstance(model, str):
         raise ApiError("'model' must be a string naming the model (see GET /v1/models)", "model")
@@ -180,7 +223,7 @@ def _fit(opts: dict, prompt_ids: list[int], max_len: int, vocab_size: int, defau
 def parse_completion(body: Any, tokenizer, model_names: list[str], max_len: int,
                      vocab_size: int) -> Job:
     """A /v1/completions body: `prompt` is a string, a list of one, or a list of token ids."""
-    opts = parse_options(body, model_names, vocab_size)
+    opts = parse_options(body, model_names, vocab_size, "/v1/completions")
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
@@ -198,7 +241,7 @@ def parse_completion(body: Any, tokenizer, model_names: list[str], max_len: int,
 def parse_chat(body: Any, tokenizer, model_names: list[str], max_len: int, vocab_size: int,
                render: Callable[[list[dict]], tuple[str, list[str]]]) -> Job:
     """A /v1/chat/completions body: `messages` rendered by the model's chat template."""
-    opts = parse_options(body, model_names, vocab_size)
+    opts = parse_options(body, model_names, vocab_size, "/v1/chat/completions")
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(f"'messages' must be a non-empty list, got {_short(messages)}", "messages")

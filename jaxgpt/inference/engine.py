@@ -135,10 +135,11 @@ class Engine:
                       max_len=self.max_len, prompt=request.prompt)
         if self.error is not None:
             raise RuntimeError(f"the engine stopped: {self.error}")
-        with self._lock:  # free slots take waiting requests first; max_queue more may wait
-            if self._pending >= self.max_queue + self.free_slots():
+        with self._lock:  # free slots take queued requests first; max_queue more may wait
+            if self._waiting() >= self.max_queue:
                 raise QueueFull(f"the server is at capacity: {self.slots} sequences running and "
-                                f"{self._pending} waiting (max_queue={self.max_queue}); retry later")
+                                f"{self._waiting()} waiting (max_queue={self.max_queue}); "
+                                "retry later")
             self._pending += 1
         self.waiting.put(request)
         self._wake.set()
@@ -146,10 +147,15 @@ class Engine:
     def free_slots(self) -> int:
         return sum(r is None for r in self.active)
 
+    def _waiting(self) -> int:
+        """Queued requests beyond those the free slots will take: what max_queue bounds."""
+        return max(self._pending - self.free_slots(), 0)
+
     def load(self) -> dict:
-        """What the engine holds now: running sequences, waiting requests, the counters."""
-        return {"running": self.slots - self.free_slots(), "waiting": self._pending,
-                "slots": self.slots, **self.stats}
+        """What the engine holds now: running sequences, requests waiting for a slot (beyond
+        the free ones; max_queue bounds them), all queued (not yet admitted), the counters."""
+        return {"running": self.slots - self.free_slots(), "waiting": self._waiting(),
+                "queued": self._pending, "slots": self.slots, **self.stats}
 
     def start(self) -> "Engine":
         self._thread = threading.Thread(target=self.run, name="jaxgpt-engine", daemon=True)
@@ -187,10 +193,25 @@ class Engine:
         for slot in range(self.slots):
             if self.active[slot] is not None:
                 continue
-            request = self._next_waiting()
+            request = self._claim(slot)
             if request is None:
                 return
             self._prefill(slot, request)
+
+    def _claim(self, slot: int) -> Request | None:
+        """The next live queued request, put in `slot` in one step under the lock: `submit`
+        never sees it neither queued nor in its slot (which would let one more in)."""
+        while True:
+            with self._lock:
+                try:
+                    request = self.waiting.get_nowait()
+                except queue.Empty:
+                    return None
+                self._pending -= 1
+                if not request.cancelled.is_set():
+                    self.active[slot] = request
+                    return request
+            self._report_done(request, "cancelled")
 
     def _next_waiting(self) -> Request | None:
         while True:
@@ -218,6 +239,8 @@ class Engine:
         return Sampling(o["temperature"], o["top_k"], o["top_p"]), (o["seed"], o["count"])
 
     def _prefill(self, slot: int, r: Request) -> None:
+        """Run `r`'s prompt into `slot`, which it already holds (`_claim`: should the prefill
+        fail, `run` reports the error to it as to every other running request)."""
         n = len(r.prompt)
         P = prompt_bucket(n, self.max_len)
         prompt = np.zeros((1, P), np.int32)
@@ -226,7 +249,6 @@ class Engine:
         sampling, draws = self._options(slice(slot, slot + 1))
         self.cache, first, finite = _prefill(self.params, self.cache, prompt, np.int32(n),
                                              np.int32(slot), sampling, draws, config=self.config)
-        self.active[slot] = r
         self.stats["admitted"] += 1
         if not bool(finite):
             self._finish(slot, "error")

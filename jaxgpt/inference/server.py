@@ -6,7 +6,9 @@ the Starlette application (the serve extra: starlette, uvicorn). Routes: POST /v
 and /v1/chat/completions (both with "stream": true as server-sent events), GET /v1/models,
 GET /health, and GET / (the chat page, this package's chat.html). Each request waits on its own
 asyncio queue, which the engine's thread feeds. A full queue answers 429; a bad request 400
-with an OpenAI-style error body; a client that disconnects frees its slot.
+with an OpenAI-style error body; a body over the limit (`build_app(max_body_bytes=)`) 413
+before it is read; a client that disconnects frees its slot. Bodies are parsed and tokenized
+in a worker thread, so a long one does not stall the other requests.
 """
 
 from __future__ import annotations
@@ -91,8 +93,21 @@ def make_server(source: str, *, slots: int = 8, max_queue: int = 64, max_len: in
     return Server(engine, tokenizer, shown, render, stop_ids, aliases=(str(source),))
 
 
-def build_app(server: Server) -> Starlette:
-    """The Starlette application."""
+def default_max_body_bytes(max_len: int) -> int:
+    """The request-body limit for a context of `max_len` positions: 32 bytes a position (a
+    token id list takes at most 7 bytes a token, text ~4 bytes a token, escaped several times
+    that), and never under 1 MiB (chat histories, system prompts): far past any prompt the
+    context holds, far below a body that would stall the server to read and tokenize."""
+    return max(1 << 20, 32 * max_len)
+
+
+def build_app(server: Server, *, max_body_bytes: int | None = None) -> Starlette:
+    """The Starlette application; a request body over `max_body_bytes` (default:
+    `default_max_body_bytes` of the engine's max_len) is refused 413 before it is read."""
+    limit = default_max_body_bytes(server.engine.max_len) if max_body_bytes is None \
+        else max_body_bytes
+    if limit < 1:
+        raise ValueError(f"max_body_bytes must be at least 1, got {limit}")
 
     async def models(_):
         return JSONResponse({"object": "list", "data": [
@@ -116,24 +131,28 @@ def build_app(server: Server) -> Starlette:
 
     return Starlette(routes=[
         Route("/", page), Route("/health", health), Route("/v1/models", models),
-        Route("/v1/completions", _endpoint(server, chat=False), methods=["POST"]),
-        Route("/v1/chat/completions", _endpoint(server, chat=True), methods=["POST"]),
+        Route("/v1/completions", _endpoint(server, False, limit), methods=["POST"]),
+        Route("/v1/chat/completions", _endpoint(server, True, limit), methods=["POST"]),
     ], exception_handlers={404: not_found, 405: not_found})
 
 
-def _endpoint(server: Server, chat: bool):
+def _endpoint(server: Server, chat: bool, max_body_bytes: int):
     """The handler of /v1/chat/completions (chat) or /v1/completions."""
+    engine = server.engine
+
+    def parse(raw: bytes) -> tuple[dict, Job]:
+        body = _json(raw)
+        if chat:
+            return body, parse_chat(body, server.tokenizer, server.names, engine.max_len,
+                                    engine.config.vocab_size, server.render)
+        return body, parse_completion(body, server.tokenizer, server.names, engine.max_len,
+                                      engine.config.vocab_size)
 
     async def handle(http: HttpRequest):
-        engine = server.engine
         try:
-            body = await _read_json(http)
-            if chat:
-                job = parse_chat(body, server.tokenizer, server.names, engine.max_len,
-                                 engine.config.vocab_size, server.render)
-            else:
-                job = parse_completion(body, server.tokenizer, server.names, engine.max_len,
-                                       engine.config.vocab_size)
+            raw = await _read_body(http, max_body_bytes)
+            # JSON and tokenizing take a while for a long body: in a thread, not the loop.
+            body, job = await asyncio.to_thread(parse, raw)
             request, events = server.submit(job, asyncio.get_running_loop())
         except ApiError as err:
             return _error(err)
@@ -215,8 +234,27 @@ class _Reply:
             self.request.cancelled.set()
 
 
-async def _read_json(http: HttpRequest):
-    raw = await http.body()
+async def _read_body(http: HttpRequest, limit: int) -> bytes:
+    """The body, refused (413) as soon as it is known to pass `limit` bytes: by its
+    Content-Length before reading any, else (chunked) when what has come passes it."""
+    length = http.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise _too_large(limit, f"{int(length)} bytes")
+    parts, size = [], 0
+    async for chunk in http.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit, f"more than {limit} bytes")
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def _too_large(limit: int, got: str) -> ApiError:
+    return ApiError(f"the request body must be at most {limit} bytes (the server's "
+                    f"--max-body-bytes), got {got}", status=413, code="request_too_large")
+
+
+def _json(raw: bytes):
     try:
         return json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:

@@ -91,3 +91,49 @@ def test_completion_defaults_as_openai():
     job = parse_completion({"model": "m", "prompt": [5] * 95}, get_tokenizer("gpt2"), ["m"], 100,
                            50257)
     assert job.max_tokens == 5  # the default never passes the context
+
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "Hi"}]}
+
+
+def parse(body, chat: bool):
+    tok = get_tokenizer("gpt2")
+    if chat:
+        return parse_chat(body, tok, ["m"], 100, 50257, chat_renderer("alpaca"))
+    return parse_completion(body, tok, ["m"], 100, 50257)
+
+
+@pytest.mark.parametrize("chat, change, param, message", [
+    (False, {"logprobs": 2}, "logprobs", "'logprobs' is not supported by this server, got 2"),
+    (False, {"echo": True}, "echo", "'echo' is not supported"),
+    (False, {"suffix": "end"}, "suffix", "'suffix' is not supported"),
+    (False, {"best_of": 3}, "best_of", "'best_of' is not supported"),
+    (False, {"presence_penalty": 0.5}, "presence_penalty", "'presence_penalty' is not"),
+    (True, {"logprobs": True}, "logprobs", "'logprobs' is not supported"),
+    (True, {"top_logprobs": 3}, "top_logprobs", "'top_logprobs' is not supported"),
+    (True, {"tools": [{"type": "function"}]}, "tools", "'tools' is not supported"),
+    (True, {"response_format": {"type": "json_object"}}, "response_format", "not supported"),
+    (False, {"messages": []}, "messages", "'messages' is not a field of /v1/completions"),
+    (True, {"prompt": "x"}, "prompt", "'prompt' is not a field of /v1/chat/completions"),
+    (True, {"max_token": 5}, "max_token", "'max_token' is not a field of /v1/chat"),
+    (False, {"n": 1, "functions": []}, "functions", "'functions' is not a field"),
+])
+def test_fields_not_implemented_or_unknown_are_refused_by_name(chat, change, param, message):
+    body = {**(CHAT if chat else {"model": "m", "prompt": "Hello"}), **change}
+    with pytest.raises(ApiError, match=message) as caught:
+        parse(body, chat)
+    assert caught.value.param == param and caught.value.status == 400
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("chat, change", [
+    (False, {"logprobs": None, "echo": False, "suffix": None, "best_of": 1, "n": 1,
+             "presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {}, "user": "u"}),
+    (False, {"logprobs": 0, "echo": None}),
+    (True, {"logprobs": False, "top_logprobs": 0, "presence_penalty": None, "tools": [],
+            "response_format": {"type": "text"}, "user": "u", "max_completion_tokens": 3,
+            "stream": True, "stream_options": {"include_usage": True}}),
+])
+def test_fields_that_say_off_are_accepted(chat, change):
+    body = {**(CHAT if chat else {"model": "m", "prompt": "Hello"}), **change}
+    assert parse(body, chat).max_tokens >= 1

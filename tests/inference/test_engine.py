@@ -114,3 +114,39 @@ def test_cancel_frees_the_slot_and_queue_bound(params):
         eng.stop()
         t.join()
     assert reasons == ["cancelled", "length"] and eng.load()["running"] == 0
+
+
+def test_queue_full_reports_exactly_max_queue_waiting(params):
+    eng = Engine(params, CONFIG, slots=1, max_queue=2)  # not started: one takes the free slot
+    for _ in range(3):
+        eng.submit(collect(PROMPTS[1], 2)[0])
+    with pytest.raises(QueueFull, match=r" 2 waiting \(max_queue=2\)"):
+        eng.submit(collect(PROMPTS[1], 2)[0])
+    assert eng.load()["waiting"] == 2 and eng.load()["queued"] == 3
+
+
+def test_a_request_being_admitted_is_not_counted_twice(params, monkeypatch):
+    """While a request's prefill runs its slot is taken: the bound stays max_queue waiting."""
+    from jaxgpt.inference import engine as engine_module
+
+    entered, gate = threading.Event(), threading.Event()
+    real = engine_module._prefill
+
+    def prefill(*args, **kwargs):
+        entered.set()
+        assert gate.wait(60)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "_prefill", prefill)
+    eng = Engine(params, CONFIG, slots=1, max_queue=2).start()
+    try:
+        eng.submit(collect(PROMPTS[1], 2)[0])
+        assert entered.wait(60)  # the first request is being admitted into the only slot
+        eng.submit(collect(PROMPTS[1], 2)[0])
+        eng.submit(collect(PROMPTS[1], 2)[0])
+        with pytest.raises(QueueFull, match=r" 2 waiting \(max_queue=2\)"):
+            eng.submit(collect(PROMPTS[1], 2)[0])
+        assert eng.load()["waiting"] == 2
+    finally:
+        gate.set()
+        eng.stop()

@@ -6,6 +6,7 @@ prompt (greedy), against the same request run alone (seeded samples), and every 
 against its 400 body; the chat page is driven in headless chromium when one is installed.
 """
 
+import contextlib
 import http.client
 import json
 import re
@@ -41,14 +42,13 @@ def model_dir(tmp_path_factory):
     return save_pretrained(CONFIG, params, tmp_path_factory.mktemp("tiny") / "tiny-gpt"), params
 
 
-@pytest.fixture(scope="module")
-def served(model_dir):
-    directory, _ = model_dir
-    server = make_server(str(directory), slots=SLOTS, max_queue=MAX_QUEUE)
+@contextlib.contextmanager
+def web_app(app):
+    """`app` served by uvicorn in a thread on a free loopback port; yields its base URL."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    web = uvicorn.Server(uvicorn.Config(build_app(server), log_level="warning"))
+    web = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=web.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{port}"
@@ -58,11 +58,21 @@ def served(model_dir):
                 break
         except OSError:
             time.sleep(0.05)
-    yield server, base
-    web.should_exit = True
-    thread.join(10)
+    try:
+        yield base
+    finally:
+        web.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def served(model_dir):
+    directory, _ = model_dir
+    server = make_server(str(directory), slots=SLOTS, max_queue=MAX_QUEUE)
+    with web_app(build_app(server)) as base:
+        yield server, base
     server.engine.stop()
-    sock.close()
 
 
 @pytest.fixture(scope="module")
@@ -247,6 +257,67 @@ def test_bad_chat_input_through_the_client(client):
         {"role": "user", "content": "hi"}]).choices[0].finish_reason in ("stop", "length")
 
 
+def test_unimplemented_and_unknown_fields_are_refused_by_name(client):
+    chat = dict(model="tiny-gpt", max_tokens=2, messages=[{"role": "user", "content": "hi"}])
+    refused = [
+        (client.completions.create, {**GOOD, "logprobs": 2}, "logprobs"),
+        (client.completions.create, {**GOOD, "echo": True}, "echo"),
+        (client.completions.create, {**GOOD, "extra_body": {"mystery": 1}}, "mystery"),
+        (client.chat.completions.create, {**chat, "logprobs": True}, "logprobs"),
+        (client.chat.completions.create, {**chat, "top_logprobs": 2}, "top_logprobs"),
+    ]
+    for create, ask, param in refused:
+        with pytest.raises(openai.BadRequestError, match=f"'{param}'") as caught:
+            create(**ask)
+        assert caught.value.body["param"] == param and "\n" not in caught.value.message
+    # Ordinary calls, with the options the client knows set to what we implement or to off.
+    got = client.completions.create(**GOOD, temperature=0.5, top_p=0.9, seed=3, stop=["\n"],
+                                    n=1, user="u", logprobs=None, echo=False,
+                                    presence_penalty=0, frequency_penalty=0)
+    assert got.choices[0].finish_reason in ("stop", "length")
+    reply = client.chat.completions.create(**chat, logprobs=False, user="u", seed=1,
+                                           max_completion_tokens=2, stream=True,
+                                           stream_options={"include_usage": True})
+    assert list(reply)[-1].usage.completion_tokens >= 1
+
+
+def send_headers(base: str, path: str, headers: dict) -> http.client.HTTPConnection:
+    conn = http.client.HTTPConnection(*base.removeprefix("http://").split(":"), timeout=60)
+    conn.putrequest("POST", path)
+    for k, v in {"Content-Type": "application/json", **headers}.items():
+        conn.putheader(k, v)
+    conn.endheaders()
+    return conn
+
+
+def too_large(conn: http.client.HTTPConnection, limit: int) -> str:
+    reply = conn.getresponse()
+    error = json.loads(reply.read())["error"]
+    conn.close()
+    assert reply.status == 413 and error["code"] == "request_too_large"
+    assert f"at most {limit} bytes" in error["message"] and "\n" not in error["message"]
+    return error["message"]
+
+
+def test_a_body_over_the_limit_is_a_413_before_it_is_read(served):
+    server, _ = served
+    limit = 4096
+    with web_app(build_app(server, max_body_bytes=limit)) as base:
+        # Content-Length says too much: refused with no byte of the body sent.
+        conn = send_headers(base, "/v1/completions", {"Content-Length": str(50 << 20)})
+        assert "got 52428800 bytes" in too_large(conn, limit)
+        # Chunked: refused once what came passes the limit; meanwhile others are served.
+        conn = send_headers(base, "/v1/chat/completions", {"Transfer-Encoding": "chunked"})
+        piece = b'{"model": "tiny-gpt", "messages": [{"role": "user", "content": "' + b"x" * 3000
+        conn.send(b"%x\r\n%s\r\n" % (len(piece), piece))
+        small = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=60)
+        assert small.completions.create(**GOOD).usage.completion_tokens >= 1
+        conn.send(b"%x\r\n%s\r\n" % (3000, b"x" * 3000))
+        assert f"more than {limit} bytes" in too_large(conn, limit)
+        status, text = post(base, "/v1/completions", {**GOOD, "prompt": "x" * (limit - 100)})
+        assert status == 400 and "maximum context length" in text  # read, parsed: too long
+
+
 @pytest.fixture
 def slow_engine(monkeypatch):
     """Each decode step waits on `gate` (set: run freely) and then `delay` seconds."""
@@ -301,7 +372,7 @@ def test_queue_full_is_a_429_and_the_rest_are_served(served, client, slow_engine
     threads = [threading.Thread(target=run) for _ in range(SLOTS - 1 + MAX_QUEUE)]
     for t in threads:
         t.start()
-    wait_for(lambda: server.engine.load()["waiting"] == SLOTS - 1 + MAX_QUEUE)
+    wait_for(lambda: server.engine.load()["queued"] == SLOTS - 1 + MAX_QUEUE)
     with pytest.raises(openai.RateLimitError, match="at capacity") as caught:
         client.completions.create(**GOOD)
     assert caught.value.status_code == 429
@@ -400,7 +471,8 @@ def test_the_command_serves_until_interrupted(model_dir):
         port = s.getsockname()[1]
     env = {**os.environ, "JAXGPT_DEBUG": ""}
     proc = subprocess.Popen([sys.executable, "-m", "jaxgpt.cli.serve", "--model", str(directory),
-                             "--port", str(port), "--slots", "2"], env=env,
+                             "--port", str(port), "--slots", "2", "--max-body-bytes", "2048"],
+                            env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         base = f"http://127.0.0.1:{port}"
@@ -417,6 +489,7 @@ def test_the_command_serves_until_interrupted(model_dir):
                                                       "max_tokens": 5, "temperature": 0})
         assert status == 200
         assert json.loads(text)["choices"][0]["text"] == expected(params, "Hi", 5)[0]
+        too_large(send_headers(base, "/v1/completions", {"Content-Length": "2049"}), 2048)
     finally:
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)

@@ -73,8 +73,9 @@ def logps_fn(config: GPTConfig, reduction: str):
     def fn(params, frozen, batch, rng, deterministic):
         del frozen
         b, _, t = batch["inputs"].shape
+        rngs = None if rng is None else {"dropout": rng}
         logits = model.apply({"params": params}, batch["inputs"].reshape(2 * b, t), deterministic,
-                             rngs={"dropout": rng})  # [2B, T, V]
+                             rngs=rngs)  # [2B, T, V]
         logps = sequence_logps(logits, batch["targets"].reshape(2 * b, t), reduction)
         return logps.reshape(b, 2), None
 

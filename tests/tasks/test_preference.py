@@ -437,6 +437,7 @@ def test_preference_configs_load(path):
 
     cfg = load_config(path, schema=PreferenceRunConfig)
     assert cfg.train.batch_size == 8 and cfg.preference.beta == 0.1 and cfg.train.epochs == 1
+    assert cfg.preference.skip_bad_records  # the book's data holds 6 pairs with chosen == rejected
 
 
 def test_book_recipe():

@@ -47,7 +47,7 @@ retain_freed_memory()  # before the first JAX computation (jaxgpt/hostmem.py)
 VARIANTS = ("instruct", "dpo-live", "dpo-stored", "dpo-lora")
 
 
-def batches(cfg: GPTConfig, pairs: int, seed: int = 0) -> tuple[dict, dict]:
+def pair_batches(cfg: GPTConfig, pairs: int, seed: int = 0) -> tuple[dict, dict]:
     """(instruction batch of the B chosen rows [1, B, T], preference batch [1, B, 2, T])."""
     rng = np.random.default_rng(seed)
     t = cfg.context_length
@@ -65,7 +65,7 @@ def batches(cfg: GPTConfig, pairs: int, seed: int = 0) -> tuple[dict, dict]:
     return instruct, pref
 
 
-def build(variant: str, cfg: GPTConfig, params, tx, mesh, batch):
+def build_variant(variant: str, cfg: GPTConfig, params, tx, mesh, batch):
     """(compiled step, state, frozen, stats) for one variant."""
     boxed, frozen, frozen_sh, units = abstract_params(cfg), None, None, pair_count
     trainable = params
@@ -93,13 +93,13 @@ def build(variant: str, cfg: GPTConfig, params, tx, mesh, batch):
     return compiled, state, frozen, {**compiled_stats(compiled), "times": []}
 
 
-def run(name: str, cfg: GPTConfig, args) -> None:
+def run_variants(name: str, cfg: GPTConfig, args) -> None:
     params = jax.device_get(init_params(cfg, jax.random.key(0)))
     tx = make_optimizer(OptimConfig(learning_rate=1e-5), 100)
     mesh = make_mesh(MeshConfig())
-    instruct, pref = batches(cfg, args.pairs)
+    instruct, pref = pair_batches(cfg, args.pairs)
     inputs = {v: instruct if v == "instruct" else pref for v in VARIANTS}
-    runs = {v: build(v, cfg, params, tx, mesh, inputs[v]) for v in VARIANTS}
+    runs = {v: build_variant(v, cfg, params, tx, mesh, inputs[v]) for v in VARIANTS}
     for rep in range(args.reps + 1):  # the first round warms up, untimed
         for v in VARIANTS:
             step, state, frozen, stats = runs[v]
@@ -143,9 +143,9 @@ def main() -> None:
     if args.quick:
         cfg = GPTConfig(vocab_size=503, emb_dim=64, n_heads=4, n_layers=2,
                         context_length=min(args.context, 32), **common)
-        run("tiny", cfg, args)
+        run_variants("tiny", cfg, args)
     else:
-        run("gpt2-small", GPTConfig.preset("gpt2-small", context_length=args.context, **common), args)
+        run_variants("gpt2-small", GPTConfig.preset("gpt2-small", context_length=args.context, **common), args)
 
 
 if __name__ == "__main__":

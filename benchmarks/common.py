@@ -113,6 +113,18 @@ def lookup(table: dict, device_kind: str):
 # --- timing ---
 
 
+def compiled_stats(compiled) -> dict:
+    """XLA's figures for a compiled executable: GFLOP (cost_analysis) and MiB of peak memory
+    (arguments + outputs - aliased + temporaries) and of temporaries (memory_analysis)."""
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    mem = compiled.memory_analysis()
+    peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+            + mem.temp_size_in_bytes)
+    return {"gflop": cost.get("flops", float("nan")) / 1e9, "peak_mib": peak / 2**20,
+            "temp_mib": mem.temp_size_in_bytes / 2**20}
+
+
 def timed(fn) -> float:
     """Seconds one call of fn takes."""
     t0 = time.perf_counter()

@@ -28,7 +28,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from common import hardware  # noqa: E402  (benchmarks/common.py)
+from common import compiled_stats, hardware  # noqa: E402  (benchmarks/common.py)
 
 from jaxgpt.lora import transform as lora  # noqa: E402
 from jaxgpt.config import GPTConfig  # noqa: E402
@@ -67,17 +67,10 @@ def build(variant: str, cfg: GPTConfig, params, lcfg: lora.LoRAConfig, tx, mesh,
     state = jax.jit(lambda p: init_state(p, tx, 0), out_shardings=state_sh)(trainable)
     train, _ = compile_steps(loss, tx, schedule(OptimConfig(), 100), state_sh, mesh, frozen_sh)
     compiled = train.lower(state, batch, frozen).compile()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    mem = compiled.memory_analysis()
-    peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
-            + mem.temp_size_in_bytes)
     stats = {
         "trainable": count_params(state.params),
         "opt_bytes": sum(x.nbytes for x in jax.tree.leaves(state.opt_state)),
-        "gflop": cost.get("flops", float("nan")) / 1e9,
-        "peak_mib": peak / 2**20,
-        "temp_mib": mem.temp_size_in_bytes / 2**20,
+        **compiled_stats(compiled),
         "times": [],
         "cpu": [],
     }

@@ -2,14 +2,16 @@
 
 A path joins the dict keys from the root with "/" ("h_0/attn/query/kernel"), or, with
 `sep=None`, is the tuple of keys. LoRA's targets, checkpoint fingerprints and the GPT-2
-rename table all work on these paths.
+rename table all work on these paths. `fingerprint` hashes a tree's leaves by path.
 """
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any, Callable
 
 import jax
+import numpy as np
 
 
 def _key(entry) -> str:
@@ -49,3 +51,25 @@ def check_like(flat: dict, expected: dict) -> None:
     for path, leaf in expected.items():
         if flat[path].shape != leaf.shape:
             raise ValueError(f"param {'/'.join(path)} has shape {flat[path].shape}, expected {leaf.shape}")
+
+
+def host_array(x) -> np.ndarray:
+    """A leaf as one contiguous host array (gathered first when other processes hold parts)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        x = multihost_utils.process_allgather(x, tiled=True)
+    return np.ascontiguousarray(jax.device_get(x))
+
+
+def fingerprint(tree, skip: Callable[[str], bool] = lambda path: False) -> str:
+    """sha256 of every leaf (its path, dtype, shape and bytes) in sorted path order, on the host;
+    leaves whose path `skip` accepts are left out."""
+    h = hashlib.sha256()
+    for path, x in sorted(flatten(tree).items()):
+        if skip(path):
+            continue
+        host = host_array(x)
+        h.update(f"{path}:{host.dtype.str}:{host.shape};".encode())
+        h.update(host.reshape(-1).view(np.uint8))
+    return h.hexdigest()

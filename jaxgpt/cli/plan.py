@@ -36,7 +36,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def load_run(path: str | None, overrides: list[str]):
-    """The run config under the schema its sections name (classifier:, instruct:, or a plain run)."""
+    """The run config under the schema its sections name (classifier:, instruct:, preference:, or
+    a plain run)."""
     from omegaconf import OmegaConf
 
     from jaxgpt.training.runconfig import RunConfig, load_config
@@ -48,6 +49,8 @@ def load_run(path: str | None, overrides: list[str]):
             from jaxgpt.tasks.classification.model import ClassifierRunConfig as schema
         elif "instruct" in keys:
             from jaxgpt.tasks.instruct.finetune import InstructRunConfig as schema
+        elif "preference" in keys:  # planned as its model's LM step (not yet the DPO step)
+            from jaxgpt.tasks.preference.finetune import PreferenceRunConfig as schema
     return load_config(path, overrides, schema=schema)
 
 

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from jaxgpt.weights.loader import is_run_dir, load_model, read_run_yaml
+from jaxgpt.weights.loader import is_run_dir, load_model, read_run_yaml, task_section
 
 
 def chat_template(name_or_dir: str, template: str | None = None) -> str:
-    """The prompt format's name: `template`, else the instruction run's (config.yaml's
-    instruct.template), else alpaca."""
+    """The prompt format's name: `template`, else the instruction or preference run's
+    (config.yaml's instruct.template or preference.template), else alpaca."""
     if template is None and is_run_dir(name_or_dir):
-        template = (read_run_yaml(name_or_dir).get("instruct") or {}).get("template")
+        template = task_section(read_run_yaml(name_or_dir)).get("template")
     return template or "alpaca"
 
 

@@ -29,7 +29,6 @@ module's alpha to n alpha (sqrt(n) alpha with rsLoRA) so PEFT's scale equals our
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -47,7 +46,7 @@ from jaxgpt.entrypoint import quiet_libraries
 from jaxgpt.fsutil import sha256_file, write_text_atomic
 from jaxgpt.lora.transform import LoRAConfig, adapter_pairs, init
 from jaxgpt.models.model import count_params
-from jaxgpt.trees import flatten, unflatten
+from jaxgpt.trees import fingerprint, flatten, host_array, unflatten
 
 ADAPTERS, META = "adapters", "lora.json"
 ITEMS = (ADAPTERS, "adapters.next")  # a save writes the one lora.json does not name
@@ -58,24 +57,9 @@ _MODULES = {"attn/c_proj/kernel": "attn.c_proj", "mlp/c_fc/kernel": "mlp.c_fc",
 _QKV = ("query", "key", "value")
 
 
-def _host(x) -> np.ndarray:
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
-        x = multihost_utils.process_allgather(x, tiled=True)
-    return np.ascontiguousarray(jax.device_get(x))
-
-
 def base_fingerprint(params, config: LoRAConfig) -> str:
     """sha256 of the frozen base leaves (those trained in full are left out, present or not)."""
-    h = hashlib.sha256()
-    for path, x in sorted(flatten(params).items()):
-        if any(re.search(t, path) for t in config.trainable):
-            continue
-        host = _host(x)
-        h.update(f"{path}:{host.dtype.str}:{host.shape};".encode())
-        h.update(host.reshape(-1).view(np.uint8))
-    return h.hexdigest()
+    return fingerprint(params, skip=lambda path: any(re.search(t, path) for t in config.trainable))
 
 
 def _shapes(tree) -> dict[str, list]:
@@ -230,7 +214,7 @@ def _per_layer(trainable, n_layers: int) -> dict[str, tuple[np.ndarray, np.ndarr
     """{path: (A [In, r], B [r, Out])} with scanned [L, ...] adapters split into h_<i>/..."""
     out = {}
     for path, (a, b) in adapter_pairs(trainable["lora"]).items():
-        a, b = np.asarray(_host(a), np.float32), np.asarray(_host(b), np.float32)
+        a, b = np.asarray(host_array(a), np.float32), np.asarray(host_array(b), np.float32)
         stack, _, rest = path.partition("/")
         layers = [(f"{stack}_{i}/{rest}", a[i], b[i]) for i in range(n_layers)] \
             if stack in ("h", "layers") else [(path, a, b)]

@@ -95,9 +95,12 @@ def read_metrics(path: str | Path) -> list[dict]:
     return records
 
 
-def plot_losses(metrics_path: str | Path, out_png: str | Path) -> Path | None:
-    """The book's loss plot: train and validation loss against steps, tokens seen on top."""
-    evals = [r for r in read_metrics(metrics_path) if r.get("kind") == "eval"]
+def plot_losses(metrics_path: str | Path, out_png: str | Path, key: str = "loss",
+                label: str = "Loss") -> Path | None:
+    """The book's loss plot: train and validation `key` (loss, or e.g. a preference run's
+    reward margin) against steps, tokens seen on top."""
+    evals = [r for r in read_metrics(metrics_path)
+             if r.get("kind") == "eval" and f"train_{key}" in r and f"val_{key}" in r]
     if not evals:
         return None
     import matplotlib
@@ -107,13 +110,13 @@ def plot_losses(metrics_path: str | Path, out_png: str | Path) -> Path | None:
 
     steps = [r["step"] for r in evals]
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(steps, [r["train_loss"] for r in evals], label="Training loss")
-    ax.plot(steps, [r["val_loss"] for r in evals], linestyle="-.", label="Validation loss")
+    ax.plot(steps, [r[f"train_{key}"] for r in evals], label=f"Training {label.lower()}")
+    ax.plot(steps, [r[f"val_{key}"] for r in evals], linestyle="-.", label=f"Validation {label.lower()}")
     ax.set_xlabel("Steps")
-    ax.set_ylabel("Loss")
-    ax.legend(loc="upper right")
+    ax.set_ylabel(label)
+    ax.legend(loc="upper right" if key == "loss" else "lower right")
     top = ax.twiny()  # a second x axis for tokens seen, aligned with the steps
-    top.plot([r["tokens_seen"] for r in evals], [r["train_loss"] for r in evals], alpha=0)
+    top.plot([r["tokens_seen"] for r in evals], [r[f"train_{key}"] for r in evals], alpha=0)
     top.set_xlabel("Tokens seen")
     fig.tight_layout()
     out_png = Path(out_png)

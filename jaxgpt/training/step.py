@@ -3,7 +3,8 @@
 A batch is a dict of arrays shaped [A, B, T]: A micro-batches (gradient accumulation) of B rows.
 `targets` uses IGNORE (-100) for positions that do not count. The loss of a step is the sum of
 token losses over every micro-batch divided by the number of counted target tokens in the whole
-step, so k micro-batches give exactly the gradient of one large batch.
+step, so k micro-batches give exactly the gradient of one large batch. A loss summed over other
+units (preference pairs) says so with `units(batch)`, the count its sum is a mean over.
 
 Loss functions: see jaxgpt.training.losses.
 """
@@ -31,11 +32,14 @@ def train_step(
     tx: optax.GradientTransformation,
     lr_fn: Callable,
     grad_shardings: Any = None,
+    units: Callable | None = None,
 ):
-    """One optimizer step over all micro-batches of `batch`; skips non-finite updates."""
+    """One optimizer step over all micro-batches of `batch`; skips non-finite updates.
+
+    The summed loss is divided by `units(batch)` (default: the counted target tokens)."""
     key = jax.random.wrap_key_data(state.rng)
     key, step_key = jax.random.split(key)
-    total = jnp.maximum(token_counts(batch["targets"]), 1).astype(jnp.float32)
+    total = jnp.maximum(_units(batch, units), 1).astype(jnp.float32)
 
     def scaled_loss(params, frozen, mb, rng, deterministic):
         # Differentiating loss / total saves a pass that divides every gradient afterwards.
@@ -93,19 +97,24 @@ def train_step(
         "loss": loss,
         "grad_norm": grad_norm,
         "learning_rate": lr_fn(state.step),
-        "tokens": total,
+        "tokens": token_counts(batch["targets"]),
         "skipped": (~finite).astype(jnp.int32),
     }
     return new_state, metrics
 
 
-def eval_step(params, batch: dict, frozen: Any = None, *, loss_fn: Callable) -> dict:
-    """Summed loss and counted tokens of one [B, T] batch (deterministic: no dropout)."""
+def _units(batch: dict, units: Callable | None) -> jax.Array:
+    return token_counts(batch["targets"]) if units is None else units(batch)
+
+
+def eval_step(params, batch: dict, frozen: Any = None, *, loss_fn: Callable,
+              units: Callable | None = None) -> dict:
+    """Summed loss and its units (counted tokens by default) of one [B, T] batch (no dropout)."""
     loss_sum, aux = loss_fn(params, frozen, batch, jax.random.key(0), True)
-    return {"loss_sum": loss_sum, "count": token_counts(batch["targets"]), "aux": aux}
+    return {"loss_sum": loss_sum, "count": _units(batch, units), "aux": aux}
 
 
-def compile_steps(loss_fn, tx, lr_fn, state_sh, mesh, frozen_sh=None):
+def compile_steps(loss_fn, tx, lr_fn, state_sh, mesh, frozen_sh=None, units=None):
     """jit the train and eval steps with explicit shardings; the state buffer is donated.
 
     Both are traced under `activation_sharding(mesh)`, so activations follow the rules table.
@@ -113,7 +122,7 @@ def compile_steps(loss_fn, tx, lr_fn, state_sh, mesh, frozen_sh=None):
     batch_sh = batch_sharding(mesh, 3)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     step = functools.partial(train_step, loss_fn=loss_fn, tx=tx, lr_fn=lr_fn,
-                             grad_shardings=state_sh.params)
+                             grad_shardings=state_sh.params, units=units)
     train = jax.jit(
         traced_under(step, mesh),
         in_shardings=(state_sh, batch_sh, frozen_sh),
@@ -121,7 +130,7 @@ def compile_steps(loss_fn, tx, lr_fn, state_sh, mesh, frozen_sh=None):
         donate_argnums=0,
     )
     evaluate = jax.jit(
-        traced_under(functools.partial(eval_step, loss_fn=loss_fn), mesh),
+        traced_under(functools.partial(eval_step, loss_fn=loss_fn, units=units), mesh),
         in_shardings=(state_sh.params, batch_sharding(mesh, 2, 0), frozen_sh),
         out_shardings=replicated,  # every process can read the metrics (multi-host)
     )

@@ -51,13 +51,15 @@ class Trainable:
     """What a task trains. Trees are boxed with logical axes (see the module docstring).
 
     loss_fn(params, frozen, batch, rng, deterministic) -> (sum of losses, aux);
-    eval_metrics(list of eval_step outputs) -> extra eval fields (e.g. accuracy)."""
+    eval_metrics(list of eval_step outputs) -> extra eval fields (e.g. accuracy);
+    units(batch) -> what the summed loss is a mean over (None: the counted target tokens)."""
 
     loss_fn: Callable
     params: Any = None  # initial trainable parameters; None: `init(key)`
     init: Callable[[jax.Array], Any] | None = None
     frozen: Any = None  # used by the loss, never trained (sharded, not donated, no optimizer state)
     eval_metrics: Callable[[list[dict]], dict] | None = None
+    units: Callable[[dict], jax.Array] | None = None
 
     def abstract(self) -> Any:
         """The trainable tree's boxed shapes (nothing allocated)."""
@@ -149,7 +151,7 @@ class Trainer:
         self.state = self._init_or_restore()
         self.train_step, self.eval_step = compile_steps(
             trainable.loss_fn, self.tx, schedule(cfg.optim, self.steps), self.state_sh, self.mesh,
-            frozen_sh)
+            frozen_sh, trainable.units)
         rows = cfg.train.batch_size // cfg.optim.accum_steps
         self.eval_sets = {name: _eval_batches(data, rows, cfg.train.eval_iter, mesh=self.mesh)
                           for name, data in (("train", train_data), ("val", val_data))}

@@ -3,10 +3,11 @@
 A source is a directory with config.yaml (a jaxgpt run) or anything `load_pretrained` takes (a
 GPT-2 hub name, a Hugging Face directory). Runs, by what they hold:
 
-- a finished instruction run (model/config.json beside config.yaml): its exported merged model;
-- a LoRA instruction run without that export (config.yaml's `lora` is set; the checkpoints hold
-  {"lora": adapters, "full": ...} and not the frozen base): its base, loaded from
-  `instruct.init_from` by this same function, with the adapters merged;
+- a finished instruction or preference run (model/config.json beside config.yaml): its exported
+  merged model;
+- a LoRA instruction or preference run without that export (config.yaml's `lora` is set; the
+  checkpoints hold {"lora": adapters, "full": ...} and not the frozen base): its base, loaded
+  from `instruct.init_from` (`preference.init_from`) by this same function, adapters merged;
 - any other run: the parameters of its latest complete checkpoint (or `step`);
 - a classifier run: refused, its head predicts classes, not tokens (`load_classifier`).
 
@@ -87,6 +88,11 @@ def read_run_yaml(run_dir: str | os.PathLike) -> dict:
     return raw
 
 
+def task_section(raw: dict) -> dict:
+    """The finetuning section of a run's raw config.yaml (instruct or preference), or {}."""
+    return raw.get("instruct") or raw.get("preference") or {}
+
+
 def _refuse_classifier(run_dir: Path) -> None:
     raise CheckpointError(f"{run_dir} is a classifier run (its head predicts classes, not tokens); "
                           "load it with jaxgpt.load_classifier")
@@ -142,7 +148,7 @@ _merging: set[Path] = set()  # LoRA runs whose bases are being loaded (a cycle g
 
 def _merge_lora_run(run_dir: Path, raw: dict, model: GPTConfig, step: int):
     """The effective params of a LoRA run's checkpoint: its base with the adapters merged."""
-    base_source = (raw.get("instruct") or {}).get("init_from")
+    base_source = task_section(raw).get("init_from")
     key = run_dir.resolve()
     try:
         if base_source in (None, "scratch"):

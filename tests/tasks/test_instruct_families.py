@@ -16,31 +16,7 @@ from jaxgpt.data.prompts import ChatTemplate  # noqa: E402
 from jaxgpt.data.tokenizer import FamilyTokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
-TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
-            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 WORDS = "red green blue cat dog sun moon tree river stone".split()
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator([" ".join(WORDS) + " Repeat."] * 5, trainers.BpeTrainer(
-        vocab_size=290, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
-                                                chat_template=TEMPLATE)
-    path = tmp_path_factory.mktemp("qwen_like")
-    fast.save_pretrained(path)
-    torch.manual_seed(0)
-    cfg = transformers.Qwen3Config(vocab_size=len(fast), hidden_size=16, intermediate_size=24,
-                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                   head_dim=6, max_position_embeddings=128, tie_word_embeddings=True)
-    transformers.Qwen3ForCausalLM(cfg).save_pretrained(path)
-    return path
 
 
 def _records(n):
@@ -53,8 +29,8 @@ def _records(n):
     return out
 
 
-def test_chat_dataset_learns_the_reply_and_its_end_of_turn(model_dir):
-    tok = FamilyTokenizer(model_dir)
+def test_chat_dataset_learns_the_reply_and_its_end_of_turn(qwen_like_dir):
+    tok = FamilyTokenizer(qwen_like_dir)
     rec = _records(1)[0]
     ds = InstructDataset([rec], ChatTemplate(tok), tokenizer=tok, mask_prompt=True,
                          pad_id=tok.stop_ids[0])
@@ -66,7 +42,7 @@ def test_chat_dataset_learns_the_reply_and_its_end_of_turn(model_dir):
     assert learned[-1] == im_end == tok.stop_ids[0]
 
 
-def test_lora_chat_finetune_runs_exports_and_chats(model_dir, tmp_path, monkeypatch, capsys):
+def test_lora_chat_finetune_runs_exports_and_chats(qwen_like_dir, tmp_path, monkeypatch, capsys):
     import io
 
     from jaxgpt.cli import chat
@@ -78,7 +54,7 @@ def test_lora_chat_finetune_runs_exports_and_chats(model_dir, tmp_path, monkeypa
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     args = [f"runs_dir={tmp_path}", "name=run", f"instruct.data={data}",
-            f"instruct.init_from={model_dir}", "instruct.template=chat", "instruct.max_new_tokens=4",
+            f"instruct.init_from={qwen_like_dir}", "instruct.template=chat", "instruct.max_new_tokens=4",
             "instruct.response_batch_size=2", "instruct.max_test_records=2", "instruct.allowed_max_length=96",
             "model.dtype=float32", "optim.learning_rate=1e-2", "train.batch_size=4", "train.max_steps=2",
             "train.eval_freq=2", "train.eval_iter=1", "train.sample_tokens=2", "train.progress=false",

@@ -14,8 +14,9 @@ to one fixed length (the longest example of the split, capped), or to a multiple
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
-from typing import Any, Iterable, Mapping, NamedTuple, Sequence
+from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
@@ -34,6 +35,10 @@ class Splits(NamedTuple):
 
 
 def _read_file(path: Path) -> list:
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq  # installed with datasets
+
+        return pq.read_table(path).to_pylist()
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".jsonl":
         rows = []
@@ -75,19 +80,24 @@ def _rows(source: Any, hf_split: str) -> Iterable:
 
 
 def load_records(source: Any, columns: Mapping[str, str | None] | None = None, *,
-                 hf_split: str = "train") -> list[dict]:
-    """Records {instruction, input, output} from `source`, each field read from its column.
+                 hf_split: str = "train", fields: Sequence[str] = FIELDS, skip_bad: bool = False,
+                 kind: str = "instruction data",
+                 check: Callable[[dict], str | None] | None = None) -> list[dict]:
+    """Records {instruction, input, output} (or other `fields`) from `source`, each field read
+    from its column.
 
     `columns` maps a field to the source's column name (default: the field's own name); an
     input column of None means every input is empty. A record that lacks a field, or holds a
-    non-string there, is an error naming its index.
+    non-string there, is an error naming its index (`kind` names the data), or with `skip_bad`
+    is left out with a warning that counts them; so is one for which `check(record)` returns a
+    problem (a short text in place of the field).
     """
-    unknown = sorted(set(columns or {}) - set(FIELDS))
+    unknown = sorted(set(columns or {}) - set(fields))
     if unknown:
         raise ValueError(f"column mapping names unknown field(s) {', '.join(unknown)}; "
-                         f"fields are {', '.join(FIELDS)}")
-    columns = {**{f: f for f in FIELDS}, **(columns or {})}
-    for field in ("instruction", "output"):
+                         f"fields are {', '.join(fields)}")
+    columns = {**{f: f for f in fields}, **(columns or {})}
+    for field in (f for f in fields if f != "input"):
         if not columns[field]:
             raise ValueError(f"column mapping needs a column for {field!r}; only input may be None")
     records, bad = [], []
@@ -103,14 +113,27 @@ def load_records(source: Any, columns: Mapping[str, str | None] | None = None, *
                 break
             record[field] = value
         else:
-            records.append(record)
+            problem = None if check is None else check(record)
+            if problem:
+                bad.append(f"{i} ({problem})")
+            else:
+                records.append(record)
     if bad:
-        more = f" and {len(bad) - _SHOWN} more" if len(bad) > _SHOWN else ""
-        raise ValueError(f"instruction data {_name(source)}: records missing a string field, by "
-                         f"index (field): {', '.join(bad[:_SHOWN])}{more}")
+        report_bad(bad, f"{kind} {_name(source)}: records refused", skip_bad)
     if not records:
-        raise ValueError(f"instruction data {_name(source)} holds no records")
+        raise ValueError(f"{kind} {_name(source)} holds no records")
     return records
+
+
+def report_bad(bad: Sequence[str], what: str, skip: bool) -> None:
+    """Raise (or with `skip`, warn) naming the first bad records, 'index (field)' each: the
+    field missing or not a string, or a check's problem."""
+    more = f" and {len(bad) - _SHOWN} more" if len(bad) > _SHOWN else ""
+    text = (f"{what}, by index (the field missing or not a string, or the problem): "
+            f"{', '.join(bad[:_SHOWN])}{more}")
+    if not skip:
+        raise ValueError(text)
+    warnings.warn(f"skipped {len(bad)} record(s): {text}", stacklevel=3)
 
 
 def _name(source: Any) -> str:
@@ -163,7 +186,7 @@ def collate(batch: Sequence[Sequence[int]], prompt_lengths: Sequence[int] | None
     return {"inputs": inputs, "targets": targets}
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
+def common_prefix(a: list[int], b: list[int]) -> int:
     n = 0
     for x, y in zip(a, b):
         if x != y:
@@ -190,7 +213,7 @@ class InstructDataset:
             self.tokens.append(full)
             # Tokenized as one text (as the book does), the prompt is the shared prefix; a BPE
             # merge across the boundary only leaves one more prompt token learned.
-            self.prompt_lengths.append(_common_prefix(query, full))
+            self.prompt_lengths.append(common_prefix(query, full))
         if bucket is not None and bucket <= 0:
             raise ValueError(f"bucket must be a positive number of tokens, got {bucket}")
         self.allowed_max_length, self.mask_prompt, self.bucket = allowed_max_length, mask_prompt, bucket

@@ -146,19 +146,24 @@ def _datasets(cfg: InstructRunConfig, max_length: int):
     return make(splits.train), make(splits.val), splits.test
 
 
-def _text_side(cfg: InstructRunConfig):
-    """(tokenizer, template, stop ids): GPT-2's with alpaca/phi3, the model's own with chat."""
-    ic = cfg.instruct
-    if ic.template != "chat":
-        return get_tokenizer(cfg.data.tokenizer), get_template(ic.template), (EOT_ID,)
-    directory = tokenizer_dir(ic.init_from)
+def text_side(template: str, init_from: str, tokenizer: str = "gpt2", section: str = "instruct"):
+    """(tokenizer, template, stop ids): GPT-2's with alpaca/phi3, the model's own with chat
+    (read from `init_from`; `section` names the config section in errors)."""
+    if template != "chat":
+        return get_tokenizer(tokenizer), get_template(template), (EOT_ID,)
+    directory = tokenizer_dir(init_from)
     if directory is None:
-        raise ConfigError(f"instruct.template=chat needs a tokenizer.json in instruct.init_from "
-                          f"({ic.init_from}) or its model/ directory")
+        raise ConfigError(f"{section}.template=chat needs a tokenizer.json in {section}.init_from "
+                          f"({init_from}) or its model/ directory")
     tok = load_family_tokenizer(directory)
     if not tok.stop_ids:
         raise ConfigError(f"{directory}'s tokenizer names no end-of-turn token (eos_token)")
     return tok, ChatTemplate(tok), tok.stop_ids
+
+
+def _text_side(cfg: InstructRunConfig):
+    ic = cfg.instruct
+    return text_side(ic.template, ic.init_from, cfg.data.tokenizer)
 
 
 def mean_loss(params, config: GPTConfig, dataset: InstructDataset, batch_size: int) -> float:

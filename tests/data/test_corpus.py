@@ -4,6 +4,7 @@ import dataclasses
 import hashlib
 import io
 import os
+import re
 import urllib.error
 import zipfile
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 
 from jaxgpt.data import corpus
 from jaxgpt.data.corpus import (
+    DATASETS,
     DOC_SEPARATOR,
     dataset_path,
     load_hf_text,
@@ -224,8 +226,10 @@ def test_offline_message_says_how_to_supply_the_file(tmp_path, monkeypatch):
 
 
 def test_unknown_dataset_name():
-    with pytest.raises(ValueError, match="unknown data set 'verdict'; known: instruction-data, sms-spam, the-verdict"):
+    known = ", ".join(sorted(DATASETS))
+    with pytest.raises(ValueError, match=re.escape(f"unknown data set 'verdict'; known: {known}")):
         dataset_path("verdict")
+    assert {"instruction-data", "instruction-data-with-preference", "sms-spam", "the-verdict"} <= set(DATASETS)
 
 
 @pytest.mark.skipif(REAL_DATA_DIR is None, reason="set JAXGPT_DATA_DIR to the real data sets (e.g. /work/shared/data)")

@@ -16,7 +16,8 @@ CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"
 
 # Recipes with sections of their own load with their schema, a RunConfig subclass.
 SCHEMAS = {"instruct_": ("jaxgpt.tasks.instruct.finetune", "InstructRunConfig"),
-           "cls_": ("jaxgpt.tasks.classification.model", "ClassifierRunConfig")}
+           "cls_": ("jaxgpt.tasks.classification.model", "ClassifierRunConfig"),
+           "preference_": ("jaxgpt.tasks.preference.finetune", "PreferenceRunConfig")}
 
 
 def _schema(path):

@@ -83,6 +83,8 @@ def evaluation_extras(cfg: RunConfig):
         from jaxgpt.tasks.hellaswag import evaluator
 
         parts.append(evaluator(cfg.data.hellaswag, cfg.model, cfg.data.hellaswag_examples))
+    if cfg.data.harness_tasks:
+        parts.append(harness_evaluator(cfg))
     parts = [p for p in parts if p is not None]
     if not parts:
         return None
@@ -94,6 +96,18 @@ def evaluation_extras(cfg: RunConfig):
         return record
 
     return extras
+
+
+def harness_evaluator(cfg: RunConfig):
+    """The `data.harness_tasks` scores (lm-evaluation-harness) for each evaluation record; the
+    jaxgpt_hellaswag task reads `data.hellaswag` when it is set."""
+    from jaxgpt.tasks.harness.run import evaluator  # needs lm-eval (jaxgpt[eval]): only when asked
+
+    d = cfg.data
+    tasks = [t.strip() for t in d.harness_tasks.split(",") if t.strip()]
+    metadata = {"hellaswag_file": d.hellaswag} if d.hellaswag else None
+    return evaluator(tasks, cfg.model, tokenizer=d.tokenizer, limit=d.harness_limit,
+                     include_path=[d.harness_include] if d.harness_include else [], metadata=metadata)
 
 
 def pretrain(cfg: RunConfig, options: FitOptions = FitOptions()) -> FitResult:

@@ -76,12 +76,19 @@ class DataConfig:
     verify_shards: bool = True
     hellaswag: Optional[str] = None  # a HellaSwag-format JSONL file scored at each evaluation
     hellaswag_examples: Optional[int] = None  # score only the first N examples (None: all)
+    # lm-evaluation-harness tasks (comma-separated) scored at each evaluation, each on its first
+    # `harness_limit` examples; `harness_include` a folder of task files (jaxgpt's own are known).
+    harness_tasks: Optional[str] = None
+    harness_limit: Optional[int] = None
+    harness_include: Optional[str] = None
 
     def __post_init__(self):
         check_fields(self, {"source": NON_EMPTY, "tokenizer": NON_EMPTY, "train_ratio": FRACTION,
                             "stride": optional(POSITIVE_INT), "shards": optional(NON_EMPTY),
                             "hellaswag": optional(NON_EMPTY),
-                            "hellaswag_examples": optional(POSITIVE_INT)})
+                            "hellaswag_examples": optional(POSITIVE_INT),
+                            "harness_tasks": optional(NON_EMPTY), "harness_limit": optional(POSITIVE_INT),
+                            "harness_include": optional(NON_EMPTY)})
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,11 @@ each, `--gb` in all) is written to a temporary directory, deleted at the end. Th
    corpus size, with pread (the default) and with np.memmap: batches/s and RSS (anonymous, and
    mapped file pages).
 
+With `--verify-only`, only the cost of shard verification at open is measured: a small corpus
+is prepared for its manifest, then `--gb` of random ids below GPT-2's vocabulary are written as
+shards of the same format (sha256 per block and whole, as prepare_data records them), and the
+check of every shard is timed against opening the split with the check off.
+
 Figures are wall-clock on whatever else the machine runs; the CPU model is printed.
 """
 
@@ -166,6 +171,51 @@ def verification_figures(path: Path) -> dict:
     return json.loads(out.stdout)
 
 
+def synthetic_shards(template: Path, out: Path, gb: float, shard_tokens: int = 100_000_000) -> int:
+    """`gb` of random ids (< 50257) in shards of `template`'s format (its validation shard
+    kept, its training shards replaced); returns the bytes written."""
+    from jaxgpt.data.shards import block_sums, read_manifest, shard_name, write_manifest
+    from jaxgpt.fsutil import sha256_bytes
+
+    manifest = read_manifest(template)
+    out.mkdir()
+    val = manifest["shards"][0]
+    shutil.copy(template / val["file"], out / val["file"])
+    shards, total, rng = [val], int(gb * 1e9) // 2, np.random.default_rng(0)
+    while sum(s["tokens"] for s in shards[1:]) < total:
+        n = min(shard_tokens, total - sum(s["tokens"] for s in shards[1:]))
+        ids = rng.integers(0, 50257, n, dtype=np.uint16)
+        raw = memoryview(ids).cast("B")
+        name = shard_name(len(shards))
+        (out / name).write_bytes(raw)
+        shards.append({**manifest["shards"][-1], "file": name, "split": "train", "tokens": int(n),
+                       "sha256": sha256_bytes(raw), "block_sha256": block_sums(raw),
+                       "max_id": int(ids.max())})
+    manifest.update(shards=shards, tokens=sum(s["tokens"] for s in shards))
+    write_manifest(out, manifest)
+    return 2 * manifest["tokens"]
+
+
+def print_verification(path: Path, nbytes: int) -> None:
+    figs = verification_figures(path)
+    print(f"shard verification (data.verify_shards=true): {figs['verify_s']:.2f} s for "
+          f"{nbytes / 1e9:.2f} GB of shards ({nbytes / 1e9 / figs['verify_s']:.2f} GB/s), once per "
+          f"process, spread over the first batch that reads each shard; with it off, opening the "
+          f"split and reading a first batch: {figs['off_s']:.3f} s", flush=True)
+
+
+def verify_only(tmp: Path, gb: float) -> None:
+    files = make_corpus(tmp / "corpus", 0.02)
+    template = tmp / "template"
+    run_sampled([sys.executable, str(ROOT / "train" / "prepare_data.py"), str(tmp / "corpus"),
+                 str(template), "--val-tokens", "100000"])
+    t0 = time.perf_counter()
+    nbytes = synthetic_shards(template, tmp / "shards", gb)
+    print(f"{len(files)} files prepared for the manifest; {nbytes / 1e9:.2f} GB of synthetic shards "
+          f"written in {time.perf_counter() - t0:.0f} s")
+    print_verification(tmp / "shards", nbytes)
+
+
 def loader_figures(path: Path, batches: int, memory_map: bool) -> dict:
     code = LOADER.format(root=str(ROOT), path=str(path), batches=batches, memory_map=memory_map)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
@@ -181,10 +231,15 @@ def main(argv=None) -> int:
     p.add_argument("--tmp", default=None, help="where to put the temporary corpus")
     p.add_argument("--val-tokens", type=int, default=None, help="passed to prepare_data.py")
     p.add_argument("--shard-tokens", type=int, default=None, help="passed to prepare_data.py")
+    p.add_argument("--verify-only", action="store_true",
+                   help="only the shard verification cost, on --gb of synthetic shards")
     args = p.parse_args(argv)
     print(f"CPU: {cpu_model()}, {usable_cores()} usable cores ({os.cpu_count()} online)")
     tmp = Path(tempfile.mkdtemp(prefix="jaxgpt-bench-", dir=args.tmp))
     try:
+        if args.verify_only:
+            verify_only(tmp, args.gb)
+            return 0
         t0 = time.perf_counter()
         files = make_corpus(tmp / "all", args.gb)
         small = tmp / "small"
@@ -217,12 +272,7 @@ def main(argv=None) -> int:
         print(f"preparation / peer, wall clock: {seconds / mine[0]:.2f}x; CPU seconds per byte: "
               f"{mine[1] / cpu:.2f}x the peer's (the pool's overhead)", flush=True)
 
-        figs = verification_figures(results["all"][3])
-        nbytes = 2 * results["all"][2]
-        print(f"shard verification (data.verify_shards=true): {figs['verify_s']:.2f} s for "
-              f"{nbytes / 1e9:.2f} GB of shards ({nbytes / 1e9 / figs['verify_s']:.2f} GB/s), once per "
-              f"process, spread over the first batch that reads each shard; with it off, opening the "
-              f"split and reading a first batch: {figs['off_s']:.3f} s", flush=True)
+        print_verification(results["all"][3], 2 * results["all"][2])
         for memory_map in (False, True):
             for name in ("small", "all"):
                 figs = loader_figures(results[name][3], args.batches, memory_map)

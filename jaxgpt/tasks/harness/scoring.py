@@ -4,8 +4,9 @@ A request is (context ids, continuation ids). The model reads the last `max_leng
 context + continuation but the final one (a context longer than the window loses its oldest
 tokens, as the harness's `hf` model does) and is scored on the continuation: the summed
 log-probability of its tokens and whether each is the argmax ("greedy"). Rows are grouped by
-length into power-of-two widths with a fixed number of rows per call, so one compilation serves
-each width. A document's rolling log-likelihood is the sum over windows of `max_length`
+length into power-of-two widths (the scored positions into power-of-two counts, and only those
+go through the LM head) with a fixed number of rows per call, so one compilation serves each
+pair of widths. A document's rolling log-likelihood is the sum over windows of `max_length`
 tokens, each token predicted once, the first after the prefix token.
 """
 
@@ -20,7 +21,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxgpt.config import GPTConfig
-from jaxgpt.models.model import GPT
+from jaxgpt.models.model import GPT, head_logits
 
 Pair = tuple[Sequence[int], Sequence[int]]  # (context ids, continuation ids)
 
@@ -38,9 +39,9 @@ def model_row(context: Sequence[int], continuation: Sequence[int], max_length: i
     return ids, min(len(continuation), len(ids))
 
 
-def width_of(n: int, cap: int) -> int:
-    """The power-of-two row width (at least 16) that holds n ids, at most cap."""
-    size = 16
+def width_of(n: int, cap: int, least: int = 16) -> int:
+    """The power-of-two width (at least `least`) that holds n, at most cap."""
+    size = least
     while size < n:
         size *= 2
     return min(size, cap)
@@ -51,10 +52,13 @@ def _scorer(config: GPTConfig):
     model = GPT(config)
 
     @jax.jit
-    def scores(params, ids, targets, mask):  # [R, W] each -> summed logp [R], all greedy [R]
-        logits = model.apply({"params": params}, ids).astype(jnp.float32)  # [R, W, V]
+    def scores(params, ids, where, targets, mask):  # ids [R, W]; the rest [R, C]
+        h = model.apply({"params": params}, ids, return_hidden=True)  # [R, W, D]
+        h = jnp.take_along_axis(h, where[..., None], axis=1)  # [R, C, D]: the scored positions only
+        R, C, D = h.shape
+        logits = head_logits(params, config, h.reshape(R * C, D)).reshape(R, C, -1)  # [R, C, V]
         logp = jax.nn.log_softmax(logits, axis=-1)
-        picked = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]  # [R, W]
+        picked = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]  # [R, C]
         greedy = jnp.argmax(logits, axis=-1) == targets
         m = mask.astype(bool)
         return jnp.sum(jnp.where(m, picked, 0.0), axis=1), jnp.all(greedy | ~m, axis=1)
@@ -64,7 +68,8 @@ def _scorer(config: GPTConfig):
 
 def loglikelihoods(params, config: GPTConfig, pairs: Sequence[Pair], *, batch_size: int = 16,
                    max_length: int | None = None, progress: bool = False) -> list[tuple[float, bool]]:
-    """(summed log-probability, greedy) of each continuation after its context, in order."""
+    """(summed log-probability, greedy) of each continuation after its context, in order. Only
+    the scored positions go through the LM head (a [V]-wide row each)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     max_length = config.context_length if max_length is None else max_length
@@ -83,15 +88,17 @@ def loglikelihoods(params, config: GPTConfig, pairs: Sequence[Pair], *, batch_si
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         width = width_of(len(rows[chunk[0]][0]), max_length)
-        ids = np.zeros((batch_size, width), np.int32)  # fixed shapes: one compile per width
-        tgt = np.zeros((batch_size, width), np.int32)
-        mask = np.zeros((batch_size, width), np.int32)
+        scored = width_of(max(rows[i][1] for i in chunk), width, least=8)
+        ids = np.zeros((batch_size, width), np.int32)  # fixed shapes: one compile per widths
+        where = np.zeros((batch_size, scored), np.int32)
+        tgt = np.zeros((batch_size, scored), np.int32)
+        mask = np.zeros((batch_size, scored), np.int32)
         for k, i in enumerate(chunk):
             row, n = rows[i]
             ids[k, : len(row)] = row
-            tgt[k, len(row) - n : len(row)] = targets[i]  # position t predicts token t + 1
-            mask[k, len(row) - n : len(row)] = 1
-        total, greedy = jax.device_get(scores(params, ids, tgt, mask))
+            where[k, :n] = np.arange(len(row) - n, len(row))  # position t predicts token t + 1
+            tgt[k, :n], mask[k, :n] = targets[i], 1
+        total, greedy = jax.device_get(scores(params, ids, where, tgt, mask))
         for k, i in enumerate(chunk):
             out[i] = (float(total[k]), bool(greedy[k]))
         bar.update(len(chunk))

@@ -284,3 +284,46 @@ def test_training_logs_the_harness_scores_of_the_checkpointed_model(hellaswag_fi
     assert evals[-1]["harness/jaxgpt_hellaswag/acc"] == expected["acc"]
     assert evals[-1]["hellaswag_acc"] == expected["acc"]
     assert (tmp_path / "default" / "tensorboard").is_dir()
+
+
+def test_a_qwen3_directory_scores_as_the_hf_model_scores_it(qwen_like_dir):
+    from lm_eval.models.huggingface import HFLM
+
+    pairs = [("red green", " blue cat"), ("", "dog sun moon"), ("tree river stone", " Repeat.")]
+    ours = JaxgptLM(str(qwen_like_dir), batch_size=2, progress=False)
+    hf = HFLM(pretrained=str(qwen_like_dir), batch_size=2, dtype="float32", device="cpu")
+    assert ours.prefix_token_id == hf.prefix_token_id and ours.eot_token_id == hf.eot_token_id
+    for context, continuation in pairs:
+        assert ours.tok_encode(context + continuation) == hf.tok_encode(context + continuation)
+    a = ours.loglikelihood(requests("loglikelihood", pairs), disable_tqdm=True)
+    b = hf.loglikelihood(requests("loglikelihood", pairs), disable_tqdm=True)
+    np.testing.assert_allclose([x for x, _ in a], [x for x, _ in b], atol=1e-4)
+    assert [g for _, g in a] == [g for _, g in b]
+
+
+MESH_WORKER = """
+import json, sys
+from jaxgpt.tasks.harness.lm import JaxgptLM
+from lm_eval.api.instance import Instance
+pairs = [("The cat", " sat on the mat."), ("Numbers: 1, 2, 3,", " 4"), ("A", " b c d e")]
+reqs = [Instance(request_type="loglikelihood", doc={}, arguments=p, idx=i) for i, p in enumerate(pairs)]
+out = {}
+for name, mesh in (("one", {}), ("fsdp", {"fsdp": "2"}), ("tensor", {"tensor": "2"})):
+    lm = JaxgptLM(sys.argv[1], batch_size=4, progress=False, **mesh)
+    out[name] = [x for x, _ in lm.loglikelihood(reqs, disable_tqdm=True)]
+print(json.dumps(out))
+"""
+
+
+def test_the_weights_split_over_a_mesh_score_the_same(model_dir):
+    import os
+    import subprocess
+
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+           "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", MESH_WORKER, str(model_dir)], capture_output=True,
+                          text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    np.testing.assert_allclose(out["fsdp"], out["one"], atol=1e-4)
+    np.testing.assert_allclose(out["tensor"], out["one"], atol=1e-4)

@@ -16,6 +16,10 @@ request is drawn with `fold_in(key(seed), n)`. The sampler is `generate`'s
 picks, and a sampled request draws what `generate` draws for its prompt alone with
 key=jax.random.key(seed).
 
+A request with `logprobs` set gets each new token's `Scored` (its log-probability under the
+model and the `MAX_TOP` most likely tokens, `jaxgpt.inference.logprobs`) in `scores` before its
+`on_token` sees the token; the steps compute them only while some running request asked.
+
 The host-side checks (`jaxgpt.inference.requests.check_request`) refuse a request in one line
 before it is queued.
 """
@@ -35,6 +39,7 @@ import numpy as np
 from jax import lax
 
 from jaxgpt.config import GPTConfig
+from jaxgpt.inference.logprobs import MAX_TOP, Scored, scored_rows, token_scores
 from jaxgpt.inference.requests import check_request, prompt_bucket
 from jaxgpt.inference.sampling import Sampling, row_keys, sample
 from jaxgpt.models.cache import init_cache
@@ -59,19 +64,27 @@ class Request:
     seed: int = 0
     stop_ids: tuple[int, ...] = ()
     on_done: Callable[[str], None] | None = None  # finish reason: stop, length or cancelled
+    logprobs: bool = False  # record each new token's Scored in `scores`
     cancelled: threading.Event = field(default_factory=threading.Event)
     generated: int = 0
+    scores: list[Scored] = field(default_factory=list)
 
     @property
     def sampling(self) -> Sampling:
         return Sampling(self.temperature, self.top_k, self.top_p)
 
 
-@functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("cache",))
-def _prefill(params, cache, prompt, length, slot, sampling: Sampling, draws, *, config):
+def _scored(logits, tokens, scores: bool):
+    """token_scores of the drawn tokens, or None when nobody asked (nothing computed)."""
+    return token_scores(logits, tokens, MAX_TOP) if scores else None
+
+
+@functools.partial(jax.jit, static_argnames=("config", "scores"), donate_argnames=("cache",))
+def _prefill(params, cache, prompt, length, slot, sampling: Sampling, draws, *, config,
+             scores: bool = False):
     """Run the prompt [1, P] (right-padded; `length` real tokens) into row `slot` of the cache
     [L, N, H, S, K] at positions 0..P-1, and pick its first new token [1] with the slot's
-    sampling options [1] and draw (seed [1], count [1])."""
+    sampling options [1] and draw (seed [1], count [1]); with `scores`, its token_scores too."""
     P = prompt.shape[1]
     hidden, fresh = GPT(config).apply(
         {"params": params}, prompt, positions=jnp.arange(P)[None, :],
@@ -80,18 +93,22 @@ def _prefill(params, cache, prompt, length, slot, sampling: Sampling, draws, *, 
     cache = {n: lax.dynamic_update_slice(cache[n], fresh[n], (0, slot, 0, 0, 0)) for n in cache}
     last = lax.dynamic_slice_in_dim(hidden, length - 1, 1, axis=1)[:, 0]  # [1, D]
     logits = head_logits(params, config, last)  # [1, V]
-    return cache, sample(logits, row_keys(*draws), sampling), jnp.all(jnp.isfinite(logits))
+    first = sample(logits, row_keys(*draws), sampling)
+    return cache, first, jnp.all(jnp.isfinite(logits)), _scored(logits, first, scores)
 
 
-@functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("cache",))
-def _decode(params, cache, tokens, positions, sampling: Sampling, draws, *, config):
+@functools.partial(jax.jit, static_argnames=("config", "scores"), donate_argnames=("cache",))
+def _decode(params, cache, tokens, positions, sampling: Sampling, draws, *, config,
+            scores: bool = False):
     """One token for every slot: tokens [N] fed at positions [N], each row its own; returns the
     cache with their keys and values written and the next tokens [N], drawn with each slot's
-    options [N] and draw (seed [N], count [N])."""
+    options [N] and draw (seed [N], count [N]); with `scores`, their token_scores too."""
     logits, cache = GPT(config).apply(
         {"params": params}, tokens[:, None], positions=positions[:, None], cache=cache,
         cache_index=positions)  # [N, 1, V]
-    return cache, sample(logits[:, 0], row_keys(*draws), sampling)
+    logits = logits[:, 0, :config.vocab_size]
+    nxt = sample(logits, row_keys(*draws), sampling)
+    return cache, nxt, _scored(logits, nxt, scores)
 
 
 decode_step = _decode  # public: jaxgpt.plan compiles the engine's decode step for a target
@@ -247,14 +264,15 @@ class Engine:
         prompt[0, :n] = r.prompt
         self._set_slot(slot, r)
         sampling, draws = self._options(slice(slot, slot + 1))
-        self.cache, first, finite = _prefill(self.params, self.cache, prompt, np.int32(n),
-                                             np.int32(slot), sampling, draws, config=self.config)
+        self.cache, first, finite, scored = _prefill(
+            self.params, self.cache, prompt, np.int32(n), np.int32(slot), sampling, draws,
+            config=self.config, scores=r.logprobs)
         self.stats["admitted"] += 1
         if not bool(finite):
             self._finish(slot, "error")
             return
         self.positions[slot] = n
-        self._deliver(slot, int(first[0]))
+        self._deliver(slot, int(first[0]), scored and scored_rows(first, *scored)[0])
 
     def _step(self) -> None:
         for slot, r in enumerate(self.active):
@@ -262,17 +280,22 @@ class Engine:
                 self._finish(slot, "cancelled")
         if self.free_slots() == self.slots:
             return
-        self.cache, nxt = _decode(self.params, self.cache, self.tokens, self.positions,
-                                  *self._options(slice(None)), config=self.config)
+        wanted = any(r is not None and r.logprobs for r in self.active)
+        self.cache, nxt, scored = _decode(self.params, self.cache, self.tokens, self.positions,
+                                          *self._options(slice(None)), config=self.config,
+                                          scores=wanted)
         nxt = np.asarray(nxt)
+        rows = scored_rows(nxt, *scored) if wanted else [None] * self.slots
         self.stats["steps"] += 1
         for slot, r in enumerate(self.active):
             if r is not None:
                 self.positions[slot] += 1
-                self._deliver(slot, int(nxt[slot]))
+                self._deliver(slot, int(nxt[slot]), rows[slot])
 
-    def _deliver(self, slot: int, token: int) -> None:
+    def _deliver(self, slot: int, token: int, scored: Scored | None = None) -> None:
         r = self.active[slot]
+        if r.logprobs:
+            r.scores.append(scored)
         r.generated += 1
         self.stats["tokens"] += 1
         self.tokens[slot] = token

@@ -9,6 +9,12 @@ asyncio queue, which the engine's thread feeds. A full queue answers 429; a bad 
 with an OpenAI-style error body; a body over the limit (`build_app(max_body_bytes=)`) 413
 before it is read; a client that disconnects frees its slot. Bodies are parsed and tokenized
 in a worker thread, so a long one does not stall the other requests.
+
+Log-probabilities (`logprobs`, and for /v1/completions `echo`, several prompts in one body and
+`max_tokens: 0`) come from `jaxgpt.inference.logprobs`: the engine scores each token it
+generates for a request that asks; an echoed prompt is scored by one forward pass in the
+worker thread. This is what lm-evaluation-harness's `local-completions` model needs to score
+tasks against this server.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from jaxgpt.inference.api import (
 )
 from jaxgpt.inference.engine import Engine, QueueFull, Request
 from jaxgpt.inference.loading import load_chat_model
+from jaxgpt.inference.logprobs import chat_logprobs, completion_logprobs, prompt_scores
 
 
 class Server:
@@ -50,23 +57,31 @@ class Server:
         self.created = int(time.time())
 
     def submit(self, job: Job, loop: asyncio.AbstractEventLoop):
-        """Queue `job`; returns (request, asyncio.Queue of ("text", delta) and ("done", reason))."""
+        """Queue `job`; returns (request, asyncio.Queue of ("text", delta, Scored or None) and
+        ("done", reason, None)). A job of 0 tokens (an echo) is done at once, never queued."""
         events: asyncio.Queue = asyncio.Queue()
         put = lambda *event: loop.call_soon_threadsafe(events.put_nowait, event)  # noqa: E731
         text = TextStream(self.tokenizer, job.stops)
 
         def on_token(token: int, finish: str | None) -> bool:
-            delta = text.feed(None if token in self.stop_ids else token)
+            ends = token in self.stop_ids
+            scored = request.scores[-1] if request.logprobs and not ends and not text.stopped \
+                else None
+            delta = text.feed(None if ends else token)
             if finish is not None and not text.stopped:
                 delta += text.feed(None)
-            if delta:
-                put("text", delta)
+            if delta or scored is not None:
+                put("text", delta, scored)
             return not text.stopped
 
         seed = job.seed if job.seed is not None else secrets.randbits(32)
         request = Request(job.prompt_ids, job.max_tokens, on_token, temperature=job.temperature,
                           top_k=job.top_k, top_p=job.top_p, seed=seed, stop_ids=self.stop_ids,
-                          on_done=lambda reason: put("done", reason))
+                          on_done=lambda reason: put("done", reason, None),
+                          logprobs=job.logprobs is not None)
+        if job.max_tokens == 0:
+            events.put_nowait(("done", "length", None))
+            return request, events
         try:
             self.engine.submit(request)
         except QueueFull as err:
@@ -140,98 +155,140 @@ def _endpoint(server: Server, chat: bool, max_body_bytes: int):
     """The handler of /v1/chat/completions (chat) or /v1/completions."""
     engine = server.engine
 
-    def parse(raw: bytes) -> tuple[dict, Job]:
+    def parse(raw: bytes) -> tuple[dict, list[Job], list]:
+        """The body, its jobs, and each echoed prompt's scores (when it asks for logprobs)."""
         body = _json(raw)
         if chat:
-            return body, parse_chat(body, server.tokenizer, server.names, engine.max_len,
-                                    engine.config.vocab_size, server.render)
-        return body, parse_completion(body, server.tokenizer, server.names, engine.max_len,
-                                      engine.config.vocab_size)
+            return body, [parse_chat(body, server.tokenizer, server.names, engine.max_len,
+                                     engine.config.vocab_size, server.render)], [None]
+        jobs = parse_completion(body, server.tokenizer, server.names, engine.max_len,
+                                engine.config.vocab_size)
+        scored = [prompt_scores(engine.params, engine.config, j.prompt_ids)
+                  if j.echo and j.logprobs is not None else None for j in jobs]
+        return body, jobs, scored
 
     async def handle(http: HttpRequest):
+        runs = []
         try:
             raw = await _read_body(http, max_body_bytes)
-            # JSON and tokenizing take a while for a long body: in a thread, not the loop.
-            body, job = await asyncio.to_thread(parse, raw)
-            request, events = server.submit(job, asyncio.get_running_loop())
+            # JSON, tokenizing and scoring a prompt take a while: in a thread, not the loop.
+            body, jobs, scored = await asyncio.to_thread(parse, raw)
+            loop = asyncio.get_running_loop()
+            for job, prompt_scored in zip(jobs, scored):
+                runs.append(_Run(job, *server.submit(job, loop), prompt_scored))
         except ApiError as err:
+            for run in runs:  # a later prompt was refused: the earlier ones stop too
+                run.request.cancelled.set()
             return _error(err)
-        reply = _Reply(chat, job, request, {
+        reply = _Reply(server.tokenizer, chat, runs, {
             "id": f"{'chatcmpl' if chat else 'cmpl'}-{secrets.token_hex(12)}",
             "created": int(time.time()), "model": body["model"]})
-        if job.stream:
-            return StreamingResponse(reply.stream(events), media_type="text/event-stream",
+        if jobs[0].stream:
+            return StreamingResponse(reply.stream(), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        return await reply.whole(http, events)
+        return await reply.whole(http)
 
     return handle
 
 
-class _Reply:
-    """One request's answer, streamed as server-sent events or whole, from its engine events."""
+class _Run:
+    """One prompt of a request: its job, engine request, events, and an echo's prompt scores."""
 
-    def __init__(self, chat: bool, job: Job, request, head: dict):
-        self.chat, self.job, self.request, self.head = chat, job, request, head
+    def __init__(self, job: Job, request, events: asyncio.Queue, prompt_scored):
+        self.job, self.request, self.events, self.prompt_scored = job, request, events, prompt_scored
+
+
+class _Reply:
+    """A request's answer, from its runs' engine events: streamed as server-sent events (one
+    prompt) or whole (one choice per prompt, in order)."""
+
+    def __init__(self, tokenizer, chat: bool, runs: list[_Run], head: dict):
+        self.tokenizer, self.chat, self.runs, self.head = tokenizer, chat, runs, head
         self.kind = "chat.completion" if chat else "text_completion"
 
-    def choice(self, text: str | None, finish: str | None, first: bool = False) -> dict:
+    def _logprobs(self, run: _Run, generated: list, offset: int = 0, echo: bool = False):
+        n = run.job.logprobs
+        if n is None:
+            return None
+        if self.chat:
+            return chat_logprobs(self.tokenizer, generated, n)
+        prompt = run.job.prompt_ids if echo else None
+        return completion_logprobs(self.tokenizer, prompt, (run.prompt_scored or []) if echo
+                                   else [], generated, n, offset)
+
+    def chunk_choice(self, run: _Run, text: str | None, finish: str | None, scored=None,
+                     first: bool = False, offset: int = 0) -> dict:
+        logprobs = None if scored is None else self._logprobs(run, [scored], offset)
         if not self.chat:
-            return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+            return {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
         delta = {"role": "assistant", "content": text or ""} if first else \
             ({"content": text} if text else {})
-        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        return {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
 
     def usage(self) -> dict:
-        n, generated = len(self.job.prompt_ids), self.request.generated
+        n = sum(len(r.job.prompt_ids) for r in self.runs)
+        generated = sum(r.request.generated for r in self.runs)
         return {"prompt_tokens": n, "completion_tokens": generated,
                 "total_tokens": n + generated}
 
-    async def stream(self, events: asyncio.Queue):
+    async def stream(self):
+        run = self.runs[0]
         obj = f"{self.kind}.chunk" if self.chat else self.kind
         chunk = lambda choices, **more: _sse(  # noqa: E731
             {**self.head, "object": obj, "choices": choices, **more})
+        sent = 0
         try:
             if self.chat:
-                yield chunk([self.choice("", None, first=True)])
+                yield chunk([self.chunk_choice(run, "", None, first=True)])
             while True:
-                what, value = await events.get()
+                what, value, scored = await run.events.get()
                 if what == "text":
-                    yield chunk([self.choice(value, None)])
+                    yield chunk([self.chunk_choice(run, value, None, scored, offset=sent)])
+                    sent += len(value)
                     continue
                 if value in ("error", "cancelled"):
                     yield _sse(_failed().body())
                 else:
-                    yield chunk([self.choice(None, value)])
-                    if self.job.include_usage:
+                    yield chunk([self.chunk_choice(run, None, value)])
+                    if run.job.include_usage:
                         yield chunk([], usage=self.usage())
                 yield "data: [DONE]\n\n"
                 return
         finally:  # the client went away (or the reply ended): free the slot either way
-            self.request.cancelled.set()
+            run.request.cancelled.set()
 
-    async def whole(self, http: HttpRequest, events: asyncio.Queue):
-        parts = []
+    async def whole(self, http: HttpRequest):
+        choices = []
         try:
-            while True:
-                try:
-                    what, value = await asyncio.wait_for(events.get(), 0.5)
-                except asyncio.TimeoutError:
-                    if await http.is_disconnected():
-                        return JSONResponse({}, status_code=499)
-                    continue
-                if what == "text":
-                    parts.append(value)
-                    continue
+            for index, run in enumerate(self.runs):
+                parts, generated = [], []
+                while True:
+                    try:
+                        what, value, scored = await asyncio.wait_for(run.events.get(), 0.5)
+                    except asyncio.TimeoutError:
+                        if await http.is_disconnected():
+                            return JSONResponse({}, status_code=499)
+                        continue
+                    if what == "text":
+                        parts.append(value)
+                        generated += [] if scored is None else [scored]
+                        continue
+                    break
                 if value in ("error", "cancelled"):
                     return _error(_failed())
                 text = "".join(parts)
-                out = {"index": 0, "logprobs": None, "finish_reason": value}
-                out.update({"message": {"role": "assistant", "content": text}} if self.chat
-                           else {"text": text})
-                return JSONResponse({**self.head, "object": self.kind, "system_fingerprint": None,
-                                     "choices": [out], "usage": self.usage()})
+                if self.chat:
+                    out = {"message": {"role": "assistant", "content": text}}
+                else:
+                    echoed = self.tokenizer.decode(run.job.prompt_ids) if run.job.echo else ""
+                    out = {"text": echoed + text}
+                choices.append({"index": index, **out, "finish_reason": value,
+                                "logprobs": self._logprobs(run, generated, echo=run.job.echo)})
+            return JSONResponse({**self.head, "object": self.kind, "system_fingerprint": None,
+                                 "choices": choices, "usage": self.usage()})
         finally:
-            self.request.cancelled.set()
+            for run in self.runs:
+                run.request.cancelled.set()
 
 
 async def _read_body(http: HttpRequest, limit: int) -> bytes:

@@ -27,7 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxgpt.config import GPTConfig
-from jaxgpt.fsutil import write_text_atomic
+from jaxgpt.data.tokenizer import bpe_files
+from jaxgpt.fsutil import write_atomic, write_text_atomic
 from jaxgpt.models.model import abstract_params
 from jaxgpt.sharding import boxed_shardings
 from jaxgpt.trees import check_like, flatten, unflatten
@@ -170,10 +171,16 @@ def save_pretrained(config: GPTConfig, params, directory: str | os.PathLike, *,
                     max_shard_size: int = 5 << 30, **config_extra) -> Path:
     """Write config.json and safetensors (sharded with an index past max_shard_size bytes) that
     transformers' GPT2LMHeadModel / LlamaForCausalLM / Qwen3ForCausalLM.from_pretrained load;
-    `config_extra` joins config.json (e.g. bos_token_id)."""
+    `config_extra` joins config.json (e.g. bos_token_id). A GPT-2 model also gets GPT-2's
+    tokenizer files (vocab.json, merges.txt), so AutoTokenizer reads the directory too; a Llama
+    3 / Qwen3 model's tokenizer is its source's (the runs copy it), not written here."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     write_safetensors(directory, to_hf_tensors(config, params), max_shard_size)
     text = json.dumps(FAMILIES[config.family].hf_config(config, **config_extra), indent=2) + "\n"
     write_text_atomic(directory / "config.json", text)
+    if config.family == "gpt2":
+        files = bpe_files()
+        for ours, theirs in (("encoder.json", "vocab.json"), ("vocab.bpe", "merges.txt")):
+            write_atomic(directory / theirs, files[ours].read_bytes())
     return directory

@@ -95,15 +95,18 @@ class Server:
 
 
 def make_server(source: str, *, slots: int = 8, max_queue: int = 64, max_len: int | None = None,
-                template: str | None = None, name: str | None = None) -> Server:
-    """Load `source`, start its engine thread and wrap both for the routes."""
+                template: str | None = None, name: str | None = None,
+                **engine_options) -> Server:
+    """Load `source`, start its engine thread and wrap both for the routes; `engine_options`
+    (prefill_chunk, prefill_rows, steps_per_dispatch) go to the `Engine`."""
     config, params, chosen = load_chat_model(source, template)
     tokenizer, stop_ids = model_tokenizer(source, config)
     # A family's own chat template, unless --template names an instruction format (rendered as
     # text, then read by the model's tokenizer all the same).
     own = isinstance(tokenizer, FamilyTokenizer) and template is None
     render = family_chat_renderer(tokenizer) if own else chat_renderer(chosen)
-    engine = Engine(params, config, slots=slots, max_len=max_len, max_queue=max_queue).start()
+    engine = Engine(params, config, slots=slots, max_len=max_len, max_queue=max_queue,
+                    **engine_options).start()
     shown = name or Path(str(source)).name or str(source)
     return Server(engine, tokenizer, shown, render, stop_ids, aliases=(str(source),))
 

@@ -150,3 +150,87 @@ def test_a_request_being_admitted_is_not_counted_twice(params, monkeypatch):
     finally:
         gate.set()
         eng.stop()
+
+
+def run_together(engine, requests):
+    """Every request submitted before the loop starts, so the first admission takes them all at
+    once; the engine stops when they are done."""
+    done = threading.Semaphore(0)
+    for r in requests:
+        r.on_done = lambda reason: done.release()
+        engine.submit(r)
+    engine.start()
+    try:
+        for _ in requests:
+            assert done.acquire(timeout=300)
+    finally:
+        engine.stop()
+
+
+SAMPLED = dict(temperature=1.1, top_k=9, seed=77)
+
+
+def outputs(params, **engine_options):
+    """Greedy and seeded outputs of every prompt, and the engine's counters, all prompts
+    arriving together."""
+    runs = [collect(p, CONFIG.context_length - len(p)) for p in PROMPTS] + \
+        [collect(p, 6, **SAMPLED) for p in PROMPTS]
+    engine = Engine(params, CONFIG, slots=len(runs), max_queue=len(runs), **engine_options)
+    run_together(engine, [r for r, _ in runs])
+    return [out for _, out in runs], engine.stats
+
+
+@pytest.fixture(scope="module")
+def one_at_a_time(params):
+    """The reference: one slot, so each prompt is read alone, one decode step per dispatch."""
+    runs = [collect(p, CONFIG.context_length - len(p)) for p in PROMPTS] + \
+        [collect(p, 6, **SAMPLED) for p in PROMPTS]
+    engine = Engine(params, CONFIG, slots=1, max_queue=len(runs), steps_per_dispatch=1)
+    run_together(engine, [r for r, _ in runs])
+    assert engine.stats["prefills"] == len(runs) and engine.stats["dispatches"] == engine.stats["steps"]
+    return [out for _, out in runs]
+
+
+def test_prompts_read_together_give_the_tokens_of_one_at_a_time(params, one_at_a_time):
+    got, stats = outputs(params, steps_per_dispatch=1)
+    assert got == one_at_a_time
+    assert stats["prefills"] < len(got)  # several prompts per call (same padded width)
+
+
+def test_long_prompts_read_in_pieces_give_the_same_tokens(params, one_at_a_time):
+    got, stats = outputs(params, steps_per_dispatch=1, prefill_chunk=4)
+    assert got == one_at_a_time
+    # the longest prompt (17 tokens) alone takes 5 pieces of at most 4
+    assert stats["prefills"] >= -(-max(map(len, PROMPTS)) // 4)
+
+
+def test_several_steps_per_dispatch_give_the_tokens_of_one(params, one_at_a_time):
+    got, stats = outputs(params, steps_per_dispatch=4)
+    assert got == one_at_a_time
+    assert stats["dispatches"] < stats["steps"]  # some dispatches ran 4 steps
+
+
+def test_a_long_prompt_is_read_between_the_decode_steps_of_others(params):
+    """While a 17-token prompt is read 4 tokens at a time (5 pieces), a running request keeps
+    getting tokens between the pieces: the reading does not stall it."""
+    events, submitted, done = [], threading.Event(), threading.Semaphore(0)
+
+    def on_running(token, finish):
+        events.append("run")
+        if len(events) == 2:  # hold the running request here until the long one is queued
+            assert submitted.wait(60)
+        return True
+
+    engine = Engine(params, CONFIG, slots=2, prefill_chunk=4, steps_per_dispatch=1).start()
+    try:
+        engine.submit(Request(PROMPTS[1], 20, on_running, on_done=lambda r: done.release()))
+        long = Request(PROMPTS[2], 1, lambda t, f: events.append("long") is None,
+                       on_done=lambda r: done.release())
+        engine.submit(long)
+        events.append("submitted")
+        submitted.set()
+        assert done.acquire(timeout=60) and done.acquire(timeout=60)
+    finally:
+        engine.stop()
+    between = events[events.index("submitted"):events.index("long")]
+    assert between.count("run") >= 4  # a decode step after each of the first four pieces

@@ -493,7 +493,10 @@ def test_the_command_serves_until_interrupted(model_dir):
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0 and f"serving tiny-gpt at http://127.0.0.1:{port}/" in err
-    bad = subprocess.run([sys.executable, "-m", "jaxgpt.cli.serve", "--model", str(directory),
-                          "--max-len", "999"], env=env, capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 1
-    assert bad.stderr.strip() == "error: max_len must be in [1, 256], got 999"
+    for flags, message in ((["--max-len", "999"], "max_len must be in [1, 256], got 999"),
+                           (["--steps-per-dispatch", "0"],
+                            "--steps-per-dispatch must be at least 1, got 0")):
+        bad = subprocess.run([sys.executable, "-m", "jaxgpt.cli.serve", "--model", str(directory),
+                              *flags], env=env, capture_output=True, text=True, timeout=120)
+        assert bad.returncode == 1
+        assert bad.stderr.strip() == f"error: {message}"

@@ -38,6 +38,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "directory's own chat template, else the run's, else alpaca)")
     p.add_argument("--name", default=None, help="the model's id in the API (default: the "
                    "source's last path part)")
+    # Checked by jaxgpt.weights.quantize.check_weights after setup_process (JAX not imported yet).
+    p.add_argument("--weights", default="float32", help="inference weights: float32, bfloat16 "
+                   "or int8 (int8 quantizes the attention and MLP kernels)")
+    p.add_argument("--weights-group", type=int, default=None,
+                   help="int8 scales per this many input rows (default: per output channel)")
     return p.parse_args(argv)
 
 
@@ -57,8 +62,12 @@ def main(argv=None) -> int:
             raise ValueError(f"--port must be in [0, 65535], got {args.port}")
         if args.max_body_bytes is not None and args.max_body_bytes < 1:
             raise ValueError(f"--max-body-bytes must be at least 1, got {args.max_body_bytes}")
+        from jaxgpt.weights.quantize import check_weights
+
+        check_weights(args.weights, args.weights_group)
         server = make_server(args.model, slots=args.slots, max_queue=args.max_queue,
-                             max_len=args.max_len, template=args.template, name=args.name)
+                             max_len=args.max_len, template=args.template, name=args.name,
+                             weights=args.weights, weights_group=args.weights_group)
         app = build_app(server, max_body_bytes=args.max_body_bytes)
     except USER_ERRORS as err:
         return fail(err, 1)

@@ -6,8 +6,9 @@ kernel W [lead..., in..., out...] stood (lead: a scanned [L] axis, if any). q ha
 scale has W's rank, with the input axes reduced:
 
   per output channel  scale [lead..., 1..., out...]: max |W| over all input axes / 127
-  per group of G      scale [lead..., in[:-1]..., in[-1] / G, out...]: over each run of G rows
-                      of the last input axis (G must divide that axis)
+  per group of G      over each run of G rows of the flattened input (G must divide its width
+                      C): for one input axis scale [lead..., C / G, out...]; for two, [H, K / G]
+                      where G divides K, [H * K / G, 1] where K divides G (whole heads)
 
 so W ~ q * scale broadcast over each group (|W - q * scale| <= scale / 2 elementwise), and the
 scale takes W's own logical axis names: it shards with its kernel on any mesh (a size-1 or
@@ -39,13 +40,22 @@ def scale_shape(shape: tuple[int, ...], lead: int, n_in: int, group: int | None)
     """The scale's shape for a kernel of `shape` (`lead` leading axes, then `n_in` input axes)."""
     ins = shape[lead:lead + n_in]
     if group is None:
-        kept = (1,) * n_in
-    else:
-        if ins[-1] % group:
-            raise ValueError(f"quantization group {group} does not divide the input width "
-                             f"{ins[-1]} of a kernel of shape {tuple(shape)}")
-        kept = ins[:-1] + (ins[-1] // group,)
-    return shape[:lead] + kept + shape[lead + n_in:]
+        return shape[:lead] + (1,) * n_in + shape[lead + n_in:]
+    if math.prod(ins) % group:
+        raise ValueError(f"quantization group {group} does not divide the input width "
+                         f"{math.prod(ins)} of a kernel of shape {tuple(shape)}")
+    kept, run = [], group  # a run of `group` flattened input rows, taken from the last axis back
+    for dim in reversed(ins):
+        if run >= dim and run % dim == 0:
+            kept.append(1)
+            run //= dim
+        elif run < dim and dim % run == 0:
+            kept.append(dim // run)
+            run = 1
+        else:
+            raise ValueError(f"quantization group {group} does not tile the input axes {ins} "
+                             f"of a kernel of shape {tuple(shape)}")
+    return shape[:lead] + tuple(reversed(kept)) + shape[lead + n_in:]
 
 
 def _split(q_shape, s_shape):

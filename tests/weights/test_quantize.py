@@ -100,10 +100,13 @@ TRAIN_CFG = dict(context_length=64, emb_dim=48, n_heads=4, n_layers=2, drop_rate
                  dtype="float32")
 
 
-@pytest.fixture
-def trained(data_dir):
+@pytest.fixture(scope="module")
+def trained():
     """(config, params, held-out windows [N, 65], last loss): 400 Adam steps on the first 90%
     of the-verdict, one id per character (~15 s on two CPU cores)."""
+    data_dir = os.environ.get("JAXGPT_DATA_DIR")  # as conftest's data_dir, once per module
+    if not data_dir or not os.path.isdir(data_dir):
+        pytest.skip("JAXGPT_DATA_DIR is not set to the shared data directory")
     text = Path(data_dir, "the-verdict.txt").read_text(encoding="utf-8")
     chars = sorted(set(text))
     ids = np.array([chars.index(c) for c in text], np.int32)
@@ -163,6 +166,25 @@ def test_trained_model_keeps_perplexity_and_greedy_tokens(trained):
         assert (top == ref_top).mean() > 0.99, (weights, group, (top == ref_top).mean())
         same = (generate(q, cfg, prompts, 48)[:, 16:] == ref_gen).mean()
         assert same > 0.9, (weights, group, same)
+
+
+def test_engine_decodes_int8_weights_as_generate_does(trained):
+    """The serving and harness path (the continuous-batching engine) on int8 weights gives
+    `generate`'s greedy tokens on the same weights."""
+    from jaxgpt.inference.engine import Engine, Request, run_to_end
+
+    cfg, params, windows, _ = trained
+    q = quantize(params, "int8")
+    prompts = windows[:3, :10]
+    want = generate(q, cfg, prompts, 12)[:, 10:]
+    engine = Engine(q, cfg, slots=2, max_queue=4).start()
+    got = [[] for _ in prompts]
+    try:
+        run_to_end(engine, [Request(list(map(int, p)), 12, lambda t, f, out=out: out.append(t) or True)
+                            for p, out in zip(prompts, got)])
+    finally:
+        engine.stop()
+    np.testing.assert_array_equal(np.array(got), want)
 
 
 # ---- memory ------------------------------------------------------------------------------------

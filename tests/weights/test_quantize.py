@@ -303,3 +303,33 @@ def test_cli_refuses_bad_weights_in_one_line(cli, tmp_path, capsys):
     assert main(args[:2] + ["--weights", "int8", "--weights-group", "-3"]
                 + (["--prompt", "hi"] if cli == "generate" else [])) == 1
     assert "group must be a positive integer, got -3" in capsys.readouterr().err
+
+
+# ---- the int8 tree on disk ----------------------------------------------------------------------
+
+
+def test_int8_file_round_trip_and_refusals(tmp_path):
+    from safetensors.numpy import save_file
+
+    from jaxgpt.weights.quantized_files import QUANTIZED_FILE, load_quantized, save_quantized
+
+    cfg = GPTConfig(**{**TINY, **FAMILIES["qwen3"]})
+    q = quantize(init_params(cfg, jax.random.key(3)), "int8", 2)
+    path = save_quantized(tmp_path / "int8", cfg, q, 2)
+    assert path.name == QUANTIZED_FILE
+    config, back = load_quantized(tmp_path / "int8")
+    assert config == cfg
+    for (pa, a), (pb, b) in zip(flatten(q).items(), flatten(back).items()):
+        assert pa == pb and a.dtype == b.dtype
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_array_equal(GPT(cfg).apply({"params": back}, IDS),
+                                  GPT(cfg).apply({"params": q}, IDS))
+    with pytest.raises(ValueError, match=r"scale is float32\[1, 12\], expected"):
+        save_quantized(tmp_path / "x", cfg, quantize(init_params(cfg, jax.random.key(3)), "int8"), 2)
+    with pytest.raises(FileNotFoundError, match=f"has no {QUANTIZED_FILE}"):
+        load_quantized(tmp_path / "nothing")
+    (tmp_path / "other").mkdir()
+    save_file({"a": np.zeros(2, np.float32)}, str(tmp_path / "other" / QUANTIZED_FILE),
+              metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="is not a jaxgpt int8 file"):
+        load_quantized(tmp_path / "other")

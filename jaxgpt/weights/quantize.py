@@ -101,6 +101,24 @@ def quantize(params, weights: str = "int8", group: int | None = None):
     return unflatten(flat)
 
 
+def leaf_converter(abstract, weights: str = "int8", group: int | None = None):
+    """(path, leaf) -> the leaf as `quantize` makes it, for a loader that reads one leaf at a
+    time (never the whole float tree); `abstract` (the model's tree of shapes) is checked first,
+    so a group no kernel takes fails before anything is read."""
+    check_weights(weights, group)
+    found = _check_groups(abstract, group) if weights == "int8" else {}
+    dtype = jnp.dtype(weights) if weights != "int8" else None
+
+    def convert(path: str, x):
+        if path in found:
+            return _quantize_leaf(x, *found[path], group)
+        if dtype is not None and _floating(x) and x.dtype != dtype:
+            return x.astype(dtype)
+        return x
+
+    return convert
+
+
 def _floating(x) -> bool:
     return jnp.issubdtype(x.dtype, jnp.floating)
 

@@ -232,7 +232,8 @@ def test_quantized_tree_on_a_mesh_gives_the_same_logits(sharded, mesh):
     got = sharded[mesh]
     assert got["devices"] == 8
     assert got["placed_diff"] < 1e-5 and got["requantized_diff"] < 1e-5  # vs one device, int8
-    assert got["same_place"]  # quantized where they lie = host-quantized, placed by the rules
+    assert got["loaded_diff"] < 1e-5  # load_model(mesh=..., weights="int8"), streamed
+    assert got["same_place"] and got["loaded_same_place"]  # = host-quantized, placed by the rules
     assert got["q_bytes_per_device"] < got["q_bytes"]  # the int8 weights are split, not copied
 
 
@@ -264,6 +265,12 @@ def test_load_model_in_each_weights_kind(tmp_path):
             jnp.bfloat16 if weights == "bfloat16" else jnp.float32)
         got = GPT(config).apply({"params": loaded}, IDS)
         np.testing.assert_allclose(got, ref, atol=2e-2 * float(jnp.abs(ref).max()))
+        if weights == "int8":  # streamed and quantized leaf by leaf = quantized after loading
+            want = quantize(params, "int8", group)
+            for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(want)):
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(ValueError, match="down_proj/kernel: quantization group 7 does not divide"):
+        load_model(tmp_path / "hf", weights="int8", weights_group=7)  # before a weight is read
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -3,8 +3,9 @@
     python tests/e2e/workers/quantized_sharded.py OUT.json
 
 The device count must be fixed before JAX starts, hence a process of its own. For each mesh:
-the logits of a host-quantized tree placed by `quantize.shardings`, and of float weights placed
-by the rules and then quantized where they lie, each against the single-device int8 logits;
+the logits of a host-quantized tree placed by `quantize.shardings`, of float weights placed
+by the rules and then quantized where they lie, and of `load_model(..., mesh, weights="int8")`
+on the same weights saved as a Hugging Face directory, each against the single-device int8 logits;
 the partition spec of every q and scale, and the int8 bytes one device holds.
 """
 
@@ -26,11 +27,13 @@ from jaxgpt.config import GPTConfig  # noqa: E402
 from jaxgpt.models.model import GPT, abstract_params, init_params  # noqa: E402
 from jaxgpt.sharding import MeshConfig, boxed_shardings, make_mesh, traced_under  # noqa: E402
 from jaxgpt.trees import flatten  # noqa: E402
+from jaxgpt.weights.huggingface import save_pretrained  # noqa: E402
+from jaxgpt.weights.loader import load_model  # noqa: E402
 from jaxgpt.weights.quantize import quantize, shardings  # noqa: E402
 
 # Sizes the meshes divide (as tests/test_sharding.py): V=40, D=24, H=8, F=96.
 CFG = GPTConfig(vocab_size=40, context_length=16, emb_dim=24, n_heads=8, n_layers=2,
-                drop_rate=0.0, dtype="float32")
+                drop_rate=0.0, dtype="float32", qkv_bias=True)
 MESHES = {"fsdp8": MeshConfig(data=1, fsdp=8), "tensor8": MeshConfig(data=1, tensor=8),
           "fsdp2_tensor4": MeshConfig(data=1, fsdp=2, tensor=4)}
 
@@ -49,6 +52,8 @@ def main(out: str) -> None:
     ids = jnp.asarray(np.random.default_rng(0).integers(0, CFG.vocab_size, (8, 9)), jnp.int32)
     host_q = quantize(params, "int8")
     ref = np.asarray(jax.jit(forward)(host_q, ids))
+    hf_dir = Path(out).parent / "hf"
+    save_pretrained(CFG, params, hf_dir)
     result = {}
     for name, shape in MESHES.items():
         mesh = make_mesh(shape)
@@ -58,6 +63,7 @@ def main(out: str) -> None:
         requantized = quantize(floats, "int8")  # each q where its float kernel was
         grouped = jax.device_put(quantize(params, "int8", 6),
                                  shardings(abstract_params(CFG), mesh, "int8", 6))
+        _, loaded = load_model(hf_dir, mesh=mesh, weights="int8", dtype="float32")
         same_place = all(requantized_leaf.sharding == placed_leaf.sharding for requantized_leaf,
                          placed_leaf in zip(jax.tree.leaves(requantized), jax.tree.leaves(placed)))
         qs = [x for p, x in flatten(placed).items() if p.endswith("/q")]
@@ -65,6 +71,9 @@ def main(out: str) -> None:
             "devices": len(mesh.devices.flat),
             "placed_diff": float(np.abs(np.asarray(run(placed, ids)) - ref).max()),
             "requantized_diff": float(np.abs(np.asarray(run(requantized, ids)) - ref).max()),
+            "loaded_diff": float(np.abs(np.asarray(run(loaded, ids)) - ref).max()),
+            "loaded_same_place": all(a.sharding == b.sharding for a, b in
+                                     zip(jax.tree.leaves(loaded), jax.tree.leaves(placed))),
             "same_place": same_place,
             "specs": specs(placed),
             "group_specs": specs(grouped),

@@ -45,6 +45,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "directory's own chat template, else the run's, else alpaca)")
     p.add_argument("--name", default=None, help="the model's id in the API (default: the "
                    "source's last path part)")
+    # Checked by jaxgpt.weights.quantize.check_weights after setup_process (JAX not imported yet).
+    p.add_argument("--weights", default="float32", help="inference weights: float32, bfloat16 "
+                   "or int8 (int8 quantizes the attention and MLP kernels)")
+    p.add_argument("--weights-group", type=int, default=None,
+                   help="int8 scales per this many input rows (default: per output channel)")
     return p.parse_args(argv)
 
 
@@ -68,8 +73,12 @@ def main(argv=None) -> int:
             value = getattr(args, flag)
             if value is not None and value < 1:
                 raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
+        from jaxgpt.weights.quantize import check_weights
+
+        check_weights(args.weights, args.weights_group)
         server = make_server(args.model, slots=args.slots, max_queue=args.max_queue,
                              max_len=args.max_len, template=args.template, name=args.name,
+                             weights=args.weights, weights_group=args.weights_group,
                              prefill_chunk=args.prefill_chunk, prefill_rows=args.prefill_rows,
                              steps_per_dispatch=args.steps_per_dispatch)
         app = build_app(server, max_body_bytes=args.max_body_bytes)

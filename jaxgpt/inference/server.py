@@ -95,11 +95,13 @@ class Server:
 
 
 def make_server(source: str, *, slots: int = 8, max_queue: int = 64, max_len: int | None = None,
-                template: str | None = None, name: str | None = None,
-                **engine_options) -> Server:
-    """Load `source`, start its engine thread and wrap both for the routes; `engine_options`
-    (prefill_chunk, prefill_rows, steps_per_dispatch) go to the `Engine`."""
-    config, params, chosen = load_chat_model(source, template)
+                template: str | None = None, name: str | None = None, weights: str = "float32",
+                weights_group: int | None = None, **engine_options) -> Server:
+    """Load `source` (in `weights`: float32, bfloat16 or int8), start its engine thread and wrap
+    both for the routes; `engine_options` (prefill_chunk, prefill_rows, steps_per_dispatch) go
+    to the `Engine`."""
+    config, params, chosen = load_chat_model(source, template, weights=weights,
+                                             weights_group=weights_group)
     tokenizer, stop_ids = model_tokenizer(source, config)
     # A family's own chat template, unless --template names an instruction format (rendered as
     # text, then read by the model's tokenizer all the same).

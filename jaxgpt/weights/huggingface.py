@@ -33,6 +33,7 @@ from jaxgpt.models.model import abstract_params
 from jaxgpt.sharding import boxed_shardings
 from jaxgpt.trees import check_like, flatten, unflatten
 from jaxgpt.weights import gpt2, llama
+from jaxgpt.weights.quantize import leaf_converter
 from jaxgpt.weights.hf_files import read_json, read_tensor, resolve, tensor_index, weight_files, write_safetensors
 
 # config.json model_type, and GPTConfig.family -> the module with that family's name table.
@@ -65,10 +66,11 @@ def load_pretrained(name_or_path: str | os.PathLike, **config_overrides) -> tupl
     return load_hf(resolve(name_or_path), **config_overrides)
 
 
-def load_hf(directory: str | os.PathLike, *, mesh=None, param_dtype=None,
-            **overrides) -> tuple[GPTConfig, dict]:
+def load_hf(directory: str | os.PathLike, *, mesh=None, param_dtype=None, weights: str = "float32",
+            weights_group: int | None = None, **overrides) -> tuple[GPTConfig, dict]:
     """(config, params) of a Hugging Face directory of any family; each leaf goes straight to
-    its shards of `mesh` (or the default device) as it is read."""
+    its shards of `mesh` (or the default device) as it is read, converted to `weights`
+    (jaxgpt.weights.quantize) there, so int8 weights never sit beside the whole float model."""
     directory = Path(directory)
     source = directory / "config.json"
     if not source.is_file():
@@ -97,7 +99,8 @@ def load_hf(directory: str | os.PathLike, *, mesh=None, param_dtype=None,
                              f"{Path(headers[name].file).name}, but {source} describes {shape}: "
                              "config.json and the weights disagree")
     sources = leaf_sources(family, config, untie=file_config.tie_embeddings)
-    return config, _stream(sources, headers, config, mesh, jnp.dtype(param_dtype or jnp.float32))
+    dtype = jnp.dtype(param_dtype or (jnp.bfloat16 if weights == "bfloat16" else jnp.float32))
+    return config, _stream(sources, headers, config, mesh, dtype, weights, weights_group)
 
 
 def leaf_sources(family, config: GPTConfig, untie: bool = False) -> dict[tuple, tuple[list[str], object]]:
@@ -115,17 +118,25 @@ def leaf_sources(family, config: GPTConfig, untie: bool = False) -> dict[tuple, 
     return out
 
 
-def _stream(sources: dict, headers: dict, config: GPTConfig, mesh, dtype) -> dict:
-    """Every leaf read, converted and placed in turn: its shards of `mesh`, or the default device."""
-    expected = flatten(abstract_params(config, boxed=False), sep=None)
+def _stream(sources: dict, headers: dict, config: GPTConfig, mesh, dtype, weights: str = "float32",
+            group: int | None = None) -> dict:
+    """Every leaf read, converted and placed in turn: its shards of `mesh`, or the default
+    device; then made `weights` where it lies (an int8 kernel's q where the kernel was)."""
+    abstract = abstract_params(config, boxed=False)
+    # a group no kernel takes fails here, before reading; float32 keeps what param_dtype read
+    convert = leaf_converter(abstract, weights, group) if weights != "float32" else (lambda _, x: x)
+    expected = flatten(abstract, sep=None)
     shardings = None if mesh is None else flatten(boxed_shardings(abstract_params(config), mesh), sep=None)
-    flat = {}
+    flat, shapes = {}, {}
     for path, (names, to_jx) in sources.items():
         x = _read_leaf(headers, names, to_jx, config, dtype)
         x = _pad_to(x, expected[path].shape, path)
-        flat[path] = jax.device_put(x, shardings[path]) if shardings else jnp.asarray(x)
+        placed = jax.device_put(x, shardings[path]) if shardings else jnp.asarray(x)
         del x
-    check_like(flat, expected)
+        shapes[path] = jax.ShapeDtypeStruct(placed.shape, placed.dtype)
+        flat[path] = convert("/".join(path), placed)
+        del placed
+    check_like(shapes, expected)
     return unflatten(flat)
 
 

@@ -29,6 +29,18 @@ import jax
 import jax.numpy as jnp
 
 QMAX = 127  # symmetric: -127..127, so that -W quantizes to -q
+WEIGHTS = ("float32", "bfloat16", "int8")  # the kinds of weights a model can be held in
+
+
+def check_weights(weights: str, group: int | None = None) -> None:
+    """Raise a one-line ValueError for a weights kind or quantization group no model takes."""
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
+    if group is not None:
+        if weights != "int8":
+            raise ValueError(f"a quantization group needs weights=int8, got weights={weights}")
+        if not isinstance(group, int) or isinstance(group, bool) or group < 1:
+            raise ValueError(f"quantization group must be a positive integer, got {group!r}")
 
 
 def is_quantized(x) -> bool:

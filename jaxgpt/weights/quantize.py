@@ -31,26 +31,15 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxgpt.kernels.quantized import WEIGHTS, check_weights  # noqa: F401  (public here too)
 from jaxgpt.kernels.quantized import is_quantized, quantize_kernel, scale_shape
 from jaxgpt.lora.transform import DEFAULT_TARGETS
 from jaxgpt.sharding import boxed_shardings
 from jaxgpt.trees import flatten, unflatten
 
-WEIGHTS = ("float32", "bfloat16", "int8")
 TARGETS = DEFAULT_TARGETS  # the projections of every block, as LoRA adapts them
 # Kernels that read two input axes: the attention output [H, K, D].
 TWO_INPUT_AXES = ("attn/c_proj/kernel", "self_attn/o_proj/kernel")
-
-
-def check_weights(weights: str, group: int | None = None) -> None:
-    """Raise a one-line ValueError for a weights kind or quantization group no model takes."""
-    if weights not in WEIGHTS:
-        raise ValueError(f"weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
-    if group is not None:
-        if weights != "int8":
-            raise ValueError(f"a quantization group needs weights=int8, got weights={weights}")
-        if not isinstance(group, int) or isinstance(group, bool) or group < 1:
-            raise ValueError(f"quantization group must be a positive integer, got {group!r}")
 
 
 def layout(path: str, ndim: int) -> tuple[int, int]:
@@ -153,13 +142,28 @@ def quantized_axes(boxed_abstract, weights: str = "int8", group: int | None = No
     """The abstract tree `quantize` makes of `boxed_abstract` (`model.abstract_params(config)`),
     each leaf boxed with its logical axis names: q and scale take their kernel's."""
     check_weights(weights, group)
-    is_box = lambda x: isinstance(x, nn.LogicallyPartitioned)  # noqa: E731
     shapes = jax.eval_shape(lambda p: quantize(p, weights, group), nn.meta.unbox(boxed_abstract))
-    boxes = flatten(boxed_abstract, is_leaf=is_box)
+    return _rebox(boxed_abstract, shapes)
+
+
+def lora_base(boxed_frozen, config):
+    """A LoRA run's frozen base as it trains: in `config.base_weights` (QLoRA with int8: its
+    projection kernels int8, dequantized inside each product), each leaf boxed with its logical
+    axes as before (q and scale with their kernel's). float32 leaves the tree as it is. The
+    adapters trained over it are the same tree as over the float base, and apply to it."""
+    if config is None or config.base_weights == "float32":
+        return boxed_frozen
+    values = quantize(nn.meta.unbox(boxed_frozen), config.base_weights, config.base_group)
+    return _rebox(boxed_frozen, values)
+
+
+def _rebox(boxed, values):
+    """`values` (a tree `quantize` made of `boxed`'s) with `boxed`'s logical-axis boxes."""
+    is_box = lambda x: isinstance(x, nn.LogicallyPartitioned)  # noqa: E731
+    boxes = flatten(boxed, is_leaf=is_box)
     out = {}
-    for path, x in flatten(shapes).items():
-        parent = path.rsplit("/", 1)[0]
-        box = boxes[path] if path in boxes else boxes[parent]  # a quantized kernel's q, scale
+    for path, x in flatten(values).items():
+        box = boxes[path] if path in boxes else boxes[path.rsplit("/", 1)[0]]  # q, scale
         out[path] = box.replace_boxed(x) if is_box(box) else x
     return unflatten(out)
 

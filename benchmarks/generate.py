@@ -18,11 +18,6 @@ the bound is tokens/s = batch x bandwidth / (weight bytes in the compute dtype +
 bytes of the average context). jaxgpt keeps float32 parameters and casts them in the step; a
 second line runs it on parameters cast to the compute dtype first, which shows what the cast
 costs. The uncached loop and the matmul floor run on CPU only (or with --all).
-
---weights float32,bfloat16,int8 asks another question instead: decode tokens/s of the cached loop
-on the same model with its weights held in each kind (jaxgpt.weights.quantize; the compute dtype
-unchanged), side by side in one run, with the weight bytes a decode step reads per token and
-each kind's ratio to float32 (speed and bytes), and the share of greedy tokens equal to float32's.
 """
 
 from __future__ import annotations
@@ -47,7 +42,6 @@ from jaxgpt.inference.generate import generate  # noqa: E402
 from jaxgpt.models.model import head_logits  # noqa: E402
 from jaxgpt.hostmem import retain_freed_memory  # noqa: E402
 from jaxgpt.weights.huggingface import save_pretrained  # noqa: E402
-from jaxgpt.weights.quantize import quantize, weight_bytes as tree_bytes  # noqa: E402
 
 retain_freed_memory()  # before the first JAX computation (jaxgpt/hostmem.py)
 
@@ -90,29 +84,6 @@ def uncached_generate(params, config, prompt, new_tokens, bucket=32):
     return buf[:, :total]
 
 
-def compare_weights(params, config, prompts, batches, new_tokens, repeats, kinds) -> None:
-    """Cached decode tokens/s with the weights in each of `kinds`, side by side per batch."""
-    trees = {kind: quantize(params, kind) for kind in kinds}
-    unread = (config.context_length - 1) * config.emb_dim * 4  # of the float32 wpe, one row is read
-    read = {kind: tree_bytes(tree) - unread * tree["wpe"]["embedding"].dtype.itemsize // 4
-            for kind, tree in trees.items()}
-    print("weights: " + ", ".join(f"{k} {tree_bytes(t) / 1e6:.0f} MB" for k, t in trees.items()))
-    for batch in batches:
-        ids = prompts[:batch]
-        runs = {kind: functools.partial(generate, tree, config, ids, new_tokens)
-                for kind, tree in trees.items()}
-        tokens = {kind: run()[:, ids.shape[1]:] for kind, run in runs.items()}  # compiles each
-        t = interleaved_best(runs, repeats)
-        base = kinds[0]
-        print(f"\nbatch {batch}, cached decode ({new_tokens} new tokens):")
-        for kind in kinds:
-            rate = batch * new_tokens / t[kind]
-            print(f"  {kind:9s} {rate:9.1f} tokens/s  {t[base] / t[kind]:5.2f}x {base}'s speed; "
-                  f"weights read {read[kind] / batch / 1e6:7.1f} MB/token "
-                  f"({read[kind] / read[base]:.3f}x); greedy tokens equal to {base}'s: "
-                  f"{np.mean(tokens[kind] == tokens[base]):.0%}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="32 new tokens, one repeat")
@@ -124,9 +95,6 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
     parser.add_argument("--all", action="store_true", help="also the uncached loop and the "
                         "matmul floor off CPU")
-    parser.add_argument("--weights", default=None, metavar="KINDS",
-                        help="compare the cached loop with weights in these kinds instead, e.g. "
-                        "float32,bfloat16,int8 (the first is the baseline)")
     args = parser.parse_args()
     new_tokens = args.new_tokens or (32 if args.quick else 200)
     repeats = 1 if args.quick else 3
@@ -146,13 +114,6 @@ def main() -> None:
     cast = jax.tree.map(lambda x: x.astype(dt), params)  # what a bfloat16 checkpoint would hold
     prompts = np.random.default_rng(0).integers(0, config.vocab_size, (max(batches), prompt_len))
     prompts = prompts.astype(np.int32)
-    if args.weights:
-        print(f"hardware: {hardware()}")
-        print(f"model: {args.preset} shape {sizes or ''}, {count_params(params) / 1e6:.1f}M "
-              f"parameters, random, compute {dt.name}; prompt {prompt_len} tokens, greedy")
-        compare_weights(params, config, prompts, batches, new_tokens, repeats,
-                        [k.strip() for k in args.weights.split(",")])
-        return
 
     import torch
     from transformers import GPT2LMHeadModel

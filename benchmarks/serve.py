@@ -14,12 +14,6 @@ p50/p99, inter-token latency (gaps between text events) p50/p99. The peer: the s
 prompts through `generate` (batch 1, the same max_new_tokens), one after another, after a
 warm-up per prompt bucket; its tokens/s is the ratio's denominator. Bounded: every level has a
 deadline (`--timeout`), and the run stops there.
-
-Two engines run the same levels, one after the other (`--engines`): `one-at-a-time` reads each
-joining prompt alone and dispatches one decode step per call (the engine before 2026-12-04),
-`batched` reads the prompts that arrive together in one call (and a long one in pieces) and runs
-`--steps-per-dispatch` decode steps per call while no prompt waits. With several steps per
-call text events come in bursts: ITL p50 is then the gap inside a burst.
 """
 
 from __future__ import annotations
@@ -117,26 +111,6 @@ def sequential_rate(params, config, prompts, max_tokens) -> float:
     return tokens / (time.perf_counter() - t0)
 
 
-ENGINES = {"one-at-a-time": dict(prefill_rows=1, steps_per_dispatch=1), "batched": {}}
-
-
-def start_server(params, config, args, n_req: int, options: dict):
-    """An engine with `options` behind the app, on a loopback port: (engine, web, port)."""
-    engine = Engine(params, config, slots=args.slots, max_len=args.max_len, max_queue=n_req,
-                    **options).start()
-    server = Server(engine, get_tokenizer("gpt2"), "bench", chat_renderer("alpaca"), (EOT_ID,))
-    import uvicorn
-
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    web = uvicorn.Server(uvicorn.Config(build_app(server), log_level="warning"))
-    threading.Thread(target=web.run, kwargs={"sockets": [sock]}, daemon=True).start()
-    while not web.started:
-        time.sleep(0.05)
-    return engine, web, port
-
-
 def pct(values, q) -> float:
     return float(np.percentile(values, q)) if len(values) else float("nan")
 
@@ -152,8 +126,6 @@ def main(argv=None) -> int:
                    help="how many of the requests the generate peer runs (its rate is per token)")
     p.add_argument("--timeout", type=float, default=600.0, help="deadline per level, seconds")
     p.add_argument("--preset", default="gpt2-small")
-    p.add_argument("--engines", nargs="+", default=list(ENGINES), choices=list(ENGINES))
-    p.add_argument("--steps-per-dispatch", type=int, default=4)
     args = p.parse_args(argv)
     print(hardware())
     config = GPTConfig.preset(args.preset)
@@ -165,6 +137,24 @@ def main(argv=None) -> int:
     # Ids below EOT: a random model could still pick EOT and stop early; tokens are counted.
     prompts = [rng.integers(0, EOT_ID, rng.integers(16, 33)).tolist() for _ in range(n_req)]
 
+    engine = Engine(params, config, slots=args.slots, max_len=args.max_len,
+                    max_queue=n_req).start()
+    server = Server(engine, get_tokenizer("gpt2"), "bench", chat_renderer("alpaca"), (EOT_ID,))
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    web = uvicorn.Server(uvicorn.Config(build_app(server), log_level="warning"))
+    threading.Thread(target=web.run, kwargs={"sockets": [sock]}, daemon=True).start()
+    while not web.started:
+        time.sleep(0.05)
+
+    # Warm-up: compile the prefill buckets (16, 32) and the decode step.
+    t0 = time.perf_counter()
+    asyncio.run(run_level(port, [prompts[0][:16], prompts[0]], 2, 1, 2, args.timeout))
+    print(f"server warm-up (compiles): {time.perf_counter() - t0:.1f} s")
+
     # The peer: the same prompts through generate, one after another, before the levels and
     # again after them (the machine's load drifts; each level is compared with their mean).
     seq = prompts[:args.sequential]
@@ -175,33 +165,16 @@ def main(argv=None) -> int:
     print(f"sequential jaxgpt.generate, before: {half} requests, {before:.1f} tokens/s")
 
     rows = []
-    for label in args.engines:
-        options = dict(ENGINES[label])
-        if label == "batched":
-            options["steps_per_dispatch"] = args.steps_per_dispatch
-        engine, web, port = start_server(params, config, args, n_req, options)
-        # Warm-up: compile the prefill shapes (widths 16 and 32, row counts up to --slots; the
-        # batched engine compiles one per (rows, width)) and the decode steps.
-        t0 = time.perf_counter()
-        for width in (16, 32):
-            for clients in sorted({1, 2, 4, 8, 16, 32, args.slots} & set(range(1, args.slots + 1))):
-                asyncio.run(run_level(port, [prompts[0][:width]], clients, 1, 2, args.timeout))
-        asyncio.run(run_level(port, prompts, 2, 1, 2 * args.steps_per_dispatch, args.timeout))
-        print(f"{label} server warm-up (compiles): {time.perf_counter() - t0:.1f} s", flush=True)
-        for clients in args.clients:
-            results, wall = asyncio.run(run_level(port, prompts, clients,
-                                                  args.requests_per_client, args.max_tokens,
-                                                  args.timeout))
-            good = [r for r in results if r["ok"]]
-            tokens = sum(r["tokens"] for r in good)
-            ttft = [r["times"][0] - r["sent"] for r in good if r["times"]]
-            itl = [b - a for r in good for a, b in zip(r["times"], r["times"][1:])]
-            rows.append((label, clients, len(results), len(results) - len(good), tokens,
-                         tokens / wall, ttft, itl))
-            print(f"{label}, level {clients}: {tokens / wall:.1f} tokens/s", flush=True)
-        print(f"{label} engine: {engine.load()}")
-        web.should_exit = True
-        engine.stop()
+    for clients in args.clients:
+        results, wall = asyncio.run(run_level(port, prompts, clients, args.requests_per_client,
+                                              args.max_tokens, args.timeout))
+        good = [r for r in results if r["ok"]]
+        tokens = sum(r["tokens"] for r in good)
+        ttft = [r["times"][0] - r["sent"] for r in good if r["times"]]
+        itl = [b - a for r in good for a, b in zip(r["times"], r["times"][1:])]
+        rows.append((clients, len(results), len(results) - len(good), tokens, tokens / wall,
+                     ttft, itl))
+        print(f"level {clients}: {tokens / wall:.1f} tokens/s", flush=True)
     after = sequential_rate(params, config, seq[half:] or seq, args.max_tokens)
     seq_rate = (before + after) / 2
     print(f"sequential jaxgpt.generate, after: {len(seq[half:] or seq)} requests, {after:.1f} "
@@ -210,20 +183,16 @@ def main(argv=None) -> int:
     print(f"matmul floor of a decode step (XLA, the matmuls alone): 1 row {one * 1e3:.0f} ms, "
           f"{args.slots} rows {full * 1e3:.0f} ms, i.e. {args.slots * one / full:.1f}x the tokens/s "
           f"of 1 row")
-    print("\n| engine | clients | requests | failed | tokens | tokens/s | vs sequential | "
-          "TTFT p50 | TTFT p99 | ITL p50 | ITL p99 |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for label, clients, n, failed, tokens, rate, ttft, itl in rows:
-        print(f"| {label} | {clients} | {n} | {failed} | {tokens} | {rate:.1f} | "
-              f"{rate / seq_rate:.2f}x | {pct(ttft, 50) * 1e3:.0f} ms | "
-              f"{pct(ttft, 99) * 1e3:.0f} ms | {pct(itl, 50) * 1e3:.0f} ms | "
-              f"{pct(itl, 99) * 1e3:.0f} ms |")
-    by = {(r[0], r[1]): r for r in rows}
-    for clients in args.clients:
-        old, new = by.get(("one-at-a-time", clients)), by.get(("batched", clients))
-        if old and new:
-            print(f"{clients} clients, batched / one-at-a-time: tokens/s {new[5] / old[5]:.2f}x, "
-                  f"TTFT p99 {pct(new[6], 99) / pct(old[6], 99):.2f}x")
+    print("\n| clients | requests | failed | tokens | tokens/s | vs sequential | TTFT p50 | "
+          "TTFT p99 | ITL p50 | ITL p99 |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for clients, n, failed, tokens, rate, ttft, itl in rows:
+        print(f"| {clients} | {n} | {failed} | {tokens} | {rate:.1f} | {rate / seq_rate:.2f}x | "
+              f"{pct(ttft, 50) * 1e3:.0f} ms | {pct(ttft, 99) * 1e3:.0f} ms | "
+              f"{pct(itl, 50) * 1e3:.0f} ms | {pct(itl, 99) * 1e3:.0f} ms |")
+    print(f"engine: {engine.load()}")
+    web.should_exit = True
+    engine.stop()
     return 0
 
 

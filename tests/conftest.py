@@ -5,7 +5,6 @@ import os
 import shutil
 import tempfile
 
-import jax
 import numpy as np
 import pytest
 
@@ -16,11 +15,6 @@ from jaxgpt.config import GPTConfig
 if "JAXGPT_CACHE_DIR" not in os.environ:
     os.environ["JAXGPT_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxgpt-test-xla-")
     atexit.register(shutil.rmtree, os.environ["JAXGPT_CACHE_DIR"], True)
-# This process never uses it: a script test run in-process turns the cache on, and every later
-# compile then writes its executable there. In the full suite, writing test_precision's train
-# step segfaulted XLA:CPU (twice, in put_executable_and_time; the file alone passes). Off here,
-# the subprocesses keep theirs.
-jax.config.update("jax_enable_compilation_cache", False)
 
 # Sizes chosen pairwise distinct: V=17, context 11, D=12, H=3 (K=4), F=48, L=2. Float32 on
 # every backend: the tests compare with float32 references at float32 tolerances, and

@@ -26,7 +26,6 @@ from jaxgpt.inference.requests import check_request, check_size
 from jaxgpt.inference.sampling import Sampling
 from jaxgpt.tasks.instruct import responses
 from jaxgpt.weights.loader import load_model
-from jaxgpt.weights.quantize import check_weights
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -39,10 +38,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--weights", default="float32", help="inference weights: float32, bfloat16 "
-                   "or int8 (int8 quantizes the attention and MLP kernels); checked in one line")
-    p.add_argument("--weights-group", type=int, default=None,
-                   help="int8 scales per this many input rows (default: per output channel)")
     return p.parse_args(argv)
 
 
@@ -54,8 +49,7 @@ def main(argv=None) -> int:
         # Options first: a request no model could take is refused before the weights load.
         check_request(args.max_new_tokens, sampling, name="--max-new-tokens")
         check_size(1, 1, args.max_new_tokens)
-        check_weights(args.weights, args.weights_group)
-        config, params = load_model(args.model, weights=args.weights, weights_group=args.weights_group)
+        config, params = load_model(args.model)
         template = chat_template(args.model, args.template)
         tok, stop_ids = model_tokenizer(args.model, config)
     except USER_ERRORS as err:  # a bad option, path or checkpoint: one line

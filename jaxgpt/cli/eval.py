@@ -31,11 +31,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=16, help="rows per forward pass; decode slots")
     p.add_argument("--dtype", default=None, help="compute dtype (float32, bfloat16; default: the model's)")
     p.add_argument("--step", type=int, default=None, help="a run directory's checkpoint step")
-    # Checked by jaxgpt.weights.quantize.check_weights after setup_process (JAX not imported yet).
-    p.add_argument("--weights", default="float32", help="inference weights: float32, bfloat16 "
-                   "or int8 (int8 quantizes the attention and MLP kernels)")
-    p.add_argument("--weights-group", type=int, default=None,
-                   help="int8 scales per this many input rows (default: per output channel)")
     p.add_argument("--num-fewshot", type=int, default=None)
     p.add_argument("--bootstrap-iters", type=int, default=0, help="resamples for the stderr (0: none)")
     p.add_argument("--online", action="store_true", help="let the harness download task data")
@@ -76,13 +71,9 @@ def main(argv=None) -> int:
             raise ValueError(f"--limit must be positive, got {args.limit:g}")
         limit = None if args.limit is None else int(args.limit) if args.limit >= 1 else args.limit
         metadata = _metadata(args.metadata)
-        from jaxgpt.weights.quantize import check_weights
-
-        check_weights(args.weights, args.weights_group)
         manager = task_manager(args.include_path, metadata, tasks)
         check_tasks(manager, tasks)  # every task and its data, before the model loads
-        lm = JaxgptLM(args.model, step=args.step, dtype=args.dtype, batch_size=args.batch_size,
-                      weights=args.weights, weights_group=args.weights_group)
+        lm = JaxgptLM(args.model, step=args.step, dtype=args.dtype, batch_size=args.batch_size)
         results = evaluate(lm, tasks, limit=limit, manager=manager, num_fewshot=args.num_fewshot,
                            bootstrap_iters=args.bootstrap_iters)
         lm.close()

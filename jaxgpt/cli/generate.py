@@ -23,7 +23,6 @@ from jaxgpt.inference.generate import generate_stream
 from jaxgpt.inference.requests import check_request, check_size
 from jaxgpt.inference.sampling import Sampling
 from jaxgpt.weights.loader import load_model
-from jaxgpt.weights.quantize import check_weights
 
 DEFAULT_TOP_K = 40
 
@@ -40,10 +39,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop-at-eot", action=argparse.BooleanOptionalAction, default=True,
                    help="stop at <|endoftext|> (a Llama/Qwen3 model: any of its end-of-text/turn ids)")
-    p.add_argument("--weights", default="float32", help="inference weights: float32, bfloat16 "
-                   "or int8 (int8 quantizes the attention and MLP kernels); checked in one line")
-    p.add_argument("--weights-group", type=int, default=None,
-                   help="int8 scales per this many input rows (default: per output channel)")
     return p.parse_args(argv)
 
 
@@ -55,8 +50,7 @@ def main(argv=None) -> int:
         check_request(args.max_new_tokens, Sampling(args.temperature, args.top_k, args.top_p),
                       least=0, name="max_new_tokens")
         check_size(1, 1, args.max_new_tokens)
-        check_weights(args.weights, args.weights_group)
-        config, params = load_model(args.model, weights=args.weights, weights_group=args.weights_group)
+        config, params = load_model(args.model)
         tokenizer, stop_ids = model_tokenizer(args.model, config)
     except USER_ERRORS as err:  # a bad option, path or checkpoint: one line
         return fail(err, 1)

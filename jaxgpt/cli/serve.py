@@ -34,22 +34,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-body-bytes", type=int, default=None,
                    help="largest request body; more is answered 413 before it is read "
                    "(default: 32 bytes per position of --max-len, at least 1 MiB)")
-    p.add_argument("--prefill-chunk", type=int, default=256,
-                   help="most prompt tokens read per prefill call: a longer prompt is read in "
-                   "pieces between decode steps")
-    p.add_argument("--prefill-rows", type=int, default=None,
-                   help="most prompts read together in one prefill call (default: --slots)")
-    p.add_argument("--steps-per-dispatch", type=int, default=4,
-                   help="decode steps per device call while no prompt waits to be read")
     p.add_argument("--template", default=None, help="chat prompt format (default: a Llama/Qwen3 "
                    "directory's own chat template, else the run's, else alpaca)")
     p.add_argument("--name", default=None, help="the model's id in the API (default: the "
                    "source's last path part)")
-    # Checked by jaxgpt.weights.quantize.check_weights after setup_process (JAX not imported yet).
-    p.add_argument("--weights", default="float32", help="inference weights: float32, bfloat16 "
-                   "or int8 (int8 quantizes the attention and MLP kernels)")
-    p.add_argument("--weights-group", type=int, default=None,
-                   help="int8 scales per this many input rows (default: per output channel)")
     return p.parse_args(argv)
 
 
@@ -69,18 +57,8 @@ def main(argv=None) -> int:
             raise ValueError(f"--port must be in [0, 65535], got {args.port}")
         if args.max_body_bytes is not None and args.max_body_bytes < 1:
             raise ValueError(f"--max-body-bytes must be at least 1, got {args.max_body_bytes}")
-        for flag in ("prefill_chunk", "prefill_rows", "steps_per_dispatch"):
-            value = getattr(args, flag)
-            if value is not None and value < 1:
-                raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
-        from jaxgpt.weights.quantize import check_weights
-
-        check_weights(args.weights, args.weights_group)
         server = make_server(args.model, slots=args.slots, max_queue=args.max_queue,
-                             max_len=args.max_len, template=args.template, name=args.name,
-                             weights=args.weights, weights_group=args.weights_group,
-                             prefill_chunk=args.prefill_chunk, prefill_rows=args.prefill_rows,
-                             steps_per_dispatch=args.steps_per_dispatch)
+                             max_len=args.max_len, template=args.template, name=args.name)
         app = build_app(server, max_body_bytes=args.max_body_bytes)
     except USER_ERRORS as err:
         return fail(err, 1)

@@ -3,11 +3,8 @@ engine jobs, chat messages rendered with the model's prompt template, and genera
 turned into text that stops at stop strings. Nothing here touches the network or the device.
 
 Parsing here checks the JSON's shape (types, presence, the protocol's own fields: model, n,
-stop, stream, logprobs, echo) and refuses by name a field the endpoint does not know, or one of
-the OpenAI API it does not implement (suffix, best_of, penalties, tools...) unless its value
-turns it off. /v1/completions takes several prompts in one body (strings or token-id lists,
-one choice each) and, with `echo`, `max_tokens: 0`: the prompt's log-probabilities alone, which
-is what lm-evaluation-harness's `local-completions` model asks for. The values
+stop, stream) and refuses by name a field the endpoint does not know, or one of the OpenAI
+API it does not implement (logprobs, echo...) unless its value turns it off; the values
 (token counts, sampling options, the prompt and its length) are checked by
 `jaxgpt.inference.requests.check_request`, as for every other caller. A bad request
 raises `ApiError` with the status and the OpenAI error body {"error": {"message", "type",
@@ -23,7 +20,6 @@ from typing import Any, Callable
 
 from jaxgpt.data.prompts import get_template
 from jaxgpt.data.tokenizer import TextDecoder
-from jaxgpt.inference.logprobs import MAX_TOP
 from jaxgpt.inference.requests import RequestError, check_request
 from jaxgpt.inference.sampling import Sampling
 
@@ -57,8 +53,6 @@ class Job:
     stops: list[str]
     stream: bool
     include_usage: bool = False
-    logprobs: int | None = None  # alternatives per token to return (None: no logprobs)
-    echo: bool = False  # the prompt comes back before the completion (with its logprobs)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -130,16 +124,17 @@ def _get(body: dict, name: str, check: Callable[[Any], bool], what: str, default
 # The fields each endpoint reads (`user` only names the caller: nothing to do with it).
 OPTION_FIELDS = frozenset({"model", "n", "temperature", "top_p", "top_k", "seed", "stop",
                            "stream", "stream_options", "max_tokens", "max_completion_tokens",
-                           "user", "logprobs"})
-ENDPOINT_FIELDS = {"/v1/completions": OPTION_FIELDS | {"prompt", "echo"},
-                   "/v1/chat/completions": OPTION_FIELDS | {"messages", "top_logprobs"}}
-MAX_COMPLETION_LOGPROBS = 5  # as OpenAI's /v1/completions
+                           "user"})
+ENDPOINT_FIELDS = {"/v1/completions": OPTION_FIELDS | {"prompt"},
+                   "/v1/chat/completions": OPTION_FIELDS | {"messages"}}
 # Fields of the OpenAI API this server does not implement: accepted only at a value that
 # turns them off (null always does), refused by name otherwise rather than silently dropped.
 NOT_IMPLEMENTED = {
-    "/v1/completions": {"suffix": ("",), "best_of": (1,), "presence_penalty": (0,),
-                        "frequency_penalty": (0,), "logit_bias": ({},)},
-    "/v1/chat/completions": {"presence_penalty": (0,), "frequency_penalty": (0,),
+    "/v1/completions": {"logprobs": (False, 0), "echo": (False,), "suffix": ("",),
+                        "best_of": (1,), "presence_penalty": (0,), "frequency_penalty": (0,),
+                        "logit_bias": ({},)},
+    "/v1/chat/completions": {"logprobs": (False,), "top_logprobs": (0,),
+                             "presence_penalty": (0,), "frequency_penalty": (0,),
                              "logit_bias": ({},), "tools": ([],), "tool_choice": ("none",),
                              "response_format": ({"type": "text"},)},
 }
@@ -200,37 +195,18 @@ def parse_options(body: Any, model_names: list[str], vocab_size: int,
     return dict(temperature=temperature, top_p=top_p,
                 top_k=None if top_k is None else min(top_k, vocab_size), seed=seed, stops=stops,
                 stream=stream, include_usage=include_usage and stream, max_tokens=max_tokens,
-                max_tokens_name=name, logprobs=_logprobs(body, endpoint))
-
-
-def _logprobs(body: dict, endpoint: str) -> int | None:
-    """How many alternatives per token to return, None for no logprobs: /v1/completions'
-    `logprobs` is that count (0 to 5; 0 still gives the chosen token's); the chat endpoint's
-    is a boolean with the count in `top_logprobs` (0 to 20)."""
-    value = body.get("logprobs")
-    if endpoint == "/v1/completions":
-        if value is False:
-            return None
-        return _get(body, "logprobs", lambda x: _is_int(x) and 0 <= x <= MAX_COMPLETION_LOGPROBS,
-                    f"an integer in [0, {MAX_COMPLETION_LOGPROBS}]", None)
-    on = _get(body, "logprobs", lambda x: isinstance(x, bool), "a boolean", False)
-    top = _get(body, "top_logprobs", lambda x: _is_int(x) and 0 <= x <= MAX_TOP,
-               f"an integer in [0, {MAX_TOP}]", None)
-    if top and not on:
-        raise ApiError(f"'top_logprobs' needs 'logprobs': true, got top_logprobs {top}",
-                       "top_logprobs")
-    return (top or 0) if on else None
+                max_tokens_name=name)
 
 
 def _fit(opts: dict, prompt_ids: list[int], max_len: int, vocab_size: int, default: int | None,
-         param: str, least: int = 1) -> Job:
+         param: str) -> Job:
     """The job, its values checked: max_tokens when not given fills what the context leaves
-    (at most `default`); `least` 0 lets max_tokens be 0 (an echo's prompt scores alone)."""
+    (at most `default`)."""
     max_tokens, name = opts.pop("max_tokens"), opts.pop("max_tokens_name")
     sampling = Sampling(opts["temperature"], opts["top_k"], opts["top_p"])
     try:
         check_request(max_tokens, sampling, vocab_size=vocab_size, max_len=max_len,
-                      prompt=prompt_ids, name=name, least=least)
+                      prompt=prompt_ids, name=name)
     except RequestError as err:
         where = {"max_tokens": name, "prompt": param}.get(err.field, err.field)
         shown = "the prompt" if where == "messages" else f"'{where}'"  # a rendered chat
@@ -245,35 +221,21 @@ def _fit(opts: dict, prompt_ids: list[int], max_len: int, vocab_size: int, defau
 
 
 def parse_completion(body: Any, tokenizer, model_names: list[str], max_len: int,
-                     vocab_size: int) -> list[Job]:
-    """A /v1/completions body, one job per prompt: `prompt` is a string, a list of token ids,
-    or a list of either (several prompts, answered as one choice each, in order)."""
+                     vocab_size: int) -> Job:
+    """A /v1/completions body: `prompt` is a string, a list of one, or a list of token ids."""
     opts = parse_options(body, model_names, vocab_size, "/v1/completions")
-    echo = _get(body, "echo", lambda x: isinstance(x, bool), "a boolean", False)
     prompt = body.get("prompt")
-    one = isinstance(prompt, str) or (isinstance(prompt, list) and prompt
-                                      and all(_is_int(t) for t in prompt))
-    prompts = [prompt] if one else prompt
-    if not (isinstance(prompts, list) and prompts and all(
-            isinstance(p, str) or (isinstance(p, list) and p and all(_is_int(t) for t in p))
-            for p in prompts)):
-        raise ApiError("'prompt' must be a string, a list of token ids, or a non-empty list of "
-                       f"either, got {_short(prompt)}", "prompt")
-    if opts["stream"] and (len(prompts) > 1 or echo):
-        what = f"{len(prompts)} prompts" if len(prompts) > 1 else "'echo'"
-        raise ApiError(f"'stream' takes one prompt without 'echo', got {what}", "stream")
-    jobs = []
-    for i, p in enumerate(prompts):
-        if isinstance(p, str):  # a family's tokenizer adds its BOS, as transformers does
-            ids = tokenizer.encode_text(p) if hasattr(tokenizer, "encode_text") \
-                else tokenizer.encode(p, disallowed_special=())
-        else:
-            ids = list(p)
-        job = _fit(dict(opts), ids, max_len, vocab_size, COMPLETIONS_DEFAULT_MAX_TOKENS,
-                   "prompt" if one else f"prompt[{i}]", least=0 if echo else 1)
-        job.echo = echo
-        jobs.append(job)
-    return jobs
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if isinstance(prompt, str):  # a family's tokenizer adds its BOS, as transformers does
+        ids = tokenizer.encode_text(prompt) if hasattr(tokenizer, "encode_text") \
+            else tokenizer.encode(prompt, disallowed_special=())
+    elif isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
+        ids = list(prompt)
+    else:
+        raise ApiError("'prompt' must be a string, a list of one string or a list of token ids, "
+                       f"got {_short(prompt)}", "prompt")
+    return _fit(opts, ids, max_len, vocab_size, COMPLETIONS_DEFAULT_MAX_TOKENS, "prompt")
 
 
 def parse_chat(body: Any, tokenizer, model_names: list[str], max_len: int, vocab_size: int,

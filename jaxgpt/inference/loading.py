@@ -13,9 +13,7 @@ def chat_template(name_or_dir: str, template: str | None = None) -> str:
     return template or "alpaca"
 
 
-def load_chat_model(name_or_dir: str, template: str | None = None, *, weights: str = "float32",
-                    weights_group: int | None = None):
-    """(config, params, template name): the model from `load_model` (in `weights`) and its
-    `chat_template`."""
-    config, params = load_model(name_or_dir, weights=weights, weights_group=weights_group)
+def load_chat_model(name_or_dir: str, template: str | None = None):
+    """(config, params, template name): the model from `load_model` and its `chat_template`."""
+    config, params = load_model(name_or_dir)
     return config, params, chat_template(name_or_dir, template)

@@ -9,12 +9,6 @@ asyncio queue, which the engine's thread feeds. A full queue answers 429; a bad 
 with an OpenAI-style error body; a body over the limit (`build_app(max_body_bytes=)`) 413
 before it is read; a client that disconnects frees its slot. Bodies are parsed and tokenized
 in a worker thread, so a long one does not stall the other requests.
-
-Log-probabilities (`logprobs`, and for /v1/completions `echo`, several prompts in one body and
-`max_tokens: 0`) come from `jaxgpt.inference.logprobs`: the engine scores each token it
-generates for a request that asks; an echoed prompt is scored by one forward pass in the
-worker thread. This is what lm-evaluation-harness's `local-completions` model needs to score
-tasks against this server.
 """
 
 from __future__ import annotations
@@ -43,7 +37,6 @@ from jaxgpt.inference.api import (
 )
 from jaxgpt.inference.engine import Engine, QueueFull, Request
 from jaxgpt.inference.loading import load_chat_model
-from jaxgpt.inference.logprobs import chat_logprobs, completion_logprobs, prompt_scores
 
 
 class Server:
@@ -57,31 +50,23 @@ class Server:
         self.created = int(time.time())
 
     def submit(self, job: Job, loop: asyncio.AbstractEventLoop):
-        """Queue `job`; returns (request, asyncio.Queue of ("text", delta, Scored or None) and
-        ("done", reason, None)). A job of 0 tokens (an echo) is done at once, never queued."""
+        """Queue `job`; returns (request, asyncio.Queue of ("text", delta) and ("done", reason))."""
         events: asyncio.Queue = asyncio.Queue()
         put = lambda *event: loop.call_soon_threadsafe(events.put_nowait, event)  # noqa: E731
         text = TextStream(self.tokenizer, job.stops)
 
         def on_token(token: int, finish: str | None) -> bool:
-            ends = token in self.stop_ids
-            scored = request.scores[-1] if request.logprobs and not ends and not text.stopped \
-                else None
-            delta = text.feed(None if ends else token)
+            delta = text.feed(None if token in self.stop_ids else token)
             if finish is not None and not text.stopped:
                 delta += text.feed(None)
-            if delta or scored is not None:
-                put("text", delta, scored)
+            if delta:
+                put("text", delta)
             return not text.stopped
 
         seed = job.seed if job.seed is not None else secrets.randbits(32)
         request = Request(job.prompt_ids, job.max_tokens, on_token, temperature=job.temperature,
                           top_k=job.top_k, top_p=job.top_p, seed=seed, stop_ids=self.stop_ids,
-                          on_done=lambda reason: put("done", reason, None),
-                          logprobs=job.logprobs is not None)
-        if job.max_tokens == 0:
-            events.put_nowait(("done", "length", None))
-            return request, events
+                          on_done=lambda reason: put("done", reason))
         try:
             self.engine.submit(request)
         except QueueFull as err:
@@ -95,20 +80,15 @@ class Server:
 
 
 def make_server(source: str, *, slots: int = 8, max_queue: int = 64, max_len: int | None = None,
-                template: str | None = None, name: str | None = None, weights: str = "float32",
-                weights_group: int | None = None, **engine_options) -> Server:
-    """Load `source` (in `weights`: float32, bfloat16 or int8), start its engine thread and wrap
-    both for the routes; `engine_options` (prefill_chunk, prefill_rows, steps_per_dispatch) go
-    to the `Engine`."""
-    config, params, chosen = load_chat_model(source, template, weights=weights,
-                                             weights_group=weights_group)
+                template: str | None = None, name: str | None = None) -> Server:
+    """Load `source`, start its engine thread and wrap both for the routes."""
+    config, params, chosen = load_chat_model(source, template)
     tokenizer, stop_ids = model_tokenizer(source, config)
     # A family's own chat template, unless --template names an instruction format (rendered as
     # text, then read by the model's tokenizer all the same).
     own = isinstance(tokenizer, FamilyTokenizer) and template is None
     render = family_chat_renderer(tokenizer) if own else chat_renderer(chosen)
-    engine = Engine(params, config, slots=slots, max_len=max_len, max_queue=max_queue,
-                    **engine_options).start()
+    engine = Engine(params, config, slots=slots, max_len=max_len, max_queue=max_queue).start()
     shown = name or Path(str(source)).name or str(source)
     return Server(engine, tokenizer, shown, render, stop_ids, aliases=(str(source),))
 
@@ -160,140 +140,98 @@ def _endpoint(server: Server, chat: bool, max_body_bytes: int):
     """The handler of /v1/chat/completions (chat) or /v1/completions."""
     engine = server.engine
 
-    def parse(raw: bytes) -> tuple[dict, list[Job], list]:
-        """The body, its jobs, and each echoed prompt's scores (when it asks for logprobs)."""
+    def parse(raw: bytes) -> tuple[dict, Job]:
         body = _json(raw)
         if chat:
-            return body, [parse_chat(body, server.tokenizer, server.names, engine.max_len,
-                                     engine.config.vocab_size, server.render)], [None]
-        jobs = parse_completion(body, server.tokenizer, server.names, engine.max_len,
-                                engine.config.vocab_size)
-        scored = [prompt_scores(engine.params, engine.config, j.prompt_ids)
-                  if j.echo and j.logprobs is not None else None for j in jobs]
-        return body, jobs, scored
+            return body, parse_chat(body, server.tokenizer, server.names, engine.max_len,
+                                    engine.config.vocab_size, server.render)
+        return body, parse_completion(body, server.tokenizer, server.names, engine.max_len,
+                                      engine.config.vocab_size)
 
     async def handle(http: HttpRequest):
-        runs = []
         try:
             raw = await _read_body(http, max_body_bytes)
-            # JSON, tokenizing and scoring a prompt take a while: in a thread, not the loop.
-            body, jobs, scored = await asyncio.to_thread(parse, raw)
-            loop = asyncio.get_running_loop()
-            for job, prompt_scored in zip(jobs, scored):
-                runs.append(_Run(job, *server.submit(job, loop), prompt_scored))
+            # JSON and tokenizing take a while for a long body: in a thread, not the loop.
+            body, job = await asyncio.to_thread(parse, raw)
+            request, events = server.submit(job, asyncio.get_running_loop())
         except ApiError as err:
-            for run in runs:  # a later prompt was refused: the earlier ones stop too
-                run.request.cancelled.set()
             return _error(err)
-        reply = _Reply(server.tokenizer, chat, runs, {
+        reply = _Reply(chat, job, request, {
             "id": f"{'chatcmpl' if chat else 'cmpl'}-{secrets.token_hex(12)}",
             "created": int(time.time()), "model": body["model"]})
-        if jobs[0].stream:
-            return StreamingResponse(reply.stream(), media_type="text/event-stream",
+        if job.stream:
+            return StreamingResponse(reply.stream(events), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        return await reply.whole(http)
+        return await reply.whole(http, events)
 
     return handle
 
 
-class _Run:
-    """One prompt of a request: its job, engine request, events, and an echo's prompt scores."""
-
-    def __init__(self, job: Job, request, events: asyncio.Queue, prompt_scored):
-        self.job, self.request, self.events, self.prompt_scored = job, request, events, prompt_scored
-
-
 class _Reply:
-    """A request's answer, from its runs' engine events: streamed as server-sent events (one
-    prompt) or whole (one choice per prompt, in order)."""
+    """One request's answer, streamed as server-sent events or whole, from its engine events."""
 
-    def __init__(self, tokenizer, chat: bool, runs: list[_Run], head: dict):
-        self.tokenizer, self.chat, self.runs, self.head = tokenizer, chat, runs, head
+    def __init__(self, chat: bool, job: Job, request, head: dict):
+        self.chat, self.job, self.request, self.head = chat, job, request, head
         self.kind = "chat.completion" if chat else "text_completion"
 
-    def _logprobs(self, run: _Run, generated: list, offset: int = 0, echo: bool = False):
-        n = run.job.logprobs
-        if n is None:
-            return None
-        if self.chat:
-            return chat_logprobs(self.tokenizer, generated, n)
-        prompt = run.job.prompt_ids if echo else None
-        return completion_logprobs(self.tokenizer, prompt, (run.prompt_scored or []) if echo
-                                   else [], generated, n, offset)
-
-    def chunk_choice(self, run: _Run, text: str | None, finish: str | None, scored=None,
-                     first: bool = False, offset: int = 0) -> dict:
-        logprobs = None if scored is None else self._logprobs(run, [scored], offset)
+    def choice(self, text: str | None, finish: str | None, first: bool = False) -> dict:
         if not self.chat:
-            return {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
+            return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
         delta = {"role": "assistant", "content": text or ""} if first else \
             ({"content": text} if text else {})
-        return {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
 
     def usage(self) -> dict:
-        n = sum(len(r.job.prompt_ids) for r in self.runs)
-        generated = sum(r.request.generated for r in self.runs)
+        n, generated = len(self.job.prompt_ids), self.request.generated
         return {"prompt_tokens": n, "completion_tokens": generated,
                 "total_tokens": n + generated}
 
-    async def stream(self):
-        run = self.runs[0]
+    async def stream(self, events: asyncio.Queue):
         obj = f"{self.kind}.chunk" if self.chat else self.kind
         chunk = lambda choices, **more: _sse(  # noqa: E731
             {**self.head, "object": obj, "choices": choices, **more})
-        sent = 0
         try:
             if self.chat:
-                yield chunk([self.chunk_choice(run, "", None, first=True)])
+                yield chunk([self.choice("", None, first=True)])
             while True:
-                what, value, scored = await run.events.get()
+                what, value = await events.get()
                 if what == "text":
-                    yield chunk([self.chunk_choice(run, value, None, scored, offset=sent)])
-                    sent += len(value)
+                    yield chunk([self.choice(value, None)])
                     continue
                 if value in ("error", "cancelled"):
                     yield _sse(_failed().body())
                 else:
-                    yield chunk([self.chunk_choice(run, None, value)])
-                    if run.job.include_usage:
+                    yield chunk([self.choice(None, value)])
+                    if self.job.include_usage:
                         yield chunk([], usage=self.usage())
                 yield "data: [DONE]\n\n"
                 return
         finally:  # the client went away (or the reply ended): free the slot either way
-            run.request.cancelled.set()
+            self.request.cancelled.set()
 
-    async def whole(self, http: HttpRequest):
-        choices = []
+    async def whole(self, http: HttpRequest, events: asyncio.Queue):
+        parts = []
         try:
-            for index, run in enumerate(self.runs):
-                parts, generated = [], []
-                while True:
-                    try:
-                        what, value, scored = await asyncio.wait_for(run.events.get(), 0.5)
-                    except asyncio.TimeoutError:
-                        if await http.is_disconnected():
-                            return JSONResponse({}, status_code=499)
-                        continue
-                    if what == "text":
-                        parts.append(value)
-                        generated += [] if scored is None else [scored]
-                        continue
-                    break
+            while True:
+                try:
+                    what, value = await asyncio.wait_for(events.get(), 0.5)
+                except asyncio.TimeoutError:
+                    if await http.is_disconnected():
+                        return JSONResponse({}, status_code=499)
+                    continue
+                if what == "text":
+                    parts.append(value)
+                    continue
                 if value in ("error", "cancelled"):
                     return _error(_failed())
                 text = "".join(parts)
-                if self.chat:
-                    out = {"message": {"role": "assistant", "content": text}}
-                else:
-                    echoed = self.tokenizer.decode(run.job.prompt_ids) if run.job.echo else ""
-                    out = {"text": echoed + text}
-                choices.append({"index": index, **out, "finish_reason": value,
-                                "logprobs": self._logprobs(run, generated, echo=run.job.echo)})
-            return JSONResponse({**self.head, "object": self.kind, "system_fingerprint": None,
-                                 "choices": choices, "usage": self.usage()})
+                out = {"index": 0, "logprobs": None, "finish_reason": value}
+                out.update({"message": {"role": "assistant", "content": text}} if self.chat
+                           else {"text": text})
+                return JSONResponse({**self.head, "object": self.kind, "system_fingerprint": None,
+                                     "choices": [out], "usage": self.usage()})
         finally:
-            for run in self.runs:
-                run.request.cancelled.set()
+            self.request.cancelled.set()
 
 
 async def _read_body(http: HttpRequest, limit: int) -> bytes:

@@ -17,8 +17,6 @@ on a CPU host for a TPU or GPU mesh gets the kernels of that mesh:
              and everywhere GELU and the cross-entropy with one-pass float32 gradients (gelu.py,
              cross_entropy.py).
 
-Int8 weights (quantized.py) are not a choice either: every kernel set's dense takes a quantized
-kernel and dequantizes it inside the product, so the model never knows which weights it holds.
 Dropout (dropout.py) is not a choice: its masks are a pure function of the key, the same under
 every kernel set, backend and sharding. Importing kernels changes nothing in the process.
 """

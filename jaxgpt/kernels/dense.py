@@ -7,10 +7,6 @@ layout path (CPU) flattens to [M, C] x [C, N] and runs `matmul.matmul_bias`, whi
 float32 kernel inside the product so its gradient stays the float32 product (matmul.py says
 why that matters on XLA:CPU). The arithmetic of the forward pass is the same either way.
 
-A quantized kernel (quantized.py: {"q": int8, "scale": float32}, from jaxgpt.weights.quantize)
-is dispatched on here, under either kernel set, to quantized.dense, which dequantizes inside the
-product; the Dense layer and the model never look at it.
-
 `project(x, w, rhs_t, out_dtype)` is the LM head's product, float32 logits from x's dtype.
 """
 
@@ -21,7 +17,6 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jaxgpt.kernels import quantized
 from jaxgpt.kernels.matmul import matmul, matmul_bias
 
 
@@ -30,16 +25,12 @@ def _dims(x, n_in: int):
 
 
 def reference_dense(x, kernel, bias, n_in: int, dtype):
-    if quantized.is_quantized(kernel):
-        return quantized.dense(x, kernel, bias, n_in, dtype)
     x, kernel = x.astype(dtype), kernel.astype(dtype)
     y = jax.lax.dot_general(x, kernel, _dims(x, n_in))  # [..., out...]
     return y if bias is None else y + bias.astype(dtype)
 
 
 def layout_dense(x, kernel, bias, n_in: int, dtype):
-    if quantized.is_quantized(kernel):  # already [M, C] x [C, N], the layout XLA:CPU runs fast
-        return quantized.dense(x, kernel, bias, n_in, dtype)
     x = x.astype(dtype)
     lead, outs = x.shape[: x.ndim - n_in], kernel.shape[n_in:]
     x2 = x.reshape(-1, math.prod(x.shape[x.ndim - n_in:]))  # [M, C]

@@ -23,11 +23,6 @@ it. Leaves not used through a Dense (the untied `lm_head`, embeddings, a hand-wr
 kernel, found on a first trace) are merged instead. A loss that reads an adapted kernel directly
 *and* through a Dense sees the base weight in the direct read: give it factored=False.
 Adapter input dropout exists only in this factored form: a merged weight never sees the inputs.
-
-QLoRA: the frozen base may hold int8 kernels ({"q", "scale"}, `base_weights: int8`, made by
-jaxgpt.weights.quantize.lora_base) or bfloat16 ones. The factored loss adds the adapters' path to
-the Dense that dequantizes inside its product; where a delta is merged, it is merged into the
-dequantized kernel. The adapters are the same tree either way, so they apply to the float base.
 """
 
 from __future__ import annotations
@@ -45,7 +40,6 @@ import jax
 import jax.numpy as jnp
 
 from jaxgpt.kernels.dropout import dropout
-from jaxgpt.kernels.quantized import WEIGHTS, dequantize, is_quantized
 from jaxgpt.models.layers import Dense
 from jaxgpt.sharding import is_boxed, with_axes
 from jaxgpt.trees import flatten as _flat
@@ -84,8 +78,6 @@ class LoRAConfig:
     trainable: tuple[str, ...] = ()  # leaves trained in full, e.g. a new classification head
     dropout: float = 0.0  # on the adapter input; needs lora_loss_fn(..., factored=True)
     rank_stabilized: bool = False  # rsLoRA: scale alpha / sqrt(rank) instead of alpha / rank
-    base_weights: str = "float32"  # the frozen base while training: float32, bfloat16, int8 (QLoRA)
-    base_group: int | None = None  # int8 scales per group of this many input rows (None: per channel)
 
     def __post_init__(self):
         if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank <= 0:
@@ -100,17 +92,6 @@ class LoRAConfig:
         object.__setattr__(self, "trainable", _patterns("trainable", self.trainable))
         if not self.targets and not self.include_head:
             raise ValueError("LoRAConfig.targets is empty; name at least one leaf to adapt")
-        if self.base_weights not in WEIGHTS:
-            raise ValueError(f"LoRAConfig.base_weights must be one of {', '.join(WEIGHTS)}, got "
-                             f"{self.base_weights!r}")
-        if self.base_group is not None:
-            if isinstance(self.base_group, bool) or not isinstance(self.base_group, int) \
-                    or self.base_group < 1:
-                raise ValueError(f"LoRAConfig.base_group must be a positive integer, got "
-                                 f"{self.base_group!r}")
-            if self.base_weights != "int8":
-                raise ValueError(f"LoRAConfig.base_group needs base_weights=int8, got "
-                                 f"base_weights={self.base_weights}")
 
     @property
     def scale(self) -> float:
@@ -200,18 +181,12 @@ def delta(w, a, b, scale: float) -> jax.Array:
     return (scale * d).reshape(w.shape).astype(w.dtype)
 
 
-def _plain(w):
-    """A weight as an array: an int8 kernel dequantized (a delta merges into what it computes)."""
-    return dequantize(w) if is_quantized(w) else w
-
-
 def _apply_delta(params, adapters, config: LoRAConfig, sign: float):
-    flat = _flat(params, is_leaf=is_quantized)
+    flat = _flat(params)
     for path, (a, b) in adapter_pairs(adapters).items():
         if path not in flat:
             raise ValueError(f"LoRA adapter {path} has no parameter to adapt")
-        w = _plain(flat[path])
-        flat[path] = w + delta(w, a, b, sign * config.scale)
+        flat[path] = flat[path] + delta(flat[path], a, b, sign * config.scale)
     return _nest(flat)
 
 
@@ -242,7 +217,7 @@ def partition(params, config: LoRAConfig, key: jax.Array) -> tuple[dict, dict]:
 
 def combine(trainable, frozen, config: LoRAConfig):
     """The effective model parameters of a (trainable, frozen) pair, adapters merged."""
-    params = _nest({**_flat(frozen, is_leaf=is_quantized), **_flat(trainable["full"])})
+    params = _nest({**_flat(frozen), **_flat(trainable["full"])})
     return merge(params, trainable["lora"], config)
 
 
@@ -301,7 +276,7 @@ def _adapter_out(module, x, a, b, config: LoRAConfig, deterministic: bool):
 
 def _factored_params(trainable, frozen, config: LoRAConfig, merged=()) -> tuple[dict, list[str]]:
     """Base + full leaves, kernel adapters beside their kernels, the rest (and `merged`) merged."""
-    flat = {**_flat(frozen, is_leaf=is_quantized), **_flat(trainable["full"])}
+    flat = {**_flat(frozen), **_flat(trainable["full"])}
     beside = []
     for path, (a, b) in adapter_pairs(trainable["lora"]).items():
         if path not in flat:
@@ -311,8 +286,7 @@ def _factored_params(trainable, frozen, config: LoRAConfig, merged=()) -> tuple[
             flat[f"{parent}/lora_a"], flat[f"{parent}/lora_b"] = a, b
             beside.append(parent)
         else:
-            w = _plain(flat[path])
-            flat[path] = w + delta(w, a, b, config.scale)
+            flat[path] = flat[path] + delta(flat[path], a, b, config.scale)
     return _nest(flat), beside
 
 

@@ -60,12 +60,7 @@ def remat_policy(name: str):
 class Dense(nn.Module):
     """x [..., in...] -> [..., out...]: the trailing `n_in` axes of x times a float32 kernel
     [in..., out...] (+ bias [out...]), computed in `dtype` by the selected kernel set. The
-    kernel's logical axis names are `names`; initializers see it flattened to [fan_in, fan_out].
-
-    At apply time the kernel may also be a bfloat16 array or an int8 quantized kernel, the leaf
-    group {"q", "scale"} of jaxgpt.kernels.quantized (made by jaxgpt.weights.quantize): it is
-    read as any parameter (flax checks the first leaf, q, against the kernel's shape) and the
-    kernel set's dense dequantizes it inside the product. init always makes a float32 kernel."""
+    kernel's logical axis names are `names`; initializers see it flattened to [fan_in, fan_out]."""
 
     features: tuple[int, ...]
     names: tuple[str | None, ...]

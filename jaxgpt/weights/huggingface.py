@@ -27,13 +27,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxgpt.config import GPTConfig
-from jaxgpt.data.tokenizer import bpe_files
-from jaxgpt.fsutil import write_atomic, write_text_atomic
+from jaxgpt.fsutil import write_text_atomic
 from jaxgpt.models.model import abstract_params
 from jaxgpt.sharding import boxed_shardings
 from jaxgpt.trees import check_like, flatten, unflatten
 from jaxgpt.weights import gpt2, llama
-from jaxgpt.weights.quantize import leaf_converter
 from jaxgpt.weights.hf_files import read_json, read_tensor, resolve, tensor_index, weight_files, write_safetensors
 
 # config.json model_type, and GPTConfig.family -> the module with that family's name table.
@@ -66,11 +64,10 @@ def load_pretrained(name_or_path: str | os.PathLike, **config_overrides) -> tupl
     return load_hf(resolve(name_or_path), **config_overrides)
 
 
-def load_hf(directory: str | os.PathLike, *, mesh=None, param_dtype=None, weights: str = "float32",
-            weights_group: int | None = None, **overrides) -> tuple[GPTConfig, dict]:
+def load_hf(directory: str | os.PathLike, *, mesh=None, param_dtype=None,
+            **overrides) -> tuple[GPTConfig, dict]:
     """(config, params) of a Hugging Face directory of any family; each leaf goes straight to
-    its shards of `mesh` (or the default device) as it is read, converted to `weights`
-    (jaxgpt.weights.quantize) there, so int8 weights never sit beside the whole float model."""
+    its shards of `mesh` (or the default device) as it is read."""
     directory = Path(directory)
     source = directory / "config.json"
     if not source.is_file():
@@ -99,8 +96,7 @@ def load_hf(directory: str | os.PathLike, *, mesh=None, param_dtype=None, weight
                              f"{Path(headers[name].file).name}, but {source} describes {shape}: "
                              "config.json and the weights disagree")
     sources = leaf_sources(family, config, untie=file_config.tie_embeddings)
-    dtype = jnp.dtype(param_dtype or (jnp.bfloat16 if weights == "bfloat16" else jnp.float32))
-    return config, _stream(sources, headers, config, mesh, dtype, weights, weights_group)
+    return config, _stream(sources, headers, config, mesh, jnp.dtype(param_dtype or jnp.float32))
 
 
 def leaf_sources(family, config: GPTConfig, untie: bool = False) -> dict[tuple, tuple[list[str], object]]:
@@ -118,25 +114,17 @@ def leaf_sources(family, config: GPTConfig, untie: bool = False) -> dict[tuple, 
     return out
 
 
-def _stream(sources: dict, headers: dict, config: GPTConfig, mesh, dtype, weights: str = "float32",
-            group: int | None = None) -> dict:
-    """Every leaf read, converted and placed in turn: its shards of `mesh`, or the default
-    device; then made `weights` where it lies (an int8 kernel's q where the kernel was)."""
-    abstract = abstract_params(config, boxed=False)
-    # a group no kernel takes fails here, before reading; float32 keeps what param_dtype read
-    convert = leaf_converter(abstract, weights, group) if weights != "float32" else (lambda _, x: x)
-    expected = flatten(abstract, sep=None)
+def _stream(sources: dict, headers: dict, config: GPTConfig, mesh, dtype) -> dict:
+    """Every leaf read, converted and placed in turn: its shards of `mesh`, or the default device."""
+    expected = flatten(abstract_params(config, boxed=False), sep=None)
     shardings = None if mesh is None else flatten(boxed_shardings(abstract_params(config), mesh), sep=None)
-    flat, shapes = {}, {}
+    flat = {}
     for path, (names, to_jx) in sources.items():
         x = _read_leaf(headers, names, to_jx, config, dtype)
         x = _pad_to(x, expected[path].shape, path)
-        placed = jax.device_put(x, shardings[path]) if shardings else jnp.asarray(x)
+        flat[path] = jax.device_put(x, shardings[path]) if shardings else jnp.asarray(x)
         del x
-        shapes[path] = jax.ShapeDtypeStruct(placed.shape, placed.dtype)
-        flat[path] = convert("/".join(path), placed)
-        del placed
-    check_like(shapes, expected)
+    check_like(flat, expected)
     return unflatten(flat)
 
 
@@ -182,16 +170,10 @@ def save_pretrained(config: GPTConfig, params, directory: str | os.PathLike, *,
                     max_shard_size: int = 5 << 30, **config_extra) -> Path:
     """Write config.json and safetensors (sharded with an index past max_shard_size bytes) that
     transformers' GPT2LMHeadModel / LlamaForCausalLM / Qwen3ForCausalLM.from_pretrained load;
-    `config_extra` joins config.json (e.g. bos_token_id). A GPT-2 model also gets GPT-2's
-    tokenizer files (vocab.json, merges.txt), so AutoTokenizer reads the directory too; a Llama
-    3 / Qwen3 model's tokenizer is its source's (the runs copy it), not written here."""
+    `config_extra` joins config.json (e.g. bos_token_id)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     write_safetensors(directory, to_hf_tensors(config, params), max_shard_size)
     text = json.dumps(FAMILIES[config.family].hf_config(config, **config_extra), indent=2) + "\n"
     write_text_atomic(directory / "config.json", text)
-    if config.family == "gpt2":
-        files = bpe_files()
-        for ours, theirs in (("encoder.json", "vocab.json"), ("vocab.bpe", "merges.txt")):
-            write_atomic(directory / theirs, files[ours].read_bytes())
     return directory

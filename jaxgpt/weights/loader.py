@@ -11,14 +11,6 @@ GPT-2 hub name, a Hugging Face directory). Runs, by what they hold:
 - any other run: the parameters of its latest complete checkpoint (or `step`);
 - a classifier run: refused, its head predicts classes, not tokens (`load_classifier`).
 
-`weights` picks the inference weights (jaxgpt.weights.quantize): float32 as stored, bfloat16,
-or int8 (the blocks' attention and MLP kernels, per output channel or per `weights_group`
-rows); the kind is checked before anything is read, the group against every kernel before any
-weight is read (a run's, once its config is). Hugging Face weights are converted leaf by leaf as
-they stream in (bfloat16 read as such; each int8 kernel quantized where its float kernel was
-placed), so the whole float model is never held; a run's checkpoint is restored in float32, then
-converted.
-
 Only config.yaml's raw sections are read (yaml.safe_load), so core needs no run-config schema.
 Reading never changes a run directory (see jaxgpt.weights.runs).
 """
@@ -40,7 +32,6 @@ from jaxgpt.models.model import abstract_params
 from jaxgpt.sharding import boxed_shardings
 from jaxgpt.weights.hf_files import resolve
 from jaxgpt.weights.huggingface import load_hf
-from jaxgpt.weights.quantize import check_weights, quantize
 from jaxgpt.weights.runs import (
     CheckpointError,
     complete_steps,
@@ -53,28 +44,22 @@ CLASSIFIER_HEAD = "cls_head"  # the classifier's parameter key (tasks/classifica
 
 
 def load_model(source: str | os.PathLike, *, step: int | None = None, mesh=None,
-               weights: str = "float32", weights_group: int | None = None,
                **config_overrides) -> tuple[GPTConfig, Any]:
     """(config, params) of a GPT-2 name, a Hugging Face directory or a jaxgpt run directory; on
-    one device, or split over `mesh` by the logical axis rules; in float32, bfloat16 or int8
-    `weights` (see the module docstring)."""
-    check_weights(weights, weights_group)
+    one device, or split over `mesh` by the logical axis rules."""
     path = Path(source).expanduser()
     if not is_run_dir(path):
         if (path / "checkpoints").is_dir():
             raise CheckpointError(f"{path} is not a run directory (no config.yaml)")
         if step is not None:
             raise ValueError(f"step={step} needs a run directory; {source} is not one")
-        # streamed leaf by leaf into its shards, each converted to `weights` there: never a host
-        # copy of the whole model, nor a float32 one beside bfloat16 or int8 weights
-        return load_hf(resolve(source), mesh=mesh, weights=weights, weights_group=weights_group,
-                       **config_overrides)
+        # streamed leaf by leaf into its shards: never a host copy of the whole model
+        return load_hf(resolve(source), mesh=mesh, **config_overrides)
     fixed = sorted(set(config_overrides) - set(RUNTIME_FIELDS))
     if fixed:
         raise ValueError(f"cannot override {fixed[0]} when loading run directory {path}: its "
                          f"weights fix it; only {', '.join(RUNTIME_FIELDS)} may change")
-    config, params = _load_run(path, step, mesh, config_overrides)
-    return config, quantize(params, weights, weights_group)
+    return _load_run(path, step, mesh, config_overrides)
 
 
 def is_run_dir(path: str | os.PathLike) -> bool:

@@ -260,9 +260,10 @@ def test_bad_chat_input_through_the_client(client):
 def test_unimplemented_and_unknown_fields_are_refused_by_name(client):
     chat = dict(model="tiny-gpt", max_tokens=2, messages=[{"role": "user", "content": "hi"}])
     refused = [
-        (client.completions.create, {**GOOD, "logprobs": 9}, "logprobs"),
-        (client.completions.create, {**GOOD, "extra_body": {"suffix": "x"}}, "suffix"),
+        (client.completions.create, {**GOOD, "logprobs": 2}, "logprobs"),
+        (client.completions.create, {**GOOD, "echo": True}, "echo"),
         (client.completions.create, {**GOOD, "extra_body": {"mystery": 1}}, "mystery"),
+        (client.chat.completions.create, {**chat, "logprobs": True}, "logprobs"),
         (client.chat.completions.create, {**chat, "top_logprobs": 2}, "top_logprobs"),
     ]
     for create, ask, param in refused:
@@ -493,10 +494,7 @@ def test_the_command_serves_until_interrupted(model_dir):
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0 and f"serving tiny-gpt at http://127.0.0.1:{port}/" in err
-    for flags, message in ((["--max-len", "999"], "max_len must be in [1, 256], got 999"),
-                           (["--steps-per-dispatch", "0"],
-                            "--steps-per-dispatch must be at least 1, got 0")):
-        bad = subprocess.run([sys.executable, "-m", "jaxgpt.cli.serve", "--model", str(directory),
-                              *flags], env=env, capture_output=True, text=True, timeout=120)
-        assert bad.returncode == 1
-        assert bad.stderr.strip() == f"error: {message}"
+    bad = subprocess.run([sys.executable, "-m", "jaxgpt.cli.serve", "--model", str(directory),
+                          "--max-len", "999"], env=env, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1
+    assert bad.stderr.strip() == "error: max_len must be in [1, 256], got 999"

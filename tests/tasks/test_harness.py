@@ -327,19 +327,3 @@ def test_the_weights_split_over_a_mesh_score_the_same(model_dir):
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     np.testing.assert_allclose(out["fsdp"], out["one"], atol=1e-4)
     np.testing.assert_allclose(out["tensor"], out["one"], atol=1e-4)
-
-
-def test_int8_weights_score_near_float(qwen_like_dir):
-    """weights=int8 (and a group, as lm-eval's model_args pass it: a string) scores within
-    0.05 nats of float32 per request on a random tiny Qwen3; a bad kind is one line."""
-    pairs = [("red green", " blue cat"), ("tree river stone", " Repeat.")]
-    base = JaxgptLM(str(qwen_like_dir), batch_size=2, progress=False)
-    want = [x for x, _ in base.loglikelihood(requests("loglikelihood", pairs), disable_tqdm=True)]
-    for group in (None, "2"):
-        lm = JaxgptLM(str(qwen_like_dir), batch_size=2, progress=False, weights="int8",
-                      weights_group=group)
-        assert lm.params["layers_0"]["mlp"]["up_proj"]["kernel"]["q"].dtype == np.int8
-        got = [x for x, _ in lm.loglikelihood(requests("loglikelihood", pairs), disable_tqdm=True)]
-        np.testing.assert_allclose(got, want, atol=0.05)
-    with pytest.raises(ValueError, match="weights must be one of"):
-        JaxgptLM(str(qwen_like_dir), weights="int4")

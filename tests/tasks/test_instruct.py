@@ -306,38 +306,23 @@ def _script():
     return module
 
 
-def _tiny_run(tmp, name: str, *more) -> Path:
-    """A 3-step run of the script on 100 records with a tiny model; its run directory."""
+@pytest.fixture(scope="module", params=["full", "lora"])
+def tiny_run(request, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp(request.param)
     data = tmp / "data.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in _records(100)))
-    args = [f"runs_dir={tmp}", f"name={name}", f"instruct.data={data}",
+    args = [f"runs_dir={tmp}", f"name={request.param}", f"instruct.data={data}",
             "instruct.init_from=scratch", "instruct.template=phi3", "instruct.max_new_tokens=5",
             "instruct.response_batch_size=3", "instruct.max_test_records=4", "instruct.mask_prompt=true",
             "model.vocab_size=50257", "model.context_length=29", "model.emb_dim=12",
             "model.n_heads=3", "model.n_layers=2", "model.drop_rate=0.0",
             "optim.learning_rate=1e-2", "train.batch_size=4", "train.max_steps=3",
             "train.eval_freq=2", "train.eval_iter=1", "train.sample_tokens=3",
-            "train.progress=false", "train.report=false", *more]
+            "train.progress=false", "train.report=false"]
+    if request.param == "lora":
+        args += ["lora.rank=2", "lora.alpha=4.0"]
     assert _script().main(["--config", str(ROOT / "configs" / "instruct_book.yaml"), *args]) == 0
-    return tmp / name
-
-
-@pytest.fixture(scope="module", params=["full", "lora"])
-def tiny_run(request, tmp_path_factory):
-    lora = ["lora.rank=2", "lora.alpha=4.0"] if request.param == "lora" else []
-    return _tiny_run(tmp_path_factory.mktemp(request.param), request.param, *lora)
-
-
-def test_qlora_trains_over_an_int8_base_and_the_adapters_apply_to_the_float_one(tmp_path):
-    run = _tiny_run(tmp_path, "qlora", "lora.rank=2", "lora.alpha=4.0", "lora.base_weights=int8")
-    saved = load_config(run / "config.yaml", schema=InstructRunConfig)
-    assert saved.lora.base_weights == "int8"
-    summary = json.loads((run / "instruct_summary.json").read_text())
-    # val_loss_after is the float base with the adapters (the exported model): trained on int8,
-    # they lower the float model's loss
-    assert summary["val_loss_after"] < summary["val_loss_before"]
-    train = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert all(np.isfinite(r["loss"]) for r in train if r["kind"] == "train")
+    return tmp / request.param
 
 
 def test_finetune_script_writes_responses_summary_and_model(tiny_run):

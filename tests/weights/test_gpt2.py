@@ -124,16 +124,6 @@ def test_export_loads_in_transformers_with_same_logits(checkpoints, tmp_path, na
     np.testing.assert_allclose(_torch_logits(reloaded, ids), _torch_logits(model, ids), atol=1e-6)
 
 
-def test_export_carries_gpt2s_tokenizer_for_autotokenizer(tmp_path):
-    from jaxgpt.data.tokenizer import get_tokenizer
-
-    config = GPTConfig(vocab_size=50257, context_length=8, emb_dim=8, n_heads=2, n_layers=1)
-    save_pretrained(config, init_params(config, jax.random.key(0)), tmp_path)
-    hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
-    text = "Hello, world! It's 2026 — naïve café.\n<|endoftext|>"
-    assert hf(text)["input_ids"] == get_tokenizer("gpt2").encode(text, allowed_special="all")
-
-
 def test_export_without_qkv_bias_writes_zero_biases(tmp_path):
     config = GPTConfig(vocab_size=53, context_length=13, emb_dim=14, n_heads=2, n_layers=3,
                        qkv_bias=False, tie_embeddings=False, drop_rate=0.0, dtype="float32")
@@ -370,8 +360,7 @@ def test_save_replaces_atomically(checkpoints, tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         save_pretrained(config, jax.tree.map(lambda x: x + 1, params), tmp_path)
     assert (tmp_path / "model.safetensors").read_bytes() == before
-    written = sorted(p.name for p in tmp_path.iterdir())
-    assert written == ["config.json", "merges.txt", "model.safetensors", "vocab.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
 
 
 def test_save_rejects_params_of_another_shape(checkpoints, tmp_path):

@@ -24,7 +24,6 @@ from jaxgpt.data.windows import num_batches
 from jaxgpt.distributed import host_copy, is_lead
 from jaxgpt.weights.huggingface import is_family_dir
 from jaxgpt.weights.loader import load_model, start_overrides
-from jaxgpt.weights.quantize import lora_base
 from jaxgpt.models.model import abstract_params, init_params
 from jaxgpt.sharding import with_axes
 from jaxgpt.tasks.classification.data import (
@@ -151,9 +150,7 @@ def finetune(cfg: ClassifierRunConfig, options: FitOptions = FitOptions()) -> Cl
                 frozen = with_axes(restore_tree(run_dir / "frozen"), frozen)
             else:
                 save_tree(nn.meta.unbox(frozen), run_dir / "frozen")
-        qlora = cfg.classifier.lora if cfg.classifier.trainable == "lora" else None
-        trainable = Trainable(loss_for(model_cfg, cfg.classifier), params=trainable,
-                              frozen=lora_base(frozen, qlora),  # int8 for QLoRA
+        trainable = Trainable(loss_for(model_cfg, cfg.classifier), params=trainable, frozen=frozen,
                               eval_metrics=accuracy)
         result = fit(cfg, trainable, data.train, data.validation, options)
         if result.preempted:

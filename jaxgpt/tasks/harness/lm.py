@@ -3,8 +3,7 @@
   lm_eval.simple_evaluate(model="jaxgpt", model_args="pretrained=runs/ch05,batch_size=16", ...)
 
 `pretrained` is anything `jaxgpt.load_model` takes (a GPT-2 name, a Hugging Face directory of any
-family, a jaxgpt run directory, LoRA runs included) with `step`, `dtype` (the compute dtype),
-`weights` (float32, bfloat16 or int8, with `weights_group`: jaxgpt.weights.quantize) and a
+family, a jaxgpt run directory, LoRA runs included) with `step`, `dtype` (the compute dtype) and a
 mesh (`data`, `fsdp`, `tensor`: the weights are split over it). Text is tokenized as the harness's
 `hf` model tokenizes it (GPT-2's BPE, or the directory's tokenizer.json with its BOS), so the
 numbers compare with `hf` on the exported weights. `loglikelihood` and `loglikelihood_rolling`
@@ -26,7 +25,6 @@ from jaxgpt.inference.engine import Engine, Request, run_to_end
 from jaxgpt.sharding import MeshConfig, make_mesh
 from jaxgpt.tasks.harness.scoring import loglikelihoods, rolling_windows
 from jaxgpt.weights.loader import load_model
-from jaxgpt.weights.quantize import check_weights
 
 
 def _count(value, name: str, least: int = 1) -> int:
@@ -46,7 +44,7 @@ class JaxgptLM(TemplateLM):
 
     def __init__(self, pretrained: str, step=None, dtype: str | None = None, batch_size=16,
                  max_length=None, data=1, fsdp=1, tensor=1, max_gen_toks=256, seed=0,
-                 progress: bool = True, weights: str = "float32", weights_group=None, **unused):
+                 progress: bool = True, **unused):
         super().__init__()
         unused.pop("device", None)  # the harness passes its torch device; JAX places arrays
         unused.pop("max_batch_size", None)
@@ -59,10 +57,7 @@ class JaxgptLM(TemplateLM):
         mesh = make_mesh(shape) if shape.data * shape.fsdp * shape.tensor > 1 else None
         overrides = {} if dtype is None else {"dtype": dtype}
         step = None if step is None else _count(step, "step", 0)
-        group = None if weights_group in (None, "", "None") else _count(weights_group, "weights_group")
-        check_weights(weights, group)
-        config, params = load_model(pretrained, step=step, mesh=mesh, weights=weights,
-                                    weights_group=group, **overrides)
+        config, params = load_model(pretrained, step=step, mesh=mesh, **overrides)
         self._setup(config, params, *model_tokenizer(pretrained, config), max_length=max_length)
         self.progress = str(progress).lower() not in ("0", "false", "no")
 

@@ -40,7 +40,6 @@ from jaxgpt.distributed import host_copy, is_lead
 from jaxgpt.fsutil import write_json_atomic
 from jaxgpt.weights.huggingface import save_pretrained
 from jaxgpt.weights.loader import load_model, start_overrides
-from jaxgpt.weights.quantize import lora_base
 from jaxgpt.lora.transform import LoRAConfig
 from jaxgpt.models.model import abstract_params, init_params
 from jaxgpt.sharding import with_axes
@@ -218,8 +217,8 @@ def _finetune(cfg: InstructRunConfig, options: FitOptions) -> InstructResult:
     else:
         params, frozen = lora.partition(boxed, cfg.lora, jax.random.key(cfg.train.seed))
         trainable = Trainable(lora.lora_loss_fn(lm_loss_fn(model), cfg.lora), params=params,
-                              frozen=lora_base(frozen, cfg.lora))  # int8 for QLoRA
-        frozen = nn.meta.unbox(frozen)  # the float base: the adapters apply to it
+                              frozen=frozen)
+        frozen = nn.meta.unbox(frozen)
         effective = lambda p: lora.combine(p, frozen, cfg.lora)  # noqa: E731
 
     eval_rows = cfg.train.batch_size // cfg.optim.accum_steps

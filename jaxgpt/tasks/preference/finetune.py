@@ -56,7 +56,6 @@ from jaxgpt.training.runconfig import ConfigError, RunConfig
 from jaxgpt.training.rundir import acquire, release
 from jaxgpt.training.trainer import FitResult, Trainable
 from jaxgpt.weights.huggingface import save_pretrained
-from jaxgpt.weights.quantize import lora_base
 
 
 @dataclass(frozen=True)
@@ -199,8 +198,8 @@ def _finetune(cfg: PreferenceRunConfig, options: FitOptions) -> PreferenceResult
         params, frozen = lora.partition(boxed, cfg.lora, jax.random.key(cfg.train.seed))
         plain = nn.meta.unbox(frozen)
         effective = lambda p: lora.combine(p, plain, cfg.lora)  # noqa: E731
-    trainable = Trainable(loss_fn, params=params, frozen=lora_base(frozen, cfg.lora),
-                          eval_metrics=eval_metrics, units=pair_count)  # int8 for QLoRA
+    trainable = Trainable(loss_fn, params=params, frozen=frozen, eval_metrics=eval_metrics,
+                          units=pair_count)
     shown = val.records[: pc.sample_records]
     before = _samples(base, cfg, shown, template, tok, stops)
     if cfg.train.sample_tokens > 0 and len(val) and options.sample is None:
